@@ -1,0 +1,132 @@
+//! The admin listener: liveness (`/health`), readiness (`/ready`), Prometheus metrics
+//! (`/metrics`), and the process lifecycle that readiness reports.
+//!
+//! It is a separate Pingora service on its own port, loopback by default, so nothing here is
+//! reachable through the public listeners.
+
+use crate::metrics::METRICS;
+use async_trait::async_trait;
+use http::{Method, Response, StatusCode};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Whether the process serves traffic (`ready`) and whether it is shutting down (`draining`).
+pub struct Lifecycle {
+    ready: AtomicBool,
+    draining: AtomicBool,
+}
+
+impl Lifecycle {
+    pub const fn new() -> Lifecycle {
+        Lifecycle {
+            ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Lifecycle::new()
+    }
+}
+
+/// The process-wide lifecycle.
+pub static LIFECYCLE: Lifecycle = Lifecycle::new();
+
+/// A background service that starts once the listeners are up (it is declared to depend on
+/// them), marks the process ready, and marks it draining when shutdown or an upgrade begins.
+pub struct LifecycleWatcher;
+
+#[async_trait]
+impl BackgroundService for LifecycleWatcher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        LIFECYCLE.ready.store(true, Ordering::Release);
+        log::info!("breakwater is ready");
+        while !*shutdown.borrow() {
+            if shutdown.changed().await.is_err() {
+                return;
+            }
+        }
+        LIFECYCLE.draining.store(true, Ordering::Release);
+        log::info!("breakwater is draining: /ready now answers 503");
+    }
+}
+
+/// The admin HTTP application.
+pub struct AdminApp;
+
+fn json(status: StatusCode, body: serde_json::Value) -> Response<Vec<u8>> {
+    let mut bytes = serde_json::to_vec(&body).unwrap_or_default();
+    bytes.push(b'\n');
+    reply(status, "application/json", bytes)
+}
+
+fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    if let Ok(v) = http::HeaderValue::from_str(content_type) {
+        resp.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    let len = resp.body().len();
+    resp.headers_mut()
+        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+    resp.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    resp
+}
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let req = session.req_header();
+        let method = req.method.clone();
+        let path = req.uri.path().to_string();
+        match (method, path.as_str()) {
+            (Method::GET | Method::HEAD, "/health") => {
+                json(StatusCode::OK, serde_json::json!({"status": "ok"}))
+            }
+            (Method::GET | Method::HEAD, "/ready") => {
+                if LIFECYCLE.is_ready() {
+                    json(StatusCode::OK, serde_json::json!({"status": "ready"}))
+                } else {
+                    let state = if LIFECYCLE.is_draining() {
+                        "draining"
+                    } else {
+                        "starting"
+                    };
+                    json(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        serde_json::json!({"status": state}),
+                    )
+                }
+            }
+            (Method::GET | Method::HEAD, "/metrics") => reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                METRICS.encode(),
+            ),
+            (_, "/health" | "/ready" | "/metrics") => json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                serde_json::json!({"error": "method not allowed"}),
+            ),
+            _ => json(
+                StatusCode::NOT_FOUND,
+                serde_json::json!({"error": "not found", "path": path}),
+            ),
+        }
+    }
+}

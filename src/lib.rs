@@ -1,0 +1,17 @@
+//! Breakwater: an edge API gateway on Pingora.
+//!
+//! The modules depend one way: `config` is parsed into the `runtime` (routing, pools,
+//! metric handles), which the `proxy` pipeline and the `admin` listener read.
+
+pub mod access_log;
+pub mod breaker;
+pub mod admin;
+pub mod config;
+pub mod metrics;
+pub mod pool;
+pub mod proxy;
+pub mod response;
+pub mod retry_budget;
+pub mod routing;
+pub mod runtime;
+pub mod server;

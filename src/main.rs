@@ -1,0 +1,74 @@
+//! The `breakwater` command: run the gateway, or check a config file.
+
+use breakwater::config::Config;
+use breakwater::server::{self, StartOptions};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Exit status for an invalid config, distinct from a crash (1).
+const EXIT_INVALID_CONFIG: u8 = 2;
+
+#[derive(Parser)]
+#[command(name = "breakwater", version, about = "An edge API gateway on Pingora")]
+struct Cli {
+    /// Configuration file (YAML).
+    #[arg(short, long, global = true, default_value = "conf/gateway.yaml")]
+    config: PathBuf,
+    /// Run in the background.
+    #[arg(short, long)]
+    daemon: bool,
+    /// Take over the listening sockets of a running instance (graceful upgrade).
+    #[arg(short, long)]
+    upgrade: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Run,
+    /// Validate the configuration file and exit: 0 when valid, 2 when not.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("info,pingora_core=warn,pingora_proxy=warn"),
+    )
+    .init();
+
+    let config = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_INVALID_CONFIG);
+        }
+    };
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Check => {
+            println!(
+                "{}: ok ({} services, {} routes)",
+                cli.config.display(),
+                config.services.len(),
+                config.services.values().map(|s| s.routes.len()).sum::<usize>()
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Run => {
+            let start = StartOptions {
+                daemon: cli.daemon,
+                upgrade: cli.upgrade,
+            };
+            match server::build(&config, &start) {
+                Ok(server) => server.run_forever(),
+                Err(e) => {
+                    eprintln!("error: cannot start: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

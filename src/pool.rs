@@ -1,0 +1,303 @@
+//! Upstream pools: one pingora-load-balancing `LoadBalancer` per service, its active HTTP
+//! health check (run as a Pingora background service), and the per-upstream state the proxy
+//! consults when it picks an upstream.
+
+use crate::config::{Algorithm, HealthCheckConfig, ServiceConfig, UpstreamSpec};
+use crate::metrics::METRICS;
+use async_trait::async_trait;
+use pingora::http::RequestHeader;
+use pingora::lb::discovery::Static;
+use pingora::lb::health_check::{HealthCheck, HttpHealthCheck};
+use pingora::lb::selection::{BackendIter, BackendSelection, Consistent, Random, RoundRobin};
+use pingora::lb::{Backend, Backends, LoadBalancer};
+use pingora::prelude::background_service;
+use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
+use pingora::services::ServiceWithDependents;
+use pingora::{Error, ErrorType, Result};
+use prometheus::IntGauge;
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+/// Runtime state of one upstream server of a service.
+pub struct Upstream {
+    /// As written in the config (`host:port`): the label in metrics, logs and the admin API.
+    pub name: String,
+    pub addr: SocketAddr,
+    /// Requests being proxied to it right now.
+    pub in_flight: AtomicU32,
+    healthy_gauge: IntGauge,
+}
+
+impl Upstream {
+    fn new(service: &str, spec: &UpstreamSpec) -> Upstream {
+        let healthy_gauge = METRICS
+            .upstream_healthy
+            .with_label_values(&[service, &spec.name]);
+        healthy_gauge.set(1);
+        Upstream {
+            name: spec.name.clone(),
+            addr: spec.addr,
+            in_flight: AtomicU32::new(0),
+            healthy_gauge,
+        }
+    }
+
+    fn on_health_change(&self, service: &str, healthy: bool) {
+        self.healthy_gauge.set(i64::from(healthy));
+        if healthy {
+            log::info!("upstream {} of service {service} passes its health check again", self.name);
+        } else {
+            log::warn!("upstream {} of service {service} fails its health check: no traffic until it passes", self.name);
+        }
+    }
+}
+
+/// The load balancer, one variant per algorithm (the selection type is a type parameter).
+enum Balancer {
+    RoundRobin(Arc<LoadBalancer<RoundRobin>>),
+    Random(Arc<LoadBalancer<Random>>),
+    Consistent(Arc<LoadBalancer<Consistent>>),
+}
+
+/// A service's upstreams and how one is chosen.
+pub struct Pool {
+    balancer: Balancer,
+    /// Same order as the config's `upstreams`.
+    pub upstreams: Vec<Arc<Upstream>>,
+}
+
+/// Upper bound on candidates examined per pick; enough to walk every upstream of any
+/// realistic pool (weights expand round robin's list) without an unbounded loop.
+const MAX_ITERATIONS: usize = 256;
+
+impl Pool {
+    /// Builds the pool, and the background service that runs its health checks when the
+    /// service has `health_check` configured.
+    pub fn new(
+        service: &str,
+        config: &ServiceConfig,
+    ) -> Result<(Pool, Option<Box<dyn ServiceWithDependents>>)> {
+        let upstreams: Vec<Arc<Upstream>> = config
+            .upstreams
+            .iter()
+            .map(|spec| Arc::new(Upstream::new(service, spec)))
+            .collect();
+        let health_check = config
+            .health_check
+            .as_ref()
+            .map(|hc| observed_health_check(service, hc, config, &upstreams))
+            .transpose()?;
+        let (balancer, background) = match config.load_balancing {
+            Algorithm::RoundRobin => {
+                let (lb, bg) = build_lb::<RoundRobin>(service, config, health_check)?;
+                (Balancer::RoundRobin(lb), bg)
+            }
+            Algorithm::Random => {
+                let (lb, bg) = build_lb::<Random>(service, config, health_check)?;
+                (Balancer::Random(lb), bg)
+            }
+            Algorithm::ConsistentHash => {
+                let (lb, bg) = build_lb::<Consistent>(service, config, health_check)?;
+                (Balancer::Consistent(lb), bg)
+            }
+        };
+        Ok((
+            Pool {
+                balancer,
+                upstreams,
+            },
+            background,
+        ))
+    }
+
+    /// Picks an upstream by the pool's algorithm among the healthy ones for which `accept`
+    /// returns true (its index in `upstreams` is passed). `key` feeds consistent hashing.
+    pub fn select(&self, key: &[u8], accept: impl Fn(usize) -> bool) -> Option<usize> {
+        let filter = |b: &Backend, healthy: bool| {
+            healthy && self.index_of(&b.addr).is_some_and(&accept)
+        };
+        let backend = match &self.balancer {
+            Balancer::RoundRobin(lb) => lb.select_with(key, MAX_ITERATIONS, filter),
+            Balancer::Random(lb) => lb.select_with(key, MAX_ITERATIONS, filter),
+            Balancer::Consistent(lb) => lb.select_with(key, MAX_ITERATIONS, filter),
+        }?;
+        self.index_of(&backend.addr)
+    }
+
+    /// Whether the health check currently counts the upstream as healthy.
+    pub fn is_healthy(&self, index: usize) -> bool {
+        let Some(upstream) = self.upstreams.get(index) else {
+            return false;
+        };
+        let backend = Backend {
+            addr: PingoraAddr::Inet(upstream.addr),
+            weight: 0,
+            ext: Default::default(),
+        };
+        let backends = match &self.balancer {
+            Balancer::RoundRobin(lb) => lb.backends(),
+            Balancer::Random(lb) => lb.backends(),
+            Balancer::Consistent(lb) => lb.backends(),
+        };
+        // `ready` compares the whole backend including its weight, so look the real one up.
+        backends
+            .get_backend()
+            .iter()
+            .find(|b| b.addr == backend.addr)
+            .is_some_and(|b| backends.ready(b))
+    }
+
+    fn index_of(&self, addr: &PingoraAddr) -> Option<usize> {
+        let PingoraAddr::Inet(addr) = addr else {
+            return None;
+        };
+        self.upstreams.iter().position(|u| u.addr == *addr)
+    }
+}
+
+fn build_lb<S>(
+    service: &str,
+    config: &ServiceConfig,
+    health_check: Option<ObservedHealthCheck>,
+) -> Result<(Arc<LoadBalancer<S>>, Option<Box<dyn ServiceWithDependents>>)>
+where
+    S: BackendSelection + Send + Sync + 'static,
+    S::Iter: BackendIter,
+{
+    let backends: BTreeSet<Backend> = config
+        .upstreams
+        .iter()
+        .map(|u| Backend {
+            addr: PingoraAddr::Inet(u.addr),
+            weight: u.weight,
+            ext: Default::default(),
+        })
+        .collect();
+    let mut backends = Backends::new(Static::new(backends));
+    let interval = config.health_check.as_ref().map(|hc| hc.interval);
+    if let Some(hc) = health_check {
+        backends.set_health_check(Box::new(hc));
+    }
+    let mut lb = LoadBalancer::<S>::from_backends(backends);
+    // Static discovery cannot block or fail.
+    futures_now(lb.update())?;
+    match interval {
+        Some(interval) => {
+            lb.health_check_frequency = Some(interval);
+            lb.parallel_health_check = true;
+            let bg = background_service(&format!("health check {service}"), lb);
+            let lb = bg.task();
+            Ok((lb, Some(Box::new(bg))))
+        }
+        None => Ok((Arc::new(lb), None)),
+    }
+}
+
+/// Runs a future that is known to complete without waiting (static discovery).
+fn futures_now<F: std::future::Future<Output = Result<()>>>(f: F) -> Result<()> {
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let mut f = std::pin::pin!(f);
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(r) => r,
+        std::task::Poll::Pending => Error::e_explain(
+            ErrorType::InternalError,
+            "static upstream discovery did not complete at once",
+        ),
+    }
+}
+
+/// Pingora's HTTP health check, observed so that results reach the upstream's state
+/// (metrics now, the circuit breaker too) on every check, not only on a health flip.
+struct ObservedHealthCheck {
+    service: String,
+    inner: HttpHealthCheck,
+    upstreams: Vec<Arc<Upstream>>,
+}
+
+fn observed_health_check(
+    service: &str,
+    hc: &HealthCheckConfig,
+    config: &ServiceConfig,
+    upstreams: &[Arc<Upstream>],
+) -> Result<ObservedHealthCheck> {
+    let host = hc
+        .host
+        .clone()
+        .unwrap_or_else(|| config.upstreams[0].name.clone());
+    let mut check = HttpHealthCheck::new(&host, config.tls);
+    let mut req = RequestHeader::build("GET", hc.path.0.as_bytes(), None)?;
+    req.insert_header("Host", host.as_str())?;
+    req.insert_header("User-Agent", "breakwater-health-check")?;
+    check.req = req;
+    check.peer_template.options.connection_timeout = Some(hc.timeout);
+    check.peer_template.options.read_timeout = Some(hc.timeout);
+    check.peer_template.options.total_connection_timeout = Some(hc.timeout);
+    if config.tls {
+        check.peer_template.sni = config.sni.clone().unwrap_or(host);
+        check.peer_template.options.verify_cert = config.tls_verify;
+        check.peer_template.options.verify_hostname = config.tls_verify;
+    }
+    check.consecutive_success = hc.healthy_threshold;
+    check.consecutive_failure = hc.unhealthy_threshold;
+    check.validator = Some(Box::new(|resp| {
+        if resp.status.is_success() {
+            Ok(())
+        } else {
+            Error::e_explain(
+                ErrorType::CustomCode("health check status", resp.status.as_u16()),
+                "non-2xx health check response",
+            )
+        }
+    }));
+    Ok(ObservedHealthCheck {
+        service: service.to_string(),
+        inner: check,
+        upstreams: upstreams.to_vec(),
+    })
+}
+
+impl ObservedHealthCheck {
+    fn upstream(&self, target: &Backend) -> Option<&Arc<Upstream>> {
+        let PingoraAddr::Inet(addr) = &target.addr else {
+            return None;
+        };
+        self.upstreams.iter().find(|u| u.addr == *addr)
+    }
+}
+
+#[async_trait]
+impl HealthCheck for ObservedHealthCheck {
+    async fn check(&self, target: &Backend) -> Result<()> {
+        self.inner.check(target).await
+    }
+
+    async fn health_status_change(&self, target: &Backend, healthy: bool) {
+        if let Some(upstream) = self.upstream(target) {
+            upstream.on_health_change(&self.service, healthy);
+        }
+    }
+
+    fn health_threshold(&self, success: bool) -> usize {
+        self.inner.health_threshold(success)
+    }
+}
+
+/// Counts the request as in flight on the upstream until dropped (least-request balancing
+/// and the admin API read it).
+pub struct InFlight(Arc<Upstream>);
+
+impl InFlight {
+    pub fn new(upstream: Arc<Upstream>) -> InFlight {
+        upstream.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(upstream)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,476 @@
+//! The request pipeline: Breakwater's one `ProxyHttp` implementation.
+//!
+//! Read top to bottom, the phases are the life of a request: `request_filter` routes it and
+//! picks an upstream (or answers at once), `upstream_peer` says how to connect,
+//! `upstream_request_filter` sets the forwarding headers, `response_filter` tags the answer,
+//! `fail_to_proxy` turns errors into JSON, and `logging` records metrics and the access log.
+//! Each phase delegates to the module that owns the concern; `RequestCtx` carries state
+//! between phases.
+
+use crate::pool::InFlight;
+use crate::response::{self, ErrorBody};
+use crate::routing::{self, Route};
+use crate::runtime::{Runtime, Service};
+use crate::{access_log, metrics};
+use async_trait::async_trait;
+use http::{HeaderValue, StatusCode, Uri};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::HttpPeer;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{Error, ErrorSource, ErrorType, Result};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Per-request state shared between the phases.
+pub struct RequestCtx {
+    start: Instant,
+    request_id: HeaderValue,
+    service: Option<Arc<Service>>,
+    route: Option<Route>,
+    /// Upstream chosen for the next attempt, by `request_filter` or a retry.
+    selected: Option<usize>,
+    /// Upstreams already tried, so a retry goes elsewhere when it can.
+    tried: Vec<usize>,
+    upstream_name: Option<String>,
+    in_flight: Option<InFlight>,
+    service_in_flight: bool,
+    upstream_start: Option<Instant>,
+    deadline: Option<Instant>,
+    /// Why the gateway itself answered, for the access log.
+    error: Option<&'static str>,
+}
+
+/// The gateway proxy.
+pub struct Gateway {
+    runtime: Arc<Runtime>,
+}
+
+impl Gateway {
+    pub fn new(runtime: Arc<Runtime>) -> Gateway {
+        Gateway { runtime }
+    }
+
+    fn hash_key(service: &Service, session: &Session) -> Vec<u8> {
+        use crate::config::HashKey;
+        let req = session.req_header();
+        match &service.hash_key {
+            HashKey::Path => req.uri.path().as_bytes().to_vec(),
+            HashKey::Header(name) => match req.headers.get(name.as_str()) {
+                Some(v) => v.as_bytes().to_vec(),
+                None => client_ip(session).into_bytes(),
+            },
+            HashKey::Ip => client_ip(session).into_bytes(),
+        }
+    }
+}
+
+fn client_ip(session: &Session) -> String {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default()
+}
+
+fn is_tls(session: &Session) -> bool {
+    session
+        .digest()
+        .is_some_and(|d| d.ssl_digest.is_some())
+}
+
+/// The host the client asked for: the Host header, or the absolute URI's authority.
+fn request_host(req: &RequestHeader) -> Option<&str> {
+    req.headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri.authority().map(|a| a.as_str()))
+}
+
+/// A client-sent request id is kept when it is short and plainly printable.
+fn well_formed_request_id(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    (1..=128).contains(&b.len())
+        && b
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
+}
+
+fn new_request_id() -> HeaderValue {
+    let id = uuid::Uuid::new_v4();
+    let mut buf = uuid::Uuid::encode_buffer();
+    // A hyphenated UUID is always a valid header value.
+    HeaderValue::from_str(id.hyphenated().encode_lower(&mut buf))
+        .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            start: Instant::now(),
+            request_id: HeaderValue::from_static(""),
+            service: None,
+            route: None,
+            selected: None,
+            tried: Vec::new(),
+            upstream_name: None,
+            in_flight: None,
+            service_in_flight: false,
+            upstream_start: None,
+            deadline: None,
+            error: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        ctx.start = Instant::now();
+        let req = session.req_header();
+        ctx.request_id = match req.headers.get(REQUEST_ID) {
+            Some(v) if well_formed_request_id(v) => v.clone(),
+            _ => new_request_id(),
+        };
+        let host = routing::normalize_host(request_host(req).unwrap_or_default());
+        let Some(route) = self.runtime.router.find(&host, req.uri.path()) else {
+            ctx.error = Some("no route");
+            let body = ErrorBody::new("no route")
+                .detail(format!("no service is routed for {}", req.uri.path()));
+            response::send_json(session, StatusCode::NOT_FOUND, &body, &ctx.request_id, &[])
+                .await?;
+            return Ok(true);
+        };
+        let service = Arc::clone(&self.runtime.services[route.service]);
+        ctx.route = Some(route.clone());
+        service.metrics.in_flight.inc();
+        ctx.service_in_flight = true;
+        ctx.deadline = service.timeouts.total.map(|t| ctx.start + t);
+
+        let key = Self::hash_key(&service, session);
+        ctx.selected = service.pool.select(&key, |_| true);
+        if ctx.selected.is_none() {
+            ctx.error = Some("no healthy upstream");
+            let body = ErrorBody::new(format!("{} service unavailable", service.name))
+                .service(&service.name)
+                .detail("no healthy upstream");
+            response::send_json(
+                session,
+                StatusCode::SERVICE_UNAVAILABLE,
+                &body,
+                &ctx.request_id,
+                &[],
+            )
+            .await?;
+            ctx.service = Some(service);
+            return Ok(true);
+        }
+        ctx.service = Some(service);
+        Ok(false)
+    }
+
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        let Some(service) = ctx.service.clone() else {
+            return Error::e_explain(ErrorType::InternalError, "no service chosen");
+        };
+        let index = match ctx.selected.take() {
+            Some(i) => i,
+            None => {
+                // A retry: prefer an upstream not tried yet, else any admitted one.
+                let key = Self::hash_key(&service, session);
+                let tried = ctx.tried.clone();
+                service
+                    .pool
+                    .select(&key, |i| !tried.contains(&i))
+                    .or_else(|| service.pool.select(&key, |_| true))
+                    .ok_or_else(|| {
+                        Error::explain(ErrorType::ConnectNoRoute, "no healthy upstream left")
+                    })?
+            }
+        };
+        let upstream = Arc::clone(&service.pool.upstreams[index]);
+        ctx.tried.push(index);
+        ctx.upstream_name = Some(upstream.name.clone());
+        ctx.upstream_start.get_or_insert_with(Instant::now);
+        ctx.in_flight = Some(InFlight::new(Arc::clone(&upstream)));
+
+        let timeouts = &service.timeouts;
+        let remaining = match ctx.deadline {
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Error::e_explain(
+                        ErrorType::ConnectTimedout,
+                        "total timeout spent before connecting",
+                    );
+                }
+                left
+            }
+            None => Duration::MAX,
+        };
+        let sni = service
+            .sni
+            .clone()
+            .unwrap_or_else(|| upstream_host(&upstream.name));
+        let mut peer = HttpPeer::new(upstream.addr, service.tls, sni);
+        peer.options.connection_timeout = Some(timeouts.connect.min(remaining));
+        peer.options.total_connection_timeout = Some(timeouts.connect.min(remaining));
+        peer.options.read_timeout = Some(timeouts.read.min(remaining));
+        peer.options.write_timeout = Some(timeouts.write.min(remaining));
+        peer.options.idle_timeout = Some(timeouts.idle);
+        if service.tls {
+            peer.options.verify_cert = service.tls_verify;
+            peer.options.verify_hostname = service.tls_verify;
+        }
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(route) = ctx.route.as_ref().filter(|r| r.strip_prefix) {
+            let path = routing::strip_prefix(&route.prefix, upstream_request.uri.path());
+            let path_and_query = match upstream_request.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_string(),
+            };
+            let uri: Uri = path_and_query
+                .parse()
+                .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "rewriting path", e))?;
+            upstream_request.set_uri(uri);
+        }
+        upstream_request.insert_header(REQUEST_ID, ctx.request_id.clone())?;
+
+        let ip = client_ip(session);
+        let forwarded_for = match upstream_request
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(prior) if !prior.is_empty() => format!("{prior}, {ip}"),
+            _ => ip,
+        };
+        upstream_request.insert_header("x-forwarded-for", forwarded_for)?;
+        let proto = if is_tls(session) { "https" } else { "http" };
+        upstream_request.insert_header("x-forwarded-proto", proto)?;
+        if let Some(host) = request_host(session.req_header()).map(str::to_owned) {
+            upstream_request.insert_header("x-forwarded-host", host)?;
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        upstream_response.insert_header(REQUEST_ID, ctx.request_id.clone())?;
+        Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let Some(service) = &ctx.service {
+            service
+                .metrics
+                .upstream_error(error_kind(e.etype()));
+        }
+        // Retries are decided by the resilience layer; none by default.
+        e.set_retry(false);
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        if let Some(service) = &ctx.service {
+            service.metrics.upstream_error(error_kind(e.etype()));
+        }
+        let mut e = e.more_context(format!("upstream {peer}"));
+        // Only a stale pooled connection is retried, and only for idempotent methods.
+        if !session.req_header().method.is_idempotent()
+            || session.as_ref().retry_buffer_truncated()
+        {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+        let (status, message) = classify_error(e);
+        let Some(status) = status else {
+            // The client went away: nobody to answer.
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        };
+        ctx.error = Some(message);
+        if session.response_written().is_none() {
+            let mut body = ErrorBody::new(message);
+            if let Some(service) = &ctx.service {
+                body = body.service(&service.name);
+            }
+            if let Some(upstream) = &ctx.upstream_name {
+                body = body.upstream(upstream);
+            }
+            if let Err(write_error) =
+                response::send_json(session, status, &body, &ctx.request_id, &[]).await
+            {
+                log::debug!("could not send the error response: {write_error}");
+            }
+        }
+        FailToProxy {
+            error_code: status.as_u16(),
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(0);
+        let elapsed = ctx.start.elapsed();
+        let service_name = ctx.service.as_ref().map_or("none", |s| s.name.as_str());
+        let method = session.req_header().method.as_str().to_owned();
+        match &ctx.service {
+            Some(service) => {
+                service.metrics.count_request(&method, status);
+                service.metrics.request_duration.observe(elapsed.as_secs_f64());
+                if let Some(t) = ctx.upstream_start {
+                    service.metrics.upstream_duration.observe(t.elapsed().as_secs_f64());
+                }
+                if ctx.service_in_flight {
+                    service.metrics.in_flight.dec();
+                    ctx.service_in_flight = false;
+                }
+            }
+            None => metrics::count_request("none", &method, status),
+        }
+        ctx.in_flight = None;
+        if self.runtime.access_log {
+            access_log::write(&access_log::Entry {
+                session,
+                request_id: ctx.request_id.to_str().unwrap_or_default(),
+                status,
+                service: service_name,
+                upstream: ctx.upstream_name.as_deref(),
+                attempts: ctx.tried.len(),
+                duration: elapsed,
+                error: ctx.error.or(e.map(|e| e.etype().as_str())),
+            });
+        }
+    }
+}
+
+/// The host part of an upstream's `host:port`, used as SNI by default.
+fn upstream_host(name: &str) -> String {
+    name.rsplit_once(':')
+        .map_or(name, |(h, _)| h)
+        .trim_matches(['[', ']'])
+        .to_string()
+}
+
+/// A short label of what went wrong with an upstream attempt.
+fn error_kind(etype: &ErrorType) -> &'static str {
+    match etype {
+        ErrorType::ConnectTimedout | ErrorType::TLSHandshakeTimedout => "connect_timeout",
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout => "timeout",
+        ErrorType::ConnectRefused | ErrorType::ConnectNoRoute | ErrorType::ConnectError => {
+            "connect"
+        }
+        ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert | ErrorType::HandshakeError => {
+            "tls"
+        }
+        ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError => "reset",
+        _ => "other",
+    }
+}
+
+/// The status and message the client gets for a failed request; `None` when the client is
+/// gone.
+fn classify_error(e: &Error) -> (Option<StatusCode>, &'static str) {
+    if let ErrorType::HTTPStatus(code) = e.etype() {
+        let status = StatusCode::from_u16(*code).unwrap_or(StatusCode::BAD_GATEWAY);
+        return (Some(status), "request rejected");
+    }
+    match e.esource() {
+        ErrorSource::Upstream => match e.etype() {
+            ErrorType::ConnectTimedout
+            | ErrorType::ReadTimedout
+            | ErrorType::WriteTimedout
+            | ErrorType::TLSHandshakeTimedout => (Some(StatusCode::GATEWAY_TIMEOUT), "upstream timed out"),
+            ErrorType::ConnectNoRoute => (Some(StatusCode::SERVICE_UNAVAILABLE), "no healthy upstream"),
+            ErrorType::ConnectRefused | ErrorType::ConnectError => {
+                (Some(StatusCode::BAD_GATEWAY), "upstream connection refused")
+            }
+            ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError => {
+                (Some(StatusCode::BAD_GATEWAY), "upstream connection reset")
+            }
+            _ => (Some(StatusCode::BAD_GATEWAY), "bad upstream response"),
+        },
+        ErrorSource::Downstream => match e.etype() {
+            ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed => {
+                (None, "client closed")
+            }
+            ErrorType::ReadTimedout => (Some(StatusCode::REQUEST_TIMEOUT), "client timed out"),
+            _ => (Some(StatusCode::BAD_REQUEST), "bad request"),
+        },
+        ErrorSource::Internal | ErrorSource::Unset => match e.etype() {
+            ErrorType::ConnectTimedout => (Some(StatusCode::GATEWAY_TIMEOUT), "upstream timed out"),
+            ErrorType::ConnectNoRoute => (Some(StatusCode::SERVICE_UNAVAILABLE), "no healthy upstream"),
+            _ => (Some(StatusCode::INTERNAL_SERVER_ERROR), "internal error"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_id_validation() {
+        assert!(well_formed_request_id(&HeaderValue::from_static("abc-123_x.y:z")));
+        assert!(!well_formed_request_id(&HeaderValue::from_static("")));
+        assert!(!well_formed_request_id(&HeaderValue::from_static("a b")));
+        assert!(!well_formed_request_id(&HeaderValue::from_str(&"a".repeat(129)).unwrap()));
+        assert!(well_formed_request_id(&new_request_id()));
+    }
+
+    #[test]
+    fn upstream_errors_map_to_502_and_504() {
+        let mut e = Error::new(ErrorType::ConnectRefused);
+        e.esource = ErrorSource::Upstream;
+        assert_eq!(classify_error(&e).0, Some(StatusCode::BAD_GATEWAY));
+        let mut e = Error::new(ErrorType::ReadTimedout);
+        e.esource = ErrorSource::Upstream;
+        assert_eq!(classify_error(&e).0, Some(StatusCode::GATEWAY_TIMEOUT));
+        let mut e = Error::new(ErrorType::ConnectionClosed);
+        e.esource = ErrorSource::Downstream;
+        assert_eq!(classify_error(&e).0, None);
+    }
+
+    #[test]
+    fn sni_defaults_to_upstream_host() {
+        assert_eq!(upstream_host("api.internal:443"), "api.internal");
+        assert_eq!(upstream_host("[::1]:443"), "::1");
+    }
+}
