@@ -1,10 +1,13 @@
 //! The admin listener: liveness (`/health`), readiness (`/ready`), Prometheus metrics
-//! (`/metrics`), and the process lifecycle that readiness reports.
+//! (`/metrics`), breaker states (`/admin/circuits`), and the process lifecycle that
+//! readiness reports.
 //!
 //! It is a separate Pingora service on its own port, loopback by default, so nothing here is
 //! reachable through the public listeners.
 
 use crate::metrics::METRICS;
+use crate::runtime::Runtime;
+use std::sync::Arc;
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
@@ -65,7 +68,52 @@ impl BackgroundService for LifecycleWatcher {
 }
 
 /// The admin HTTP application.
-pub struct AdminApp;
+pub struct AdminApp {
+    runtime: Arc<Runtime>,
+}
+
+impl AdminApp {
+    pub fn new(runtime: Arc<Runtime>) -> AdminApp {
+        AdminApp { runtime }
+    }
+
+    /// Every breaker's state, by service and upstream.
+    fn circuits(&self) -> serde_json::Value {
+        let services: serde_json::Map<String, serde_json::Value> = self
+            .runtime
+            .services
+            .iter()
+            .map(|service| {
+                let upstreams: Vec<serde_json::Value> = service
+                    .pool
+                    .upstreams
+                    .iter()
+                    .enumerate()
+                    .map(|(i, u)| {
+                        let snap = u.breaker.snapshot();
+                        serde_json::json!({
+                            "upstream": u.name,
+                            "state": snap.state.as_str(),
+                            "healthy": service.pool.is_healthy(i),
+                            "in_flight": u.in_flight.load(Ordering::Relaxed),
+                            "consecutive_failures": snap.consecutive_failures,
+                            "window_calls": snap.window_calls,
+                            "window_failures": snap.window_failures,
+                            "reset_timeout_ms": snap.current_reset_timeout.as_millis() as u64,
+                            "retry_after_ms": snap.retry_after.map(|d| d.as_millis() as u64),
+                            "probes_in_flight": snap.probes_in_flight,
+                        })
+                    })
+                    .collect();
+                (
+                    service.name.clone(),
+                    serde_json::json!({ "upstreams": upstreams }),
+                )
+            })
+            .collect();
+        serde_json::json!({ "services": services })
+    }
+}
 
 fn json(status: StatusCode, body: serde_json::Value) -> Response<Vec<u8>> {
     let mut bytes = serde_json::to_vec(&body).unwrap_or_default();
@@ -114,12 +162,15 @@ impl ServeHttp for AdminApp {
                     )
                 }
             }
+            (Method::GET | Method::HEAD, "/admin/circuits") => {
+                json(StatusCode::OK, self.circuits())
+            }
             (Method::GET | Method::HEAD, "/metrics") => reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
                 METRICS.encode(),
             ),
-            (_, "/health" | "/ready" | "/metrics") => json(
+            (_, "/health" | "/ready" | "/metrics" | "/admin/circuits") => json(
                 StatusCode::METHOD_NOT_ALLOWED,
                 serde_json::json!({"error": "method not allowed"}),
             ),

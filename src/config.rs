@@ -158,6 +158,130 @@ pub struct ServiceConfig {
     /// Verify the upstream's TLS certificate. Default: true.
     #[serde(default = "default_true")]
     pub tls_verify: bool,
+    /// Circuit breaker settings, one breaker per upstream. Always on; these tune it.
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreakerConfig,
+    /// How many times a failed attempt may be retried on another upstream. Default: 1.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Caps retries as a share of live traffic. Default: 20%, at least 3 per second.
+    #[serde(default)]
+    pub retry_budget: RetryBudgetConfig,
+    /// The answer when no upstream admits a request (all breakers open or all unhealthy).
+    #[serde(default)]
+    pub fallback: FallbackConfig,
+}
+
+/// `circuit_breaker:` of a service (see the README's state machine).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CircuitBreakerConfig {
+    /// Consecutive failures that open the breaker; 0 turns this trip off. Default: 5.
+    pub failure_threshold: u32,
+    /// Failure percentage over the rolling window that opens it; 0 turns this trip off.
+    /// Default: 50.
+    pub error_threshold_percentage: u32,
+    /// Calls the rolling window must hold before the percentage counts. Default: 20.
+    pub volume_threshold: u32,
+    /// Span of the rolling window (10 buckets). Default: 10s.
+    #[serde(deserialize_with = "de_duration")]
+    pub rolling_window: Duration,
+    /// How long it stays open before admitting probes (half-open). Default: 30s.
+    #[serde(deserialize_with = "de_duration")]
+    pub reset_timeout: Duration,
+    /// The open time doubles each time a probe fails, up to this. Default: 5m.
+    #[serde(deserialize_with = "de_duration")]
+    pub max_reset_timeout: Duration,
+    /// Probe requests admitted at once while half-open. Default: 1.
+    pub half_open_requests: u32,
+    /// Probe successes that close it. Default: 1.
+    pub success_threshold: u32,
+    /// Upstream statuses that count as failures. Default: [500, 502, 503, 504].
+    pub failure_statuses: Vec<u16>,
+    /// A call slower than this (to the end of its response) counts as a failure.
+    /// Default: none.
+    #[serde(deserialize_with = "de_opt_duration")]
+    pub slow_call_threshold: Option<Duration>,
+}
+
+impl Default for CircuitBreakerConfig {
+    fn default() -> Self {
+        let b = crate::breaker::BreakerConfig::default();
+        CircuitBreakerConfig {
+            failure_threshold: b.failure_threshold,
+            error_threshold_percentage: b.error_threshold_percentage,
+            volume_threshold: b.volume_threshold,
+            rolling_window: b.rolling_window,
+            reset_timeout: b.reset_timeout,
+            max_reset_timeout: b.max_reset_timeout,
+            half_open_requests: b.half_open_requests,
+            success_threshold: b.success_threshold,
+            failure_statuses: vec![500, 502, 503, 504],
+            slow_call_threshold: None,
+        }
+    }
+}
+
+impl CircuitBreakerConfig {
+    /// The breaker state machine's own settings.
+    pub fn breaker(&self) -> crate::breaker::BreakerConfig {
+        crate::breaker::BreakerConfig {
+            failure_threshold: self.failure_threshold,
+            error_threshold_percentage: self.error_threshold_percentage,
+            volume_threshold: self.volume_threshold,
+            rolling_window: self.rolling_window,
+            reset_timeout: self.reset_timeout,
+            max_reset_timeout: self.max_reset_timeout,
+            half_open_requests: self.half_open_requests,
+            success_threshold: self.success_threshold,
+        }
+    }
+}
+
+/// `retry_budget:` of a service, like Envoy's: retries in the last second may be at most
+/// `percent` of the requests in it, but `min_per_second` are always allowed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryBudgetConfig {
+    /// Default: 20.
+    pub percent: u32,
+    /// Default: 3.
+    pub min_per_second: u32,
+}
+
+impl Default for RetryBudgetConfig {
+    fn default() -> Self {
+        RetryBudgetConfig {
+            percent: 20,
+            min_per_second: 3,
+        }
+    }
+}
+
+/// `fallback:` of a service: the immediate answer when no upstream admits the request.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FallbackConfig {
+    /// Default: 503.
+    pub status: u16,
+    /// Default: `application/json`.
+    pub content_type: String,
+    /// Default: `{"error": "<service> service unavailable"}`.
+    pub body: Option<String>,
+    /// Extra response headers. `Retry-After` is added (seconds until the next half-open)
+    /// unless set here.
+    pub headers: BTreeMap<String, String>,
+}
+
+impl Default for FallbackConfig {
+    fn default() -> Self {
+        FallbackConfig {
+            status: 503,
+            content_type: "application/json".into(),
+            body: None,
+            headers: BTreeMap::new(),
+        }
+    }
 }
 
 /// One route of a service.
@@ -187,6 +311,8 @@ pub enum Algorithm {
     Random,
     /// Ketama consistent hashing over `hash_key`.
     ConsistentHash,
+    /// Power of two random choices over each upstream's requests in flight.
+    LeastRequest,
 }
 
 /// What `consistent_hash` hashes.
@@ -451,6 +577,9 @@ fn default_true() -> bool {
 fn default_one() -> usize {
     1
 }
+fn default_retries() -> u32 {
+    1
+}
 fn default_listen() -> Vec<ListenAddr> {
     vec![ListenAddr(SocketAddr::from(([0, 0, 0, 0], 8080)))]
 }
@@ -624,6 +753,78 @@ impl Config {
                         "healthy_threshold and unhealthy_threshold must be at least 1".into(),
                     ));
                 }
+            }
+            let cb = &svc.circuit_breaker;
+            if cb.error_threshold_percentage > 100 {
+                return Err(fail(
+                    field(".circuit_breaker.error_threshold_percentage"),
+                    None,
+                    format!("must be 0..=100, got {}", cb.error_threshold_percentage),
+                ));
+            }
+            if cb.half_open_requests == 0 || cb.success_threshold == 0 {
+                return Err(fail(
+                    field(".circuit_breaker"),
+                    None,
+                    "half_open_requests and success_threshold must be at least 1".into(),
+                ));
+            }
+            if cb.reset_timeout.is_zero() || cb.rolling_window.is_zero() {
+                return Err(fail(
+                    field(".circuit_breaker"),
+                    None,
+                    "reset_timeout and rolling_window must be greater than zero".into(),
+                ));
+            }
+            if cb.max_reset_timeout < cb.reset_timeout {
+                return Err(fail(
+                    field(".circuit_breaker.max_reset_timeout"),
+                    None,
+                    "max_reset_timeout must not be shorter than reset_timeout".into(),
+                ));
+            }
+            if let Some(bad) = cb
+                .failure_statuses
+                .iter()
+                .find(|s| !(100..=599).contains(*s))
+            {
+                return Err(fail(
+                    field(".circuit_breaker.failure_statuses"),
+                    None,
+                    format!("{bad} is not an HTTP status"),
+                ));
+            }
+            if !(100..=599).contains(&svc.fallback.status) {
+                return Err(fail(
+                    field(".fallback.status"),
+                    None,
+                    format!("{} is not an HTTP status", svc.fallback.status),
+                ));
+            }
+            if http::HeaderValue::from_str(&svc.fallback.content_type).is_err() {
+                return Err(fail(
+                    field(".fallback.content_type"),
+                    None,
+                    "not a valid header value".into(),
+                ));
+            }
+            for (name, value) in &svc.fallback.headers {
+                if http::HeaderName::from_bytes(name.as_bytes()).is_err()
+                    || http::HeaderValue::from_str(value).is_err()
+                {
+                    return Err(fail(
+                        field(".fallback.headers"),
+                        Some(name),
+                        format!("invalid header {name}: {value}"),
+                    ));
+                }
+            }
+            if svc.retries > 10 {
+                return Err(fail(
+                    field(".retries"),
+                    None,
+                    format!("at most 10 retries, got {}", svc.retries),
+                ));
             }
             if svc.timeouts.connect.is_zero() || svc.timeouts.read.is_zero() {
                 return Err(fail(

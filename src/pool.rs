@@ -1,7 +1,8 @@
 //! Upstream pools: one pingora-load-balancing `LoadBalancer` per service, its active HTTP
 //! health check (run as a Pingora background service), and the per-upstream state the proxy
-//! consults when it picks an upstream.
+//! consults when it picks an upstream: health, circuit breaker and requests in flight.
 
+use crate::breaker::{CircuitBreaker, Clock, State};
 use crate::config::{Algorithm, HealthCheckConfig, ServiceConfig, UpstreamSpec};
 use crate::metrics::METRICS;
 use async_trait::async_trait;
@@ -27,19 +28,29 @@ pub struct Upstream {
     pub addr: SocketAddr,
     /// Requests being proxied to it right now.
     pub in_flight: AtomicU32,
+    /// Consulted before every attempt; fed by request outcomes and health checks.
+    pub breaker: Arc<CircuitBreaker>,
     healthy_gauge: IntGauge,
 }
 
 impl Upstream {
-    fn new(service: &str, spec: &UpstreamSpec) -> Upstream {
+    fn new(
+        service: &str,
+        spec: &UpstreamSpec,
+        config: &ServiceConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Upstream {
         let healthy_gauge = METRICS
             .upstream_healthy
             .with_label_values(&[service, &spec.name]);
         healthy_gauge.set(1);
+        let breaker = CircuitBreaker::new(config.circuit_breaker.breaker(), clock)
+            .with_listener(transition_listener(service, &spec.name));
         Upstream {
             name: spec.name.clone(),
             addr: spec.addr,
             in_flight: AtomicU32::new(0),
+            breaker: Arc::new(breaker),
             healthy_gauge,
         }
     }
@@ -47,11 +58,44 @@ impl Upstream {
     fn on_health_change(&self, service: &str, healthy: bool) {
         self.healthy_gauge.set(i64::from(healthy));
         if healthy {
-            log::info!("upstream {} of service {service} passes its health check again", self.name);
+            log::info!(
+                "upstream {} of service {service} passes its health check again",
+                self.name
+            );
         } else {
-            log::warn!("upstream {} of service {service} fails its health check: no traffic until it passes", self.name);
+            log::warn!(
+                "upstream {} of service {service} fails its health check: no traffic until it passes",
+                self.name
+            );
+            self.breaker.on_health_check(false);
         }
     }
+}
+
+/// Keeps the breaker's metrics and log in step with its transitions.
+fn transition_listener(service: &str, upstream: &str) -> crate::breaker::TransitionListener {
+    let m = &*METRICS;
+    let state_gauge = m.circuit_state.with_label_values(&[service, upstream]);
+    state_gauge.set(State::Closed as i64);
+    let to_counter = |to: State| {
+        m.circuit_transitions_total
+            .with_label_values(&[service, upstream, to.as_str()])
+    };
+    let counters = [
+        to_counter(State::Closed),
+        to_counter(State::HalfOpen),
+        to_counter(State::Open),
+    ];
+    let (service, upstream) = (service.to_string(), upstream.to_string());
+    Arc::new(move |from: State, to: State| {
+        state_gauge.set(to as i64);
+        counters[to as usize].inc();
+        if to == State::Open {
+            log::warn!("circuit breaker of {service} upstream {upstream}: {from} -> {to}");
+        } else {
+            log::info!("circuit breaker of {service} upstream {upstream}: {from} -> {to}");
+        }
+    })
 }
 
 /// The load balancer, one variant per algorithm (the selection type is a type parameter).
@@ -59,6 +103,8 @@ enum Balancer {
     RoundRobin(Arc<LoadBalancer<RoundRobin>>),
     Random(Arc<LoadBalancer<Random>>),
     Consistent(Arc<LoadBalancer<Consistent>>),
+    /// Two weighted-random candidates, the one with fewer requests in flight wins.
+    LeastRequest(Arc<LoadBalancer<Random>>),
 }
 
 /// A service's upstreams and how one is chosen.
@@ -78,11 +124,12 @@ impl Pool {
     pub fn new(
         service: &str,
         config: &ServiceConfig,
+        clock: Arc<dyn Clock>,
     ) -> Result<(Pool, Option<Box<dyn ServiceWithDependents>>)> {
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
-            .map(|spec| Arc::new(Upstream::new(service, spec)))
+            .map(|spec| Arc::new(Upstream::new(service, spec, config, Arc::clone(&clock))))
             .collect();
         let health_check = config
             .health_check
@@ -101,6 +148,10 @@ impl Pool {
             Algorithm::ConsistentHash => {
                 let (lb, bg) = build_lb::<Consistent>(service, config, health_check)?;
                 (Balancer::Consistent(lb), bg)
+            }
+            Algorithm::LeastRequest => {
+                let (lb, bg) = build_lb::<Random>(service, config, health_check)?;
+                (Balancer::LeastRequest(lb), bg)
             }
         };
         Ok((
@@ -122,8 +173,25 @@ impl Pool {
             Balancer::RoundRobin(lb) => lb.select_with(key, MAX_ITERATIONS, filter),
             Balancer::Random(lb) => lb.select_with(key, MAX_ITERATIONS, filter),
             Balancer::Consistent(lb) => lb.select_with(key, MAX_ITERATIONS, filter),
+            Balancer::LeastRequest(lb) => {
+                let first = lb.select_with(key, MAX_ITERATIONS, filter)?;
+                let first_index = self.index_of(&first.addr)?;
+                let second_index = lb
+                    .select_with(key, MAX_ITERATIONS, |b, healthy| {
+                        b.addr != first.addr && filter(b, healthy)
+                    })
+                    .and_then(|b| self.index_of(&b.addr));
+                return Some(match second_index {
+                    Some(second) if self.load(second) < self.load(first_index) => second,
+                    _ => first_index,
+                });
+            }
         }?;
         self.index_of(&backend.addr)
+    }
+
+    fn load(&self, index: usize) -> u32 {
+        self.upstreams[index].in_flight.load(Ordering::Relaxed)
     }
 
     /// Whether the health check currently counts the upstream as healthy.
@@ -138,7 +206,7 @@ impl Pool {
         };
         let backends = match &self.balancer {
             Balancer::RoundRobin(lb) => lb.backends(),
-            Balancer::Random(lb) => lb.backends(),
+            Balancer::Random(lb) | Balancer::LeastRequest(lb) => lb.backends(),
             Balancer::Consistent(lb) => lb.backends(),
         };
         // `ready` compares the whole backend including its weight, so look the real one up.
@@ -271,7 +339,16 @@ impl ObservedHealthCheck {
 #[async_trait]
 impl HealthCheck for ObservedHealthCheck {
     async fn check(&self, target: &Backend) -> Result<()> {
-        self.inner.check(target).await
+        let result = self.inner.check(target).await;
+        if result.is_ok() {
+            // A passing check lets real traffic probe an open breaker now, rather than after
+            // the reset timeout. Failures open it through `health_status_change`, which
+            // honours `unhealthy_threshold`.
+            if let Some(upstream) = self.upstream(target) {
+                upstream.breaker.on_health_check(true);
+            }
+        }
+        result
     }
 
     async fn health_status_change(&self, target: &Backend, healthy: bool) {

@@ -7,6 +7,7 @@
 //! Each phase delegates to the module that owns the concern; `RequestCtx` carries state
 //! between phases.
 
+use crate::breaker::{Outcome, Permit};
 use crate::pool::InFlight;
 use crate::response::{self, ErrorBody};
 use crate::routing::{self, Route};
@@ -34,6 +35,12 @@ pub struct RequestCtx {
     /// Upstreams already tried, so a retry goes elsewhere when it can.
     tried: Vec<usize>,
     upstream_name: Option<String>,
+    /// The breaker's admission for the current attempt; its outcome is recorded once.
+    permit: Option<Permit>,
+    retries: u32,
+    attempt_start: Option<Instant>,
+    /// Status of the upstream's response header, once it arrived.
+    upstream_status: Option<u16>,
     in_flight: Option<InFlight>,
     service_in_flight: bool,
     upstream_start: Option<Instant>,
@@ -52,6 +59,31 @@ impl Gateway {
         Gateway { runtime }
     }
 
+    /// Decides whether a failed attempt is tried again on another upstream, and if so picks
+    /// it (with its breaker permit) for the next `upstream_peer`.
+    fn plan_retry(&self, session: &Session, ctx: &mut RequestCtx) -> bool {
+        let Some(service) = ctx.service.clone() else {
+            return false;
+        };
+        if ctx.retries >= service.retries {
+            return false;
+        }
+        let key = Self::hash_key(&service, session);
+        let tried = &ctx.tried;
+        let Some((index, permit)) = admit(&service, &key, |i| !tried.contains(&i)) else {
+            return false;
+        };
+        if !service.retry_budget.try_acquire_retry() {
+            service.metrics.retries_budget_exhausted.inc();
+            return false;
+        }
+        service.metrics.retries_attempted.inc();
+        ctx.retries += 1;
+        ctx.selected = Some(index);
+        ctx.permit = Some(permit);
+        true
+    }
+
     fn hash_key(service: &Service, session: &Session) -> Vec<u8> {
         use crate::config::HashKey;
         let req = session.req_header();
@@ -63,6 +95,32 @@ impl Gateway {
             },
             HashKey::Ip => client_ip(session).into_bytes(),
         }
+    }
+}
+
+/// Picks an upstream whose health check passes and whose breaker admits the request, and
+/// takes the breaker's permit. `accept` narrows the candidates (e.g. not yet tried).
+fn admit(service: &Service, key: &[u8], accept: impl Fn(usize) -> bool) -> Option<(usize, Permit)> {
+    let upstreams = &service.pool.upstreams;
+    // A candidate can lose its half-open probe slot between the check and the acquire;
+    // then the next one is tried, a bounded number of times.
+    let mut refused: Vec<usize> = Vec::new();
+    for _ in 0..upstreams.len() {
+        let index = service.pool.select(key, |i| {
+            accept(i) && !refused.contains(&i) && upstreams[i].breaker.would_admit()
+        })?;
+        match upstreams[index].breaker.try_acquire() {
+            Some(permit) => return Some((index, permit)),
+            None => refused.push(index),
+        }
+    }
+    None
+}
+
+/// Records how the current attempt went with its breaker, once.
+fn record_attempt(ctx: &mut RequestCtx, outcome: Outcome) {
+    if let Some(permit) = ctx.permit.take() {
+        permit.record(outcome);
     }
 }
 
@@ -118,6 +176,10 @@ impl ProxyHttp for Gateway {
             selected: None,
             tried: Vec::new(),
             upstream_name: None,
+            permit: None,
+            retries: 0,
+            attempt_start: None,
+            upstream_status: None,
             in_flight: None,
             service_in_flight: false,
             upstream_start: None,
@@ -149,25 +211,24 @@ impl ProxyHttp for Gateway {
         ctx.deadline = service.timeouts.total.map(|t| ctx.start + t);
 
         let key = Self::hash_key(&service, session);
-        ctx.selected = service.pool.select(&key, |_| true);
-        if ctx.selected.is_none() {
-            ctx.error = Some("no healthy upstream");
-            let body = ErrorBody::new(format!("{} service unavailable", service.name))
-                .service(&service.name)
-                .detail("no healthy upstream");
-            response::send_json(
-                session,
-                StatusCode::SERVICE_UNAVAILABLE,
-                &body,
-                &ctx.request_id,
-                &[],
-            )
-            .await?;
-            ctx.service = Some(service);
-            return Ok(true);
+        match admit(&service, &key, |_| true) {
+            Some((index, permit)) => {
+                ctx.selected = Some(index);
+                ctx.permit = Some(permit);
+                service.retry_budget.record_request();
+                ctx.service = Some(service);
+                Ok(false)
+            }
+            None => {
+                // Every upstream is unhealthy or its breaker is open: answer now, without
+                // touching the network.
+                ctx.error = Some("fallback");
+                service.metrics.circuit_rejected.inc();
+                send_fallback(session, &service, &ctx.request_id).await?;
+                ctx.service = Some(service);
+                Ok(true)
+            }
         }
-        ctx.service = Some(service);
-        Ok(false)
     }
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
@@ -177,22 +238,21 @@ impl ProxyHttp for Gateway {
         let index = match ctx.selected.take() {
             Some(i) => i,
             None => {
-                // A retry: prefer an upstream not tried yet, else any admitted one.
+                // Pingora retries a stale pooled connection on its own: pick again.
                 let key = Self::hash_key(&service, session);
-                let tried = ctx.tried.clone();
-                service
-                    .pool
-                    .select(&key, |i| !tried.contains(&i))
-                    .or_else(|| service.pool.select(&key, |_| true))
-                    .ok_or_else(|| {
-                        Error::explain(ErrorType::ConnectNoRoute, "no healthy upstream left")
-                    })?
+                let (index, permit) = admit(&service, &key, |_| true).ok_or_else(|| {
+                    Error::explain(ErrorType::ConnectNoRoute, "no upstream admits the retry")
+                })?;
+                ctx.permit = Some(permit);
+                index
             }
         };
         let upstream = Arc::clone(&service.pool.upstreams[index]);
         ctx.tried.push(index);
         ctx.upstream_name = Some(upstream.name.clone());
         ctx.upstream_start.get_or_insert_with(Instant::now);
+        ctx.attempt_start = Some(Instant::now());
+        ctx.upstream_status = None;
         ctx.in_flight = Some(InFlight::new(Arc::clone(&upstream)));
 
         let timeouts = &service.timeouts;
@@ -263,6 +323,18 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if !upstream_response.status.is_informational() {
+            ctx.upstream_status = Some(upstream_response.status.as_u16());
+        }
+        Ok(())
+    }
+
     async fn response_filter(
         &self,
         _session: &mut Session,
@@ -275,18 +347,18 @@ impl ProxyHttp for Gateway {
 
     fn fail_to_connect(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         _peer: &HttpPeer,
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        record_attempt(ctx, Outcome::Failure);
         if let Some(service) = &ctx.service {
-            service
-                .metrics
-                .upstream_error(error_kind(e.etype()));
+            service.metrics.upstream_error(error_kind(e.etype()));
         }
-        // Retries are decided by the resilience layer; none by default.
-        e.set_retry(false);
+        // Nothing was sent, so any method may go to another upstream.
+        let retry = self.plan_retry(session, ctx);
+        e.set_retry(retry);
         e
     }
 
@@ -296,20 +368,35 @@ impl ProxyHttp for Gateway {
         session: &mut Session,
         e: Box<Error>,
         ctx: &mut RequestCtx,
-        client_reused: bool,
+        _client_reused: bool,
     ) -> Box<Error> {
+        let mut e = e.more_context(format!("upstream {peer}"));
+        if e.esource() != &ErrorSource::Upstream {
+            // The client went away or sent garbage: not the upstream's fault.
+            ctx.permit = None;
+            e.set_retry(false);
+            return e;
+        }
+        record_attempt(ctx, Outcome::Failure);
         if let Some(service) = &ctx.service {
             service.metrics.upstream_error(error_kind(e.etype()));
         }
-        let mut e = e.more_context(format!("upstream {peer}"));
-        // Only a stale pooled connection is retried, and only for idempotent methods.
-        if !session.req_header().method.is_idempotent()
-            || session.as_ref().retry_buffer_truncated()
-        {
-            e.set_retry(false);
+        // The request was sent: only an idempotent one may be replayed, only before any
+        // response byte arrived, and only while its body is still fully buffered.
+        let replayable = session.req_header().method.is_idempotent()
+            && ctx.upstream_status.is_none()
+            && !session.as_ref().retry_buffer_truncated();
+        let retry = if replayable {
+            self.plan_retry(session, ctx)
         } else {
-            e.retry.decide_reuse(client_reused);
-        }
+            if let Some(service) = &ctx.service {
+                if ctx.retries < service.retries {
+                    service.metrics.retries_not_retryable.inc();
+                }
+            }
+            false
+        };
+        e.set_retry(retry);
         e
     }
 
@@ -351,6 +438,28 @@ impl ProxyHttp for Gateway {
         let elapsed = ctx.start.elapsed();
         let service_name = ctx.service.as_ref().map_or("none", |s| s.name.as_str());
         let method = session.req_header().method.as_str().to_owned();
+        if ctx.selected.take().is_some() {
+            // A retry was planned but never made: its upstream saw nothing.
+            ctx.permit = None;
+        }
+        if let (Some(service), Some(permit)) = (&ctx.service, ctx.permit.take()) {
+            match (ctx.upstream_status, e) {
+                (Some(upstream_status), _) => {
+                    let slow = match (service.slow_call_threshold, ctx.attempt_start) {
+                        (Some(limit), Some(start)) => start.elapsed() > limit,
+                        _ => false,
+                    };
+                    let failed = slow || service.failure_statuses.contains(&upstream_status);
+                    permit.record(if failed { Outcome::Failure } else { Outcome::Success });
+                }
+                // The exchange broke off and no hook recorded it: blame the upstream only
+                // when the error came from its side.
+                (None, Some(err)) if err.esource() == &ErrorSource::Upstream => {
+                    permit.record(Outcome::Failure)
+                }
+                _ => drop(permit),
+            }
+        }
         match &ctx.service {
             Some(service) => {
                 service.metrics.count_request(&method, status);
@@ -379,6 +488,27 @@ impl ProxyHttp for Gateway {
             });
         }
     }
+}
+
+/// Answers with the service's fallback, with `Retry-After` unless the config sets one.
+async fn send_fallback(session: &mut Session, service: &Service, request_id: &HeaderValue) -> Result<()> {
+    let fallback = &service.fallback;
+    let mut headers = fallback.headers.clone();
+    if !fallback.has_retry_after {
+        headers.push((
+            http::header::RETRY_AFTER,
+            HeaderValue::from(service.retry_after_secs()),
+        ));
+    }
+    response::send(
+        session,
+        fallback.status,
+        &fallback.content_type,
+        fallback.body.clone(),
+        request_id,
+        &headers,
+    )
+    .await
 }
 
 /// The host part of an upstream's `host:port`, used as SNI by default.

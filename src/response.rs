@@ -2,7 +2,7 @@
 //! the request id, so a client always gets a machine-readable reason and never a bare page.
 
 use bytes::Bytes;
-use http::{HeaderValue, StatusCode};
+use http::{HeaderName, HeaderValue, StatusCode};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::Result;
@@ -55,7 +55,7 @@ pub async fn send_json(
     status: StatusCode,
     body: &ErrorBody,
     request_id: &HeaderValue,
-    extra_headers: &[(&'static str, HeaderValue)],
+    extra_headers: &[(HeaderName, HeaderValue)],
 ) -> Result<()> {
     let mut body_json = serde_json::to_value(body).unwrap_or_default();
     if let (Some(obj), Ok(id)) = (body_json.as_object_mut(), request_id.to_str()) {
@@ -81,7 +81,7 @@ pub async fn send(
     content_type: &str,
     body: Bytes,
     request_id: &HeaderValue,
-    extra_headers: &[(&'static str, HeaderValue)],
+    extra_headers: &[(HeaderName, HeaderValue)],
 ) -> Result<()> {
     let mut header = ResponseHeader::build(status, Some(4 + extra_headers.len()))?;
     header.insert_header(http::header::CONTENT_TYPE, content_type)?;
@@ -89,7 +89,7 @@ pub async fn send(
     header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
     header.insert_header(crate::proxy::REQUEST_ID, request_id.clone())?;
     for (name, value) in extra_headers {
-        header.insert_header(*name, value.clone())?;
+        header.insert_header(name.clone(), value.clone())?;
     }
     let head_only = session.req_header().method == http::Method::HEAD;
     session

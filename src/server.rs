@@ -62,7 +62,10 @@ pub fn build(config: &Config, start: &StartOptions) -> Result<Server> {
         proxy.add_tls_with_settings(&tls.listen.to_string(), None, settings);
     }
 
-    let mut admin = ListeningService::new("breakwater admin".to_string(), AdminApp);
+    let mut admin = ListeningService::new(
+        "breakwater admin".to_string(),
+        AdminApp::new(Arc::clone(&runtime)),
+    );
     admin.threads = Some(1);
     admin.add_tcp(&config.admin.listen.to_string());
 
