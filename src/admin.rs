@@ -7,7 +7,6 @@
 
 use crate::metrics::METRICS;
 use crate::runtime::Runtime;
-use std::sync::Arc;
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
@@ -15,6 +14,7 @@ use pingora::protocols::http::ServerSession;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// Whether the process serves traffic (`ready`) and whether it is shutting down (`draining`).
 pub struct Lifecycle {

@@ -727,7 +727,11 @@ impl Config {
             for (i, r) in svc.routes.iter().enumerate() {
                 let key = (r.host.clone(), r.path_prefix.0.clone());
                 if let Some(other) = seen_routes.insert(key, name) {
-                    let host = r.host.as_ref().map(|h| format!(" host {h}")).unwrap_or_default();
+                    let host = r
+                        .host
+                        .as_ref()
+                        .map(|h| format!(" host {h}"))
+                        .unwrap_or_default();
                     return Err(fail(
                         field(&format!(".routes[{i}].path_prefix")),
                         Some(&r.path_prefix.0),
@@ -882,7 +886,10 @@ fn locate(text: &str, field: &str, needle: Option<&str>) -> Option<usize> {
     for key in keys {
         let pattern = format!("{key}:");
         let found = lines.iter().enumerate().skip(from).find(|(_, l)| {
-            let t = l.trim_start().trim_start_matches("- ").trim_start_matches('{');
+            let t = l
+                .trim_start()
+                .trim_start_matches("- ")
+                .trim_start_matches('{');
             t.starts_with(&pattern) || l.contains(&format!(" {pattern}"))
         });
         match found {
@@ -913,8 +920,10 @@ mod tests {
 
     #[test]
     fn minimal_service_takes_defaults() {
-        let c = parse("services:\n  a:\n    routes: [{path_prefix: /a}]\n    upstreams: [\"127.0.0.1:1\"]\n")
-            .unwrap();
+        let c = parse(
+            "services:\n  a:\n    routes: [{path_prefix: /a}]\n    upstreams: [\"127.0.0.1:1\"]\n",
+        )
+        .unwrap();
         assert!(c.access_log);
         assert_eq!(c.admin.listen.0, "127.0.0.1:9090".parse().unwrap());
         let a = &c.services["a"];

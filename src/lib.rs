@@ -4,8 +4,8 @@
 //! metric handles), which the `proxy` pipeline and the `admin` listener read.
 
 pub mod access_log;
-pub mod breaker;
 pub mod admin;
+pub mod breaker;
 pub mod config;
 pub mod metrics;
 pub mod pool;

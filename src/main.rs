@@ -53,7 +53,11 @@ fn main() -> ExitCode {
                 "{}: ok ({} services, {} routes)",
                 cli.config.display(),
                 config.services.len(),
-                config.services.values().map(|s| s.routes.len()).sum::<usize>()
+                config
+                    .services
+                    .values()
+                    .map(|s| s.routes.len())
+                    .sum::<usize>()
             );
             ExitCode::SUCCESS
         }

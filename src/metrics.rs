@@ -23,7 +23,6 @@ pub struct Metrics {
     pub circuit_transitions_total: IntCounterVec,
     pub circuit_rejected_total: IntCounterVec,
     pub retries_total: IntCounterVec,
-    pub config_reloads_total: IntCounterVec,
     pub build_info: IntGaugeVec,
 }
 
@@ -117,12 +116,6 @@ impl Metrics {
                 "breakwater_retries_total",
                 "Retry decisions: attempted, budget_exhausted, or not_retryable.",
                 &["service", "outcome"],
-            ),
-            config_reloads_total: counter(
-                &r,
-                "breakwater_config_reloads_total",
-                "Configuration reloads, by result (success, error).",
-                &["result"],
             ),
             build_info: gauge(
                 &r,

@@ -21,6 +21,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+/// A Pingora service the server must run next to the proxy (here: a health check loop).
+pub type BackgroundTask = Box<dyn ServiceWithDependents>;
+
 /// Runtime state of one upstream server of a service.
 pub struct Upstream {
     /// As written in the config (`host:port`): the label in metrics, logs and the admin API.
@@ -125,7 +128,7 @@ impl Pool {
         service: &str,
         config: &ServiceConfig,
         clock: Arc<dyn Clock>,
-    ) -> Result<(Pool, Option<Box<dyn ServiceWithDependents>>)> {
+    ) -> Result<(Pool, Option<BackgroundTask>)> {
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
@@ -166,9 +169,8 @@ impl Pool {
     /// Picks an upstream by the pool's algorithm among the healthy ones for which `accept`
     /// returns true (its index in `upstreams` is passed). `key` feeds consistent hashing.
     pub fn select(&self, key: &[u8], accept: impl Fn(usize) -> bool) -> Option<usize> {
-        let filter = |b: &Backend, healthy: bool| {
-            healthy && self.index_of(&b.addr).is_some_and(&accept)
-        };
+        let filter =
+            |b: &Backend, healthy: bool| healthy && self.index_of(&b.addr).is_some_and(&accept);
         let backend = match &self.balancer {
             Balancer::RoundRobin(lb) => lb.select_with(key, MAX_ITERATIONS, filter),
             Balancer::Random(lb) => lb.select_with(key, MAX_ITERATIONS, filter),
@@ -229,7 +231,7 @@ fn build_lb<S>(
     service: &str,
     config: &ServiceConfig,
     health_check: Option<ObservedHealthCheck>,
-) -> Result<(Arc<LoadBalancer<S>>, Option<Box<dyn ServiceWithDependents>>)>
+) -> Result<(Arc<LoadBalancer<S>>, Option<BackgroundTask>)>
 where
     S: BackendSelection + Send + Sync + 'static,
     S::Iter: BackendIter,

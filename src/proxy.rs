@@ -133,9 +133,7 @@ fn client_ip(session: &Session) -> String {
 }
 
 fn is_tls(session: &Session) -> bool {
-    session
-        .digest()
-        .is_some_and(|d| d.ssl_digest.is_some())
+    session.digest().is_some_and(|d| d.ssl_digest.is_some())
 }
 
 /// The host the client asked for: the Host header, or the absolute URI's authority.
@@ -150,8 +148,7 @@ fn request_host(req: &RequestHeader) -> Option<&str> {
 fn well_formed_request_id(v: &HeaderValue) -> bool {
     let b = v.as_bytes();
     (1..=128).contains(&b.len())
-        && b
-            .iter()
+        && b.iter()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
 }
 
@@ -231,7 +228,11 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    async fn upstream_peer(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
         let Some(service) = ctx.service.clone() else {
             return Error::e_explain(ErrorType::InternalError, "no service chosen");
         };
@@ -400,7 +401,12 @@ impl ProxyHttp for Gateway {
         e
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
         let (status, message) = classify_error(e);
         let Some(status) = status else {
             // The client went away: nobody to answer.
@@ -411,6 +417,9 @@ impl ProxyHttp for Gateway {
         };
         ctx.error = Some(message);
         if session.response_written().is_none() {
+            // Pingora closes the client connection after an upstream error; say so, so the
+            // client does not reuse it.
+            session.set_keepalive(None);
             let mut body = ErrorBody::new(message);
             if let Some(service) = &ctx.service {
                 body = body.service(&service.name);
@@ -450,7 +459,11 @@ impl ProxyHttp for Gateway {
                         _ => false,
                     };
                     let failed = slow || service.failure_statuses.contains(&upstream_status);
-                    permit.record(if failed { Outcome::Failure } else { Outcome::Success });
+                    permit.record(if failed {
+                        Outcome::Failure
+                    } else {
+                        Outcome::Success
+                    });
                 }
                 // The exchange broke off and no hook recorded it: blame the upstream only
                 // when the error came from its side.
@@ -463,9 +476,15 @@ impl ProxyHttp for Gateway {
         match &ctx.service {
             Some(service) => {
                 service.metrics.count_request(&method, status);
-                service.metrics.request_duration.observe(elapsed.as_secs_f64());
+                service
+                    .metrics
+                    .request_duration
+                    .observe(elapsed.as_secs_f64());
                 if let Some(t) = ctx.upstream_start {
-                    service.metrics.upstream_duration.observe(t.elapsed().as_secs_f64());
+                    service
+                        .metrics
+                        .upstream_duration
+                        .observe(t.elapsed().as_secs_f64());
                 }
                 if ctx.service_in_flight {
                     service.metrics.in_flight.dec();
@@ -491,7 +510,11 @@ impl ProxyHttp for Gateway {
 }
 
 /// Answers with the service's fallback, with `Retry-After` unless the config sets one.
-async fn send_fallback(session: &mut Session, service: &Service, request_id: &HeaderValue) -> Result<()> {
+async fn send_fallback(
+    session: &mut Session,
+    service: &Service,
+    request_id: &HeaderValue,
+) -> Result<()> {
     let fallback = &service.fallback;
     let mut headers = fallback.headers.clone();
     if !fallback.has_retry_after {
@@ -547,8 +570,12 @@ fn classify_error(e: &Error) -> (Option<StatusCode>, &'static str) {
             ErrorType::ConnectTimedout
             | ErrorType::ReadTimedout
             | ErrorType::WriteTimedout
-            | ErrorType::TLSHandshakeTimedout => (Some(StatusCode::GATEWAY_TIMEOUT), "upstream timed out"),
-            ErrorType::ConnectNoRoute => (Some(StatusCode::SERVICE_UNAVAILABLE), "no healthy upstream"),
+            | ErrorType::TLSHandshakeTimedout => {
+                (Some(StatusCode::GATEWAY_TIMEOUT), "upstream timed out")
+            }
+            ErrorType::ConnectNoRoute => {
+                (Some(StatusCode::SERVICE_UNAVAILABLE), "no healthy upstream")
+            }
             ErrorType::ConnectRefused | ErrorType::ConnectError => {
                 (Some(StatusCode::BAD_GATEWAY), "upstream connection refused")
             }
@@ -566,7 +593,9 @@ fn classify_error(e: &Error) -> (Option<StatusCode>, &'static str) {
         },
         ErrorSource::Internal | ErrorSource::Unset => match e.etype() {
             ErrorType::ConnectTimedout => (Some(StatusCode::GATEWAY_TIMEOUT), "upstream timed out"),
-            ErrorType::ConnectNoRoute => (Some(StatusCode::SERVICE_UNAVAILABLE), "no healthy upstream"),
+            ErrorType::ConnectNoRoute => {
+                (Some(StatusCode::SERVICE_UNAVAILABLE), "no healthy upstream")
+            }
             _ => (Some(StatusCode::INTERNAL_SERVER_ERROR), "internal error"),
         },
     }
@@ -578,10 +607,14 @@ mod tests {
 
     #[test]
     fn request_id_validation() {
-        assert!(well_formed_request_id(&HeaderValue::from_static("abc-123_x.y:z")));
+        assert!(well_formed_request_id(&HeaderValue::from_static(
+            "abc-123_x.y:z"
+        )));
         assert!(!well_formed_request_id(&HeaderValue::from_static("")));
         assert!(!well_formed_request_id(&HeaderValue::from_static("a b")));
-        assert!(!well_formed_request_id(&HeaderValue::from_str(&"a".repeat(129)).unwrap()));
+        assert!(!well_formed_request_id(
+            &HeaderValue::from_str(&"a".repeat(129)).unwrap()
+        ));
         assert!(well_formed_request_id(&new_request_id()));
     }
 

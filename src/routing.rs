@@ -114,7 +114,8 @@ mod tests {
     }
 
     fn service_for<'a>(r: &Router, names: &'a [String], host: &str, path: &str) -> Option<&'a str> {
-        r.find(host, path).map(|route| names[route.service].as_str())
+        r.find(host, path)
+            .map(|route| names[route.service].as_str())
     }
 
     const YAML: &str = r#"
@@ -129,7 +130,10 @@ services:
     #[test]
     fn longest_prefix_wins() {
         let (r, n) = router(YAML);
-        assert_eq!(service_for(&r, &n, "x", "/users/admin/7"), Some("admin_users"));
+        assert_eq!(
+            service_for(&r, &n, "x", "/users/admin/7"),
+            Some("admin_users")
+        );
         assert_eq!(service_for(&r, &n, "x", "/users/7"), Some("users"));
         assert_eq!(service_for(&r, &n, "x", "/users"), Some("users"));
         assert_eq!(service_for(&r, &n, "x", "/orders"), Some("root"));
@@ -145,16 +149,24 @@ services:
     #[test]
     fn host_routes_beat_hostless_and_exact_beats_wildcard() {
         let (r, n) = router(YAML);
-        assert_eq!(service_for(&r, &n, "api.example.com", "/users/1"), Some("api_users"));
-        assert_eq!(service_for(&r, &n, "eu.example.com", "/users/1"), Some("wild"));
-        assert_eq!(service_for(&r, &n, "example.com", "/users/1"), Some("users"));
+        assert_eq!(
+            service_for(&r, &n, "api.example.com", "/users/1"),
+            Some("api_users")
+        );
+        assert_eq!(
+            service_for(&r, &n, "eu.example.com", "/users/1"),
+            Some("wild")
+        );
+        assert_eq!(
+            service_for(&r, &n, "example.com", "/users/1"),
+            Some("users")
+        );
     }
 
     #[test]
     fn no_route_without_catch_all() {
-        let (r, n) = router(
-            "services:\n  a: {routes: [{path_prefix: /a}], upstreams: [\"127.0.0.1:1\"]}\n",
-        );
+        let (r, n) =
+            router("services:\n  a: {routes: [{path_prefix: /a}], upstreams: [\"127.0.0.1:1\"]}\n");
         assert_eq!(service_for(&r, &n, "x", "/b"), None);
     }
 

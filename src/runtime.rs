@@ -4,12 +4,11 @@
 use crate::breaker::{Clock, MonotonicClock};
 use crate::config::{Config, FallbackConfig, HashKey, ServiceConfig, Timeouts};
 use crate::metrics::ServiceMetrics;
-use crate::pool::Pool;
+use crate::pool::{BackgroundTask, Pool};
 use crate::retry_budget::{RetryBudget, RetryBudgetConfig};
 use crate::routing::Router;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
-use pingora::services::ServiceWithDependents;
 use pingora::Result;
 use std::sync::Arc;
 use std::time::Duration;
@@ -83,7 +82,7 @@ impl Service {
         name: &str,
         config: &ServiceConfig,
         clock: &Arc<dyn Clock>,
-    ) -> Result<(Service, Option<Box<dyn ServiceWithDependents>>)> {
+    ) -> Result<(Service, Option<BackgroundTask>)> {
         let (pool, health_check) = Pool::new(name, config, Arc::clone(clock))?;
         let budget = RetryBudgetConfig {
             percent: config.retry_budget.percent,
@@ -133,7 +132,7 @@ pub struct Runtime {
 
 impl Runtime {
     /// Builds the runtime and the background services (health checks) the server must run.
-    pub fn new(config: &Config) -> Result<(Runtime, Vec<Box<dyn ServiceWithDependents>>)> {
+    pub fn new(config: &Config) -> Result<(Runtime, Vec<BackgroundTask>)> {
         let mut services = Vec::with_capacity(config.services.len());
         let mut background = Vec::new();
         let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());

@@ -1,0 +1,630 @@
+//! Shared integration-test harness: real processes, started and stopped from plain `#[test]`s.
+//!
+//! Owns the lifecycle of everything a scenario needs besides the test itself: `sample-service`
+//! upstreams ([`Upstream`]), the gateway under test ([`Gateway`], plus [`run_check`] for
+//! `breakwater check`), and a throwaway Redis ([`Redis`]). Each handle kills its process on drop,
+//! so a panicking test leaves nothing running; helpers panic with the evidence (logs, last
+//! status) instead of returning errors the test would have to unwrap.
+//!
+//! Use it with `mod common;` from any file in `tests/`.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_breakwater");
+pub const SAMPLE_SERVICE_BIN: &str = env!("CARGO_BIN_EXE_sample-service");
+
+/// How long a process gets to print its listening line or answer its readiness probe.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// The gateway may wait for a first round of health checks before it reports ready.
+const GATEWAY_READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// A port released by a killed process can stay busy briefly; restarts retry this long.
+const REBIND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A blocking client for talking to gateways and upstreams: 10 s timeout, and never an
+/// `HTTP_PROXY` from the environment, which would silently reroute loopback traffic.
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .no_proxy()
+        .build()
+        .expect("build reqwest client")
+}
+
+/// Calls `f` every 25 ms until it returns true; panics naming `what` after `timeout`.
+pub fn poll_until<F: FnMut() -> bool>(timeout: Duration, what: &str, mut f: F) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// A loopback port that was free a moment ago. Another process can take it before the caller
+/// binds it, so whoever uses it should retry on "address in use" (the handles below do).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind an ephemeral loopback port")
+        .port()
+}
+
+/// `n` distinct free ports: all are held at once while picking so none is handed out twice.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+/// True if something accepts TCP connections on `addr` right now.
+pub fn is_listening(addr: &str) -> bool {
+    let addr = addr.parse().expect("socket address");
+    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+}
+
+fn kill_child(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        // SIGKILL on Unix; the error only means it already exited, and `wait` reaps it either way.
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+fn read_lossy(path: &Path) -> String {
+    std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upstreams
+// ---------------------------------------------------------------------------------------------
+
+/// One `sample-service` instance in its own process. See `src/bin/sample-service.rs` for what it
+/// answers; the methods here drive its `/_control/*` endpoints.
+pub struct Upstream {
+    /// "127.0.0.1:PORT".
+    pub addr: String,
+    pub name: String,
+    child: Option<Child>,
+    /// Held open so the service exits on its own (`--exit-on-stdin-eof`) if the test process
+    /// dies without running destructors, e.g. when a test run is interrupted.
+    stdin: Option<ChildStdin>,
+    http: reqwest::blocking::Client,
+}
+
+/// Why a spawn did not produce a listening line.
+enum SpawnError {
+    /// The process exited first; with a fixed port that is almost always "address in use".
+    Exited(String),
+    TimedOut,
+}
+
+fn spawn_sample(name: &str, listen: &str) -> Result<(Child, ChildStdin, String), SpawnError> {
+    let mut child = Command::new(SAMPLE_SERVICE_BIN)
+        .args(["--listen", listen, "--name", name, "--exit-on-stdin-eof"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {SAMPLE_SERVICE_BIN}: {e}"));
+    let stdin = child.stdin.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+
+    // The reader thread keeps draining stdout after the first line so the pipe can never fill.
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let _ = tx.send(lines.next().and_then(Result::ok));
+        lines.for_each(drop);
+    });
+    match rx.recv_timeout(STARTUP_TIMEOUT) {
+        Ok(Some(line)) => {
+            let addr = line
+                .strip_prefix("listening on ")
+                .unwrap_or_else(|| panic!("unexpected first line from sample-service: {line:?}"))
+                .trim()
+                .to_owned();
+            // Forward later stderr (accept errors) to ours, where a failing test shows it.
+            thread::spawn(move || {
+                let mut text = String::new();
+                let _ = stderr.read_to_string(&mut text);
+                if !text.is_empty() {
+                    eprint!("{text}");
+                }
+            });
+            Ok((child, stdin, addr))
+        }
+        Ok(None) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text);
+            Err(SpawnError::Exited(text))
+        }
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(SpawnError::TimedOut)
+        }
+    }
+}
+
+impl Upstream {
+    /// Starts an instance named `name` (`users` and `orders` also serve entities) on an
+    /// ephemeral port.
+    pub fn start(name: &str) -> Upstream {
+        match spawn_sample(name, "127.0.0.1:0") {
+            Ok((child, stdin, addr)) => Upstream {
+                addr,
+                name: name.to_owned(),
+                child: Some(child),
+                stdin: Some(stdin),
+                http: client(),
+            },
+            Err(SpawnError::Exited(stderr)) => {
+                panic!("sample-service {name} exited before listening:\n{stderr}")
+            }
+            Err(SpawnError::TimedOut) => {
+                panic!("sample-service {name} printed no listening line within {STARTUP_TIMEOUT:?}")
+            }
+        }
+    }
+
+    /// `http://ADDR{path}`, for talking to the upstream directly.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
+    /// SIGKILL: the upstream vanishes mid-flight, no graceful close. Idempotent.
+    pub fn kill(&mut self) {
+        self.stdin.take();
+        kill_child(&mut self.child);
+    }
+
+    /// Starts the instance again on the same port, with fresh state (counters zero, no faults).
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + REBIND_TIMEOUT;
+        loop {
+            match spawn_sample(&self.name, &self.addr) {
+                Ok((child, stdin, addr)) => {
+                    assert_eq!(addr, self.addr, "restart came back on another address");
+                    self.child = Some(child);
+                    self.stdin = Some(stdin);
+                    return;
+                }
+                Err(SpawnError::Exited(_)) if Instant::now() < deadline => {
+                    thread::sleep(Duration::from_millis(50));
+                }
+                Err(SpawnError::Exited(stderr)) => {
+                    panic!(
+                        "sample-service {} could not rebind {}:\n{stderr}",
+                        self.name, self.addr
+                    )
+                }
+                Err(SpawnError::TimedOut) => {
+                    panic!(
+                        "sample-service {} printed no listening line on restart",
+                        self.name
+                    )
+                }
+            }
+        }
+    }
+
+    fn control(&self, method: reqwest::Method, action: &str) -> Value {
+        let url = self.url(&format!("/_control/{action}"));
+        let resp = self
+            .http
+            .request(method, &url)
+            .send()
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        let status = resp.status();
+        let body = resp.text().unwrap_or_default();
+        assert!(status.is_success(), "{url}: {status} {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{url}: {e}: {body}"))
+    }
+
+    /// `{"requests", "health_checks", "by_method", "last_headers", "failing", "delay_ms", ...}`.
+    pub fn stats(&self) -> Value {
+        self.control(reqwest::Method::GET, "stats")
+    }
+
+    /// Non-control, non-health requests received since start or the last `reset`.
+    pub fn requests(&self) -> u64 {
+        self.stats()["requests"].as_u64().expect("stats.requests")
+    }
+
+    pub fn health_checks(&self) -> u64 {
+        self.stats()["health_checks"]
+            .as_u64()
+            .expect("stats.health_checks")
+    }
+
+    /// Zeroes the counters; faults stay as they are.
+    pub fn reset(&self) {
+        self.control(reqwest::Method::POST, "reset");
+    }
+
+    /// Every request, `/health` included, answers `status` from now on (0 = stop failing).
+    pub fn fail(&self, status: u16) {
+        self.control(reqwest::Method::POST, &format!("fail?status={status}"));
+    }
+
+    /// Clears every injected fault: failure status, delay and hang.
+    pub fn recover(&self) {
+        self.control(reqwest::Method::POST, "recover");
+    }
+
+    /// Delays every response, `/health` included, by `ms` (0 = no delay).
+    pub fn delay(&self, ms: u64) {
+        self.control(reqwest::Method::POST, &format!("delay?ms={ms}"));
+    }
+
+    /// Accepts connections but never answers (until `recover`); control endpoints still work.
+    pub fn hang(&self) {
+        self.control(reqwest::Method::POST, "hang");
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gateway
+// ---------------------------------------------------------------------------------------------
+
+/// A `breakwater` process running a config written into its own temp dir.
+pub struct Gateway {
+    /// Proxy listener, "127.0.0.1:PORT" (the `${LISTEN}` placeholder).
+    pub http: String,
+    /// Admin listener, "127.0.0.1:PORT" (the `${ADMIN}` placeholder).
+    pub admin: String,
+    /// Holds `gateway.yaml`, `stdout.log` and `stderr.log`; removed on drop.
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+    http_client: reqwest::blocking::Client,
+}
+
+impl Gateway {
+    /// Starts the gateway and waits until `GET /ready` on the admin port answers 200.
+    /// Panics with the gateway's stderr if it exits or is not ready within 20 s.
+    pub fn start(config_template: &str) -> Gateway {
+        Gateway::try_start(config_template).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like `start`, but returns the failure (with the gateway's stderr) instead of panicking,
+    /// for tests that expect a config to be refused at startup.
+    pub fn try_start(config_template: &str) -> Result<Gateway, String> {
+        // The ports are picked free and released before the gateway binds them, so another
+        // process can win the race; that shows up as "in use" and is worth a fresh pair.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Gateway::start_once(config_template) {
+                Err(e) if attempt < 3 && e.contains("in use") => continue,
+                result => return result,
+            }
+        }
+    }
+
+    fn start_once(config_template: &str) -> Result<Gateway, String> {
+        let ports = free_ports(2);
+        let dir = tempfile::Builder::new()
+            .prefix("breakwater-test-")
+            .tempdir()
+            .map_err(|e| format!("create temp dir: {e}"))?;
+        let mut gw = Gateway {
+            http: format!("127.0.0.1:{}", ports[0]),
+            admin: format!("127.0.0.1:{}", ports[1]),
+            dir,
+            child: None,
+            http_client: client(),
+        };
+        gw.write_config(config_template);
+        let log = |name: &str| {
+            File::create(gw.dir.path().join(name)).map_err(|e| format!("create {name}: {e}"))
+        };
+        // Logs go to files: a pipe nobody reads would eventually block the gateway's logging.
+        let child = Command::new(GATEWAY_BIN)
+            .arg("-c")
+            .arg(gw.config_path())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log("stdout.log")?)
+            .stderr(log("stderr.log")?)
+            .spawn()
+            .map_err(|e| format!("spawn {GATEWAY_BIN}: {e}"))?;
+        gw.child = Some(child);
+
+        // A short per-probe timeout: a gateway that accepts but stalls must not eat the deadline.
+        let probe = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(1))
+            .no_proxy()
+            .build()
+            .expect("build reqwest client");
+        let ready = gw.admin_url("/ready");
+        let deadline = Instant::now() + GATEWAY_READY_TIMEOUT;
+        loop {
+            if let Some(status) = gw.child.as_mut().unwrap().try_wait().ok().flatten() {
+                gw.child = None;
+                return Err(format!(
+                    "gateway exited with {status} before it was ready\n--- stderr.log ---\n{}",
+                    gw.stderr()
+                ));
+            }
+            let last = match probe.get(&ready).send() {
+                Ok(r) if r.status() == reqwest::StatusCode::OK => return Ok(gw),
+                Ok(r) => format!("{} {}", r.status(), r.text().unwrap_or_default()),
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() >= deadline {
+                gw.kill();
+                return Err(format!(
+                    "gateway not ready within {GATEWAY_READY_TIMEOUT:?} (last {ready}: {last})\n\
+                     --- stderr.log ---\n{}",
+                    gw.stderr()
+                ));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Substitutes this gateway's `${LISTEN}`/`${ADMIN}` and (re)writes `gateway.yaml`, e.g. to
+    /// test a reload with a changed config.
+    pub fn write_config(&self, config_template: &str) {
+        let yaml = config_template
+            .replace("${LISTEN}", &self.http)
+            .replace("${ADMIN}", &self.admin);
+        std::fs::write(self.config_path(), yaml).expect("write gateway.yaml");
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("gateway.yaml")
+    }
+
+    /// `http://LISTEN{path}`: a request through the proxy.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http, path)
+    }
+
+    /// `http://ADMIN{path}`.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    /// The Prometheus exposition from `GET /metrics` on the admin port.
+    pub fn metrics(&self) -> String {
+        let url = self.admin_url("/metrics");
+        let resp = self
+            .http_client
+            .get(&url)
+            .send()
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        assert!(resp.status().is_success(), "{url}: {}", resp.status());
+        resp.text().expect("metrics body")
+    }
+
+    pub fn stderr(&self) -> String {
+        read_lossy(&self.dir.path().join("stderr.log"))
+    }
+
+    pub fn stdout(&self) -> String {
+        read_lossy(&self.dir.path().join("stdout.log"))
+    }
+
+    /// Process id, for tests that signal the gateway themselves (reload, graceful shutdown).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// True while the gateway process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// SIGKILL and reap. Idempotent.
+    pub fn kill(&mut self) {
+        kill_child(&mut self.child);
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill();
+        // The temp dir and its logs vanish with us, so a failing test shows them now.
+        if thread::panicking() {
+            eprintln!(
+                "--- gateway stderr.log (tail) ---\n{}\n--- gateway stdout.log (tail) ---\n{}",
+                tail(&self.stderr(), 60),
+                tail(&self.stdout(), 20)
+            );
+        }
+    }
+}
+
+/// Runs `breakwater check -c <tmp>/gateway.yaml` on `yaml` and returns (exit code, stderr).
+/// `${LISTEN}`/`${ADMIN}` are replaced with free ports so gateway templates can be checked too.
+pub fn run_check(yaml: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().expect("create temp dir");
+    let path = dir.path().join("gateway.yaml");
+    let ports = free_ports(2);
+    let yaml = yaml
+        .replace("${LISTEN}", &format!("127.0.0.1:{}", ports[0]))
+        .replace("${ADMIN}", &format!("127.0.0.1:{}", ports[1]));
+    std::fs::write(&path, yaml).expect("write gateway.yaml");
+    run_check_path(&path)
+}
+
+/// Runs `breakwater check -c <path>` (e.g. on the shipped `conf/*.yaml`).
+pub fn run_check_path(path: &Path) -> (i32, String) {
+    let out = Command::new(GATEWAY_BIN)
+        .arg("check")
+        .arg("-c")
+        .arg(path)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run {GATEWAY_BIN} check: {e}"));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis
+// ---------------------------------------------------------------------------------------------
+
+/// A private, non-persistent `redis-server` on a free loopback port.
+pub struct Redis {
+    pub port: u16,
+    /// "redis://127.0.0.1:PORT".
+    pub url: String,
+    child: Option<Child>,
+    /// Working directory, so nothing redis writes can land in the repo.
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    /// Starts redis-server and waits until it answers PING. Panics if it is not installed:
+    /// features that depend on Redis are tested, not skipped.
+    pub fn start() -> Redis {
+        for attempt in 1.. {
+            let port = free_port();
+            let mut redis = Redis {
+                port,
+                url: format!("redis://127.0.0.1:{port}"),
+                child: None,
+                dir: tempfile::tempdir().expect("create temp dir"),
+            };
+            match redis.spawn_and_wait() {
+                Ok(()) => return redis,
+                // Most likely lost the free-port race: try another port.
+                Err(e) if attempt < 3 && e.contains("exited") => continue,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        unreachable!()
+    }
+
+    fn spawn_and_wait(&mut self) -> Result<(), String> {
+        let port = self.port.to_string();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port,
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let child = match child {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+                "redis-server is not installed (not on PATH). The Redis-backed tests need it: run the \
+                 test command from README.md, which installs it (e.g. `apt-get install -y redis-server`)."
+            ),
+            Err(e) => panic!("spawn redis-server: {e}"),
+        };
+        self.child = Some(child);
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            if self.ping() {
+                return Ok(());
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().ok().flatten() {
+                self.child = None;
+                return Err(format!(
+                    "redis-server on port {} exited with {status}",
+                    self.port
+                ));
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                return Err(format!(
+                    "redis-server on port {} did not answer PING within {STARTUP_TIMEOUT:?}",
+                    self.port
+                ));
+            }
+            thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// One inline `PING` over a fresh connection; true if the answer is `+PONG`.
+    pub fn ping(&self) -> bool {
+        let addr = ([127, 0, 0, 1], self.port).into();
+        let Ok(mut conn) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
+            return false;
+        };
+        let _ = conn.set_read_timeout(Some(Duration::from_millis(500)));
+        if conn.write_all(b"PING\r\n").is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 7];
+        conn.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+    }
+
+    /// SIGKILL: Redis disappears without closing connections cleanly. Idempotent.
+    pub fn kill(&mut self) {
+        kill_child(&mut self.child);
+    }
+
+    /// Starts redis-server again on the same port (empty: nothing is persisted).
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + REBIND_TIMEOUT;
+        loop {
+            match self.spawn_and_wait() {
+                Ok(()) => return,
+                Err(e) if Instant::now() < deadline && e.contains("exited") => {
+                    thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("restart: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

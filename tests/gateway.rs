@@ -1,0 +1,361 @@
+//! The core gateway, end to end: the real `breakwater` binary in front of real sample
+//! upstreams, on ephemeral loopback ports.
+
+mod common;
+
+use common::{client, poll_until, run_check, Gateway, Upstream};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+fn get_json(url: &str) -> (u16, Value, reqwest::header::HeaderMap) {
+    let resp = client().get(url).send().expect("request");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.text().unwrap_or_default();
+    let json = serde_json::from_str(&body).unwrap_or(Value::String(body));
+    (status, json, headers)
+}
+
+#[test]
+fn routes_by_longest_prefix_and_host() {
+    let users = Upstream::start("users");
+    let admins = Upstream::start("admins");
+    let api = Upstream::start("api");
+    let gw = Gateway::start(&format!(
+        r#"
+server: {{listen: ["${{LISTEN}}"]}}
+admin: {{listen: "${{ADMIN}}"}}
+services:
+  users: {{routes: [{{path_prefix: /users}}], upstreams: ["{}"]}}
+  admins: {{routes: [{{path_prefix: /users/admin}}], upstreams: ["{}"]}}
+  api:
+    routes: [{{path_prefix: /users, host: "*.example.com"}}]
+    upstreams: ["{}"]
+"#,
+        users.addr, admins.addr, api.addr
+    ));
+    let served_by = |path: &str, host: Option<&str>| {
+        let mut req = client().get(gw.url(path));
+        if let Some(h) = host {
+            req = req.header("Host", h);
+        }
+        let body: Value = req.send().unwrap().json().unwrap();
+        body["service"].as_str().unwrap().to_string()
+    };
+    assert_eq!(served_by("/users/1", None), "users");
+    assert_eq!(served_by("/users", None), "users");
+    assert_eq!(served_by("/users/admin/9", None), "admins");
+    assert_eq!(served_by("/users/1", Some("eu.example.com")), "api");
+    assert_eq!(served_by("/users/1", Some("example.com")), "users");
+
+    // Prefixes match whole segments only; an unrouted path gets a JSON 404.
+    let (status, body, headers) = get_json(&gw.url("/usersx"));
+    assert_eq!(status, 404);
+    assert_eq!(body["error"], "no route");
+    assert!(headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/json"));
+    assert_eq!(users.requests() + admins.requests() + api.requests(), 5);
+}
+
+#[test]
+fn strip_prefix_rewrites_the_upstream_path_and_keeps_the_query() {
+    let up = Upstream::start("orders");
+    let gw = Gateway::start(&format!(
+        r#"
+server: {{listen: ["${{LISTEN}}"]}}
+admin: {{listen: "${{ADMIN}}"}}
+services:
+  orders: {{routes: [{{path_prefix: /api/orders, strip_prefix: true}}], upstreams: ["{}"]}}
+"#,
+        up.addr
+    ));
+    let (status, body, _) = get_json(&gw.url("/api/orders/7?x=1"));
+    assert_eq!(status, 200);
+    assert_eq!(body["path"], "/7");
+    assert_eq!(body["query"], "x=1");
+}
+
+#[test]
+fn forwarding_headers_and_request_id() {
+    let up = Upstream::start("users");
+    let gw = Gateway::start(&format!(
+        r#"
+server: {{listen: ["${{LISTEN}}"]}}
+admin: {{listen: "${{ADMIN}}"}}
+services:
+  users: {{routes: [{{path_prefix: /}}], upstreams: ["{}"]}}
+"#,
+        up.addr
+    ));
+    // A well-formed client id is kept, forwarded and echoed.
+    let resp = client()
+        .get(gw.url("/echo"))
+        .header("X-Request-Id", "client-id-123")
+        .header("X-Forwarded-For", "203.0.113.9")
+        .header("Connection", "keep-alive, X-Drop-Me")
+        .header("X-Drop-Me", "secret")
+        .header("Host", "shop.example.com")
+        .send()
+        .unwrap();
+    assert_eq!(resp.headers()["x-request-id"], "client-id-123");
+    let body: Value = resp.json().unwrap();
+    let h = &body["headers"];
+    assert_eq!(h["x-request-id"], "client-id-123");
+    assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], "shop.example.com");
+    assert!(
+        h.get("x-drop-me").is_none(),
+        "connection-nominated header forwarded: {h}"
+    );
+    assert!(h.get("keep-alive").is_none());
+
+    // A malformed id is replaced by a generated one, echoed to the client.
+    let resp = client()
+        .get(gw.url("/echo"))
+        .header("X-Request-Id", "bad id with spaces")
+        .send()
+        .unwrap();
+    let echoed = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_ne!(echoed, "bad id with spaces");
+    assert_eq!(echoed.len(), 36, "a UUID: {echoed}");
+    let body: Value = resp.json().unwrap();
+    assert_eq!(body["headers"]["x-request-id"], echoed.as_str());
+}
+
+#[test]
+fn weighted_round_robin_spreads_as_configured() {
+    let light = Upstream::start("users");
+    let heavy = Upstream::start("users");
+    let gw = Gateway::start(&format!(
+        r#"
+server: {{listen: ["${{LISTEN}}"]}}
+admin: {{listen: "${{ADMIN}}"}}
+services:
+  users:
+    routes: [{{path_prefix: /users}}]
+    upstreams: ["{}", {{addr: "{}", weight: 3}}]
+"#,
+        light.addr, heavy.addr
+    ));
+    let c = client();
+    for _ in 0..400 {
+        assert_eq!(c.get(gw.url("/users/1")).send().unwrap().status(), 200);
+    }
+    let (l, h) = (light.requests(), heavy.requests());
+    assert_eq!(l + h, 400);
+    assert!((90..=110).contains(&l), "light got {l}, heavy {h}");
+}
+
+#[test]
+fn consistent_hash_sticks_a_key_to_one_upstream() {
+    let ups: Vec<Upstream> = (0..3).map(|_| Upstream::start("users")).collect();
+    let list = ups
+        .iter()
+        .map(|u| format!("\"{}\"", u.addr))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let gw = Gateway::start(&format!(
+        r#"
+server: {{listen: ["${{LISTEN}}"]}}
+admin: {{listen: "${{ADMIN}}"}}
+services:
+  users:
+    routes: [{{path_prefix: /users}}]
+    upstreams: [{list}]
+    load_balancing: consistent_hash
+    hash_key: header:X-User-Id
+"#
+    ));
+    let c = client();
+    let mut owners: HashMap<String, String> = HashMap::new();
+    for round in 0..5 {
+        for user in 0..20 {
+            let resp = c
+                .get(gw.url("/users/me"))
+                .header("X-User-Id", format!("user-{user}"))
+                .send()
+                .unwrap();
+            let by = resp.headers()["x-served-by"].to_str().unwrap().to_string();
+            let owner = owners.entry(format!("user-{user}")).or_insert(by.clone());
+            assert_eq!(*owner, by, "user-{user} moved in round {round}");
+        }
+    }
+    let distinct: std::collections::HashSet<_> = owners.values().collect();
+    assert!(distinct.len() >= 2, "20 keys all hashed to one upstream");
+}
+
+#[test]
+fn health_check_ejects_a_stopped_upstream_and_readmits_it() {
+    let stable = Upstream::start("users");
+    let mut flaky = Upstream::start("users");
+    let gw = Gateway::start(&format!(
+        r#"
+server: {{listen: ["${{LISTEN}}"]}}
+admin: {{listen: "${{ADMIN}}"}}
+services:
+  users:
+    routes: [{{path_prefix: /users}}]
+    upstreams: ["{}", "{}"]
+    retries: 0
+    circuit_breaker: {{failure_threshold: 0, error_threshold_percentage: 0}}
+    health_check: {{path: /health, interval: 500ms, timeout: 300ms}}
+"#,
+        stable.addr, flaky.addr
+    ));
+    let c = client();
+    flaky.kill();
+    let killed = Instant::now();
+    // Within two intervals (plus a check's timeout) the dead upstream gets no traffic.
+    poll_until(Duration::from_millis(1500), "dead upstream ejected", || {
+        gw.metrics().contains(&format!(
+            "breakwater_upstream_healthy{{service=\"users\",upstream=\"{}\"}} 0",
+            flaky.addr
+        ))
+    });
+    assert!(killed.elapsed() < Duration::from_millis(1500));
+    for _ in 0..20 {
+        assert_eq!(c.get(gw.url("/users/1")).send().unwrap().status(), 200);
+    }
+    flaky.restart();
+    poll_until(Duration::from_secs(3), "upstream re-admitted", || {
+        c.get(gw.url("/users/1"))
+            .send()
+            .map(|r| r.headers()["x-served-by"] == flaky.addr.as_str())
+            .unwrap_or(false)
+    });
+}
+
+#[test]
+fn upstream_failures_get_json_502_504_and_503() {
+    let slow = Upstream::start("slow");
+    let dead_port = common::free_port();
+    let gw = Gateway::start(&format!(
+        r#"
+server: {{listen: ["${{LISTEN}}"]}}
+admin: {{listen: "${{ADMIN}}"}}
+services:
+  refused: {{routes: [{{path_prefix: /refused}}], upstreams: ["127.0.0.1:{dead_port}"], retries: 0}}
+  slow:
+    routes: [{{path_prefix: /slow}}]
+    upstreams: ["{}"]
+    timeouts: {{connect: 500ms, read: 300ms}}
+  down:
+    routes: [{{path_prefix: /down}}]
+    upstreams: ["127.0.0.1:{dead_port}"]
+    health_check: {{interval: 200ms, timeout: 100ms}}
+"#,
+        slow.addr
+    ));
+    let (status, body, _) = get_json(&gw.url("/refused/1"));
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["service"], "refused");
+    assert!(body["request_id"].is_string());
+
+    let start = Instant::now();
+    let (status, body, _) = get_json(&gw.url("/slow/1?delay_ms=2000"));
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["service"], "slow");
+    assert!(start.elapsed() < Duration::from_millis(1500));
+
+    poll_until(Duration::from_secs(3), "down service answers 503", || {
+        get_json(&gw.url("/down/1")).0 == 503
+    });
+    let (_, body, headers) = get_json(&gw.url("/down/1"));
+    assert_eq!(body["error"], "down service unavailable");
+    assert!(headers.contains_key("retry-after"));
+}
+
+#[test]
+fn admin_endpoints_answer_and_metrics_count_requests() {
+    let up = Upstream::start("users");
+    let gw = Gateway::start(&format!(
+        r#"
+server: {{listen: ["${{LISTEN}}"]}}
+admin: {{listen: "${{ADMIN}}"}}
+services:
+  users: {{routes: [{{path_prefix: /users}}], upstreams: ["{}"]}}
+"#,
+        up.addr
+    ));
+    let c = client();
+    assert_eq!(c.get(gw.admin_url("/health")).send().unwrap().status(), 200);
+    assert_eq!(c.get(gw.admin_url("/ready")).send().unwrap().status(), 200);
+    for _ in 0..3 {
+        c.get(gw.url("/users/1")).send().unwrap();
+    }
+    c.get(gw.url("/users/1?status=500")).send().unwrap();
+    let m = gw.metrics();
+    assert!(
+        m.contains(r#"breakwater_requests_total{method="GET",service="users",status="200"} 3"#),
+        "{m}"
+    );
+    assert!(m.contains(r#"breakwater_requests_total{method="GET",service="users",status="500"} 1"#));
+    assert!(m.contains(r#"breakwater_request_duration_seconds_count{service="users"} 4"#));
+    // The admin API is not reachable through the proxy listener.
+    assert_eq!(c.get(gw.url("/metrics")).send().unwrap().status(), 404);
+    // One JSON access-log line per request.
+    poll_until(Duration::from_secs(2), "access log written", || {
+        gw.stdout()
+            .lines()
+            .filter(|l| l.contains("\"service\":\"users\""))
+            .count()
+            == 4
+    });
+    let line: Value = serde_json::from_str(gw.stdout().lines().next().unwrap()).unwrap();
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["upstream"], up.addr.as_str());
+}
+
+#[test]
+fn invalid_configs_exit_2_naming_file_line_and_field() {
+    let cases = [
+        (
+            "services:\n  users:\n    routes: [{path_prefix: /users}]\n    upstreams: [\"127.0.0.1:1\"]\n    retrys: 2\n",
+            "retrys",
+            ":5:",
+        ),
+        (
+            "services:\n  users:\n    routes: [{path_prefix: /users}]\n    upstreams:\n      - not-an-address\n",
+            "services.users.upstreams",
+            ":5:",
+        ),
+        (
+            "services:\n  a:\n    routes: [{path_prefix: /x}]\n    upstreams: [\"127.0.0.1:1\"]\n  b:\n    routes: [{path_prefix: /x}]\n    upstreams: [\"127.0.0.1:2\"]\n",
+            "services.b.routes[0].path_prefix",
+            ":6",
+        ),
+        (
+            "services:\n  a:\n    routes: []\n    upstreams: [\"127.0.0.1:1\"]\n",
+            "services.a.routes",
+            ":3",
+        ),
+        (
+            "services:\n  a:\n    routes: [{path_prefix: /a}]\n    upstreams: [\"127.0.0.1:1\"]\n    timeouts: {read: forever}\n",
+            "invalid duration",
+            ":5:",
+        ),
+    ];
+    for (yaml, needle, line) in cases {
+        let (code, stderr) = run_check(yaml);
+        assert_eq!(code, 2, "{yaml}\n{stderr}");
+        assert!(stderr.contains(needle), "{needle} not in: {stderr}");
+        assert!(
+            stderr.contains(&format!(".yaml{line}")),
+            "line {line} not in: {stderr}"
+        );
+    }
+    let (code, stderr) = run_check(
+        "services:\n  a:\n    routes: [{path_prefix: /a}]\n    upstreams: [\"127.0.0.1:1\"]\n",
+    );
+    assert_eq!(code, 0, "{stderr}");
+
+    // Starting with an invalid file fails the same way, before binding anything.
+    let err = Gateway::try_start("services: {a: {routes: [], upstreams: []}}\n")
+        .err()
+        .expect("must not start");
+    assert!(err.contains("services.a.routes"), "{err}");
+}
