@@ -75,7 +75,8 @@ pub struct ServerConfig {
     /// Pingora worker threads per listener service. Default: 1.
     #[serde(default = "default_threads")]
     pub threads: usize,
-    /// How long in-flight requests may take to finish once shutdown starts. Default: 10s.
+    /// How long in-flight requests may take to finish once shutdown starts, in whole
+    /// seconds (rounded up). Default: 10s.
     #[serde(default = "default_grace_period", deserialize_with = "de_duration")]
     pub grace_period: Duration,
     /// Unix socket that passes listening sockets to a new process on upgrade.
@@ -161,7 +162,8 @@ pub struct ServiceConfig {
     /// Circuit breaker settings, one breaker per upstream. Always on; these tune it.
     #[serde(default)]
     pub circuit_breaker: CircuitBreakerConfig,
-    /// How many times a failed attempt may be retried on another upstream. Default: 1.
+    /// How many times a failed attempt may be retried, each time on an upstream not yet
+    /// tried for this request (so at most the number of upstreams minus one). Default: 1.
     #[serde(default = "default_retries")]
     pub retries: u32,
     /// Caps retries as a share of live traffic. Default: 20%, at least 3 per second.
@@ -359,8 +361,9 @@ pub struct Timeouts {
     /// Longest wait for each write to the upstream. Default: 30s.
     #[serde(default = "default_read_timeout", deserialize_with = "de_duration")]
     pub write: Duration,
-    /// Budget for the whole exchange up to the response header, across connects and
-    /// retries. Default: none.
+    /// Budget counted from the request's arrival: each attempt's connect, read and write
+    /// timeouts are capped at the time left when it starts, and no retry starts once it
+    /// is spent. Default: none.
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub total: Option<Duration>,
     /// How long an idle upstream connection is kept for reuse. Default: 60s.
@@ -393,7 +396,8 @@ pub struct HealthCheckConfig {
     /// Connect and read timeout of one check. Default: 1s.
     #[serde(default = "default_health_timeout", deserialize_with = "de_duration")]
     pub timeout: Duration,
-    /// `Host` header sent with the check. Default: the upstream address.
+    /// `Host` header sent with every upstream's check. Default: the first upstream's
+    /// `host:port` as written.
     #[serde(default)]
     pub host: Option<String>,
     /// Consecutive passes that make an unhealthy upstream healthy. Default: 1.
@@ -413,34 +417,65 @@ pub struct UpstreamSpec {
     pub addr: SocketAddr,
     /// Relative share of traffic, 1 to 1000. Default: 1.
     pub weight: usize,
+    /// Why `name` is not a usable address, reported by validation.
+    addr_error: Option<String>,
 }
 
 impl<'de> Deserialize<'de> for UpstreamSpec {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Plain(String),
-            Weighted(WeightedRaw),
-        }
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct WeightedRaw {
-            addr: String,
-            #[serde(default = "default_one")]
-            weight: usize,
-        }
-        let (name, weight) = match Raw::deserialize(d)? {
-            Raw::Plain(addr) => (addr, 1),
-            Raw::Weighted(w) => (w.addr, w.weight),
+        // Read as a plain value first, so a typo in the long form gets a precise message
+        // rather than serde's "did not match any variant".
+        let (name, weight) = match serde_yaml::Value::deserialize(d)? {
+            serde_yaml::Value::String(addr) => (addr, 1),
+            serde_yaml::Value::Mapping(map) => {
+                let mut addr = None;
+                let mut weight = 1;
+                for (k, v) in map {
+                    match (k.as_str(), v) {
+                        (Some("addr"), serde_yaml::Value::String(a)) => addr = Some(a),
+                        (Some("weight"), serde_yaml::Value::Number(n)) => {
+                            weight = n.as_u64().map_or(0, |w| w as usize)
+                        }
+                        (Some("addr" | "weight"), other) => {
+                            return Err(de::Error::custom(format!(
+                                "invalid value {other:?} for an upstream's addr or weight"
+                            )))
+                        }
+                        (key, _) => {
+                            return Err(de::Error::custom(format!(
+                                "unknown field `{}` in upstream, expected `addr` or `weight`",
+                                key.unwrap_or("?")
+                            )))
+                        }
+                    }
+                }
+                let addr =
+                    addr.ok_or_else(|| de::Error::custom("upstream is missing its `addr` field"))?;
+                (addr, weight)
+            }
+            _ => {
+                return Err(de::Error::custom(
+                    "an upstream is \"host:port\" or {addr: \"host:port\", weight: N}",
+                ))
+            }
         };
         if !(1..=1000).contains(&weight) {
             return Err(de::Error::custom(format!(
                 "weight {weight} of upstream {name:?} is out of range 1..=1000"
             )));
         }
-        let addr = resolve_host_port(&name).map_err(de::Error::custom)?;
-        Ok(UpstreamSpec { name, addr, weight })
+        // An address that does not resolve is reported by `validate`, which can name the
+        // list entry and its line; serde_yaml would only point at the start of the list.
+        let (addr, addr_error) = match resolve_host_port(&name) {
+            Ok(addr) => (addr, None),
+            Err(e) => (SocketAddr::from(([0, 0, 0, 0], 0)), Some(e)),
+        };
+        Ok(UpstreamSpec {
+            name,
+            addr,
+            weight,
+            addr_error,
+        })
     }
 }
 
@@ -669,6 +704,17 @@ impl Config {
                 format!("threads must be 1..=256, got {}", self.server.threads),
             ));
         }
+        for (i, tls) in self.server.tls.iter().enumerate() {
+            for (what, file) in [("cert", &tls.cert), ("key", &tls.key)] {
+                if let Err(e) = std::fs::File::open(file) {
+                    return Err(fail(
+                        format!("server.tls[{i}].{what}"),
+                        Some(&file.display().to_string()),
+                        format!("cannot read {}: {e}", file.display()),
+                    ));
+                }
+            }
+        }
         let mut listeners = HashSet::new();
         let all_listeners = self
             .server
@@ -716,6 +762,20 @@ impl Config {
             }
             let mut upstream_names = HashSet::new();
             for (i, u) in svc.upstreams.iter().enumerate() {
+                if let Some(e) = &u.addr_error {
+                    // Prefer the quoted form, so "10.0.0.1" is not found inside "10.0.0.1:80".
+                    let quoted = format!("\"{}\"", u.name);
+                    let needle = if text.contains(&quoted) {
+                        quoted.as_str()
+                    } else {
+                        u.name.as_str()
+                    };
+                    return Err(fail(
+                        field(&format!(".upstreams[{i}]")),
+                        Some(needle),
+                        e.clone(),
+                    ));
+                }
                 if !upstream_names.insert(u.addr) {
                     return Err(fail(
                         field(&format!(".upstreams[{i}]")),

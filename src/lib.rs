@@ -10,6 +10,7 @@ pub mod config;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
+pub mod reload;
 pub mod response;
 pub mod retry_budget;
 pub mod routing;

@@ -1,8 +1,10 @@
 //! The `breakwater` command: run the gateway, or check a config file.
 
 use breakwater::config::Config;
+use breakwater::reload::ReloadWatch;
 use breakwater::server::{self, StartOptions};
 use clap::{Parser, Subcommand};
+use pingora::server::RunArgs;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -66,8 +68,15 @@ fn main() -> ExitCode {
                 daemon: cli.daemon,
                 upgrade: cli.upgrade,
             };
+            breakwater::reload::count_if_reloaded();
             match server::build(&config, &start) {
-                Ok(server) => server.run_forever(),
+                Ok(server) => {
+                    let watch = ReloadWatch::new(cli.config.clone(), start);
+                    server.run(RunArgs {
+                        shutdown_signal: Box::new(watch),
+                    });
+                    ExitCode::SUCCESS
+                }
                 Err(e) => {
                     eprintln!("error: cannot start: {e}");
                     ExitCode::FAILURE

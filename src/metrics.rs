@@ -23,6 +23,7 @@ pub struct Metrics {
     pub circuit_transitions_total: IntCounterVec,
     pub circuit_rejected_total: IntCounterVec,
     pub retries_total: IntCounterVec,
+    pub config_reloads_total: IntCounterVec,
     pub build_info: IntGaugeVec,
 }
 
@@ -116,6 +117,12 @@ impl Metrics {
                 "breakwater_retries_total",
                 "Retry decisions: attempted, budget_exhausted, or not_retryable.",
                 &["service", "outcome"],
+            ),
+            config_reloads_total: counter(
+                &r,
+                "breakwater_config_reloads_total",
+                "Config reloads: success (counted by the process that took over) or error.",
+                &["result"],
             ),
             build_info: gauge(
                 &r,

@@ -306,7 +306,10 @@ fn observed_health_check(
     check.peer_template.options.read_timeout = Some(hc.timeout);
     check.peer_template.options.total_connection_timeout = Some(hc.timeout);
     if config.tls {
-        check.peer_template.sni = config.sni.clone().unwrap_or(host);
+        check.peer_template.sni = config
+            .sni
+            .clone()
+            .unwrap_or_else(|| crate::proxy::upstream_host(&host));
         check.peer_template.options.verify_cert = config.tls_verify;
         check.peer_template.options.verify_hostname = config.tls_verify;
     }

@@ -7,6 +7,7 @@
 //! Each phase delegates to the module that owns the concern; `RequestCtx` carries state
 //! between phases.
 
+use crate::admin::LIFECYCLE;
 use crate::breaker::{Outcome, Permit};
 use crate::pool::InFlight;
 use crate::response::{self, ErrorBody};
@@ -187,6 +188,10 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         ctx.start = Instant::now();
+        if LIFECYCLE.is_draining() {
+            // A successor process serves new connections: let this one go after the answer.
+            session.set_keepalive(None);
+        }
         let req = session.req_header();
         ctx.request_id = match req.headers.get(REQUEST_ID) {
             Some(v) if well_formed_request_id(v) => v.clone(),
@@ -535,7 +540,7 @@ async fn send_fallback(
 }
 
 /// The host part of an upstream's `host:port`, used as SNI by default.
-fn upstream_host(name: &str) -> String {
+pub fn upstream_host(name: &str) -> String {
     name.rsplit_once(':')
         .map_or(name, |(h, _)| h)
         .trim_matches(['[', ']'])

@@ -32,11 +32,12 @@ pub fn build(config: &Config, start: &StartOptions) -> Result<Server> {
         test: false,
         conf: None,
     };
+    let grace_secs = config.server.grace_period.as_secs_f64().ceil() as u64;
     let server_conf = ServerConf {
         threads: config.server.threads,
         daemon: start.daemon,
-        grace_period_seconds: Some(config.server.grace_period.as_secs()),
-        graceful_shutdown_timeout_seconds: Some(config.server.grace_period.as_secs() + 5),
+        grace_period_seconds: Some(grace_secs),
+        graceful_shutdown_timeout_seconds: Some(grace_secs + 5),
         upgrade_sock: config.server.upgrade_sock.display().to_string(),
         pid_file: config.server.pid_file.display().to_string(),
         ..ServerConf::default()
@@ -74,7 +75,12 @@ pub fn build(config: &Config, start: &StartOptions) -> Result<Server> {
     for hc in health_checks {
         server.add_boxed_service(hc);
     }
-    let lifecycle = server.add_service(background_service("lifecycle", LifecycleWatcher));
+    let lifecycle = server.add_service(background_service(
+        "lifecycle",
+        LifecycleWatcher {
+            pid_file: (!start.daemon).then(|| config.server.pid_file.clone()),
+        },
+    ));
     lifecycle.add_dependency(&proxy);
     lifecycle.add_dependency(&admin);
     Ok(server)

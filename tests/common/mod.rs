@@ -311,7 +311,8 @@ pub struct Gateway {
     pub http: String,
     /// Admin listener, "127.0.0.1:PORT" (the `${ADMIN}` placeholder).
     pub admin: String,
-    /// Holds `gateway.yaml`, `stdout.log` and `stderr.log`; removed on drop.
+    /// Holds `gateway.yaml`, `stdout.log` and `stderr.log`; removed on drop. Templates can
+    /// name it as `${DIR}` (e.g. `upgrade_sock: ${DIR}/upgrade.sock`).
     pub dir: tempfile::TempDir,
     child: Option<Child>,
     http_client: reqwest::blocking::Client,
@@ -406,8 +407,12 @@ impl Gateway {
     pub fn write_config(&self, config_template: &str) {
         let yaml = config_template
             .replace("${LISTEN}", &self.http)
-            .replace("${ADMIN}", &self.admin);
-        std::fs::write(self.config_path(), yaml).expect("write gateway.yaml");
+            .replace("${ADMIN}", &self.admin)
+            .replace("${DIR}", &self.dir.path().display().to_string());
+        // Write-then-rename, as config management does, so a watcher never sees half a file.
+        let tmp = self.dir.path().join("gateway.yaml.tmp");
+        std::fs::write(&tmp, yaml).expect("write gateway.yaml");
+        std::fs::rename(&tmp, self.config_path()).expect("rename gateway.yaml");
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -454,9 +459,16 @@ impl Gateway {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
-    /// SIGKILL and reap. Idempotent.
+    /// SIGKILL and reap. Idempotent. Also kills the process named in `${DIR}/breakwater.pid`,
+    /// which after a hot reload is a successor process rather than our child.
     pub fn kill(&mut self) {
         kill_child(&mut self.child);
+        if let Ok(pid) = std::fs::read_to_string(self.dir.path().join("breakwater.pid")) {
+            let _ = Command::new("kill")
+                .args(["-9", pid.trim()])
+                .stderr(Stdio::null())
+                .status();
+        }
     }
 }
 
