@@ -6,6 +6,11 @@
 //! are parsed, so those errors carry serde_yaml's line and column. Checks that span several
 //! fields (duplicate routes) run afterwards and find their line by scanning the file's text.
 
+use crate::auth::{AuthConfig, AuthMode};
+use crate::cors::CorsConfig;
+use crate::ratelimit::{Backend as RateLimitBackend, RateLimitConfig};
+use crate::redis::RedisConfig;
+use crate::security_headers::SecurityHeadersConfig;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashSet};
@@ -58,6 +63,19 @@ pub struct Config {
     /// One JSON line per request on stdout. Default: true.
     #[serde(default = "default_true")]
     pub access_log: bool,
+    /// Request limits for every service (a service may override them).
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// How tokens are verified (services opt in with their `auth` field).
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// Response security headers for every service (a service may replace them).
+    #[serde(default)]
+    pub security_headers: SecurityHeadersConfig,
+    /// The Redis connection shared by `redis`-backed rate limits and the response cache.
+    /// Default: none.
+    #[serde(default)]
+    pub redis: Option<RedisConfig>,
     /// Services by name. At least one.
     pub services: BTreeMap<String, ServiceConfig>,
 }
@@ -172,6 +190,24 @@ pub struct ServiceConfig {
     /// The answer when no upstream admits a request (all breakers open or all unhealthy).
     #[serde(default)]
     pub fallback: FallbackConfig,
+    /// Overrides of the top-level `limits` for this service.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// JWT authentication: `required`, `optional` or `none`. Default: none.
+    #[serde(default)]
+    pub auth: AuthMode,
+    /// Scopes the token must grant (`scope` or `scp` claim); missing ones get 403.
+    #[serde(default)]
+    pub required_scopes: Vec<String>,
+    /// Replaces the top-level `security_headers` for this service.
+    #[serde(default)]
+    pub security_headers: Option<SecurityHeadersConfig>,
+    /// CORS policy; preflights are answered by the gateway. Default: none (no CORS headers).
+    #[serde(default)]
+    pub cors: Option<CorsConfig>,
+    /// Rate limit per client key. Default: none.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitConfig>,
 }
 
 /// `circuit_breaker:` of a service (see the README's state machine).
@@ -591,6 +627,96 @@ impl fmt::Display for HostPattern {
     }
 }
 
+/// A size in bytes, written `1024`, `512KiB`, `1MiB`, `1GiB` (or `KB`/`MB`/`GB`, powers of ten).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(s: &str) -> Result<ByteSize, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (digits, unit) = t.split_at(split);
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("invalid size {s:?}: expected e.g. 1024, 512KiB, 1MiB"))?;
+        let factor: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" | "K" => 1 << 10,
+            "MiB" | "M" => 1 << 20,
+            "GiB" | "G" => 1 << 30,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            other => {
+                return Err(format!(
+                    "invalid size {s:?}: unknown unit {other:?} (use B, KiB, MiB, GiB, KB, MB, GB)"
+                ))
+            }
+        };
+        n.checked_mul(factor)
+            .map(ByteSize)
+            .ok_or_else(|| format!("size {s:?} is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match serde_yaml::Value::deserialize(d)? {
+            serde_yaml::Value::Number(n) => n
+                .as_u64()
+                .map(ByteSize)
+                .ok_or_else(|| de::Error::custom("a size must be a whole number of bytes")),
+            serde_yaml::Value::String(s) => ByteSize::parse(&s).map_err(de::Error::custom),
+            _ => Err(de::Error::custom("expected a size such as 1MiB")),
+        }
+    }
+}
+
+/// `limits:` at the top level, or a service's override of some of its fields.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest request body; larger ones get `413`. Default: 10MiB.
+    #[serde(default)]
+    pub max_body_size: Option<ByteSize>,
+    /// Largest request header block (request line and all headers); larger ones get `431`.
+    /// Pingora itself refuses anything over 1MiB while reading. Default: 32KiB.
+    #[serde(default)]
+    pub max_header_size: Option<ByteSize>,
+    /// Longest wait for each read of a client's request body once its header arrived, so a
+    /// client that trickles its body cannot hold a request open. Default: 10s.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub header_read_timeout: Option<Duration>,
+}
+
+/// Limits in force for one service: its own fields, else the top-level ones, else defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_body_size: u64,
+    pub max_header_size: u64,
+    pub header_read_timeout: Duration,
+}
+
+impl LimitsConfig {
+    /// `self` (a service's override) over `global` over the defaults.
+    pub fn resolve(&self, global: &LimitsConfig) -> Limits {
+        Limits {
+            max_body_size: self
+                .max_body_size
+                .or(global.max_body_size)
+                .map_or(10 << 20, |b| b.0),
+            max_header_size: self
+                .max_header_size
+                .or(global.max_header_size)
+                .map_or(32 << 10, |b| b.0),
+            header_read_timeout: self
+                .header_read_timeout
+                .or(global.header_read_timeout)
+                .unwrap_or(Duration::from_secs(10)),
+        }
+    }
+}
+
 /// Parses a human duration: `500ms`, `3s`, `1m`, `1h30m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim())
@@ -731,6 +857,12 @@ impl Config {
                 ));
             }
         }
+        if let Err(e) = self.auth.validate() {
+            return Err(fail("auth".into(), None, e));
+        }
+        if let Err(e) = self.security_headers.validate() {
+            return Err(fail("security_headers".into(), None, e));
+        }
         let mut seen_routes: std::collections::HashMap<(Option<HostPattern>, String), &str> =
             std::collections::HashMap::new();
         for (name, svc) in &self.services {
@@ -815,6 +947,43 @@ impl Config {
                         field(".health_check"),
                         None,
                         "healthy_threshold and unhealthy_threshold must be at least 1".into(),
+                    ));
+                }
+            }
+            if svc.auth != AuthMode::None && self.auth.jwt.is_none() {
+                return Err(fail(
+                    field(".auth"),
+                    None,
+                    "auth is required or optional but the top-level auth.jwt is not configured"
+                        .into(),
+                ));
+            }
+            if let Err(e) = crate::auth::validate_scopes(&svc.required_scopes) {
+                return Err(fail(field(".required_scopes"), None, e));
+            }
+            if !svc.required_scopes.is_empty() && svc.auth == AuthMode::None {
+                return Err(fail(
+                    field(".required_scopes"),
+                    None,
+                    "required_scopes needs auth: required or optional".into(),
+                ));
+            }
+            if let Some(Err(e)) = svc.cors.as_ref().map(CorsConfig::validate) {
+                return Err(fail(field(".cors"), None, e));
+            }
+            if let Some(Err(e)) = svc
+                .security_headers
+                .as_ref()
+                .map(SecurityHeadersConfig::validate)
+            {
+                return Err(fail(field(".security_headers"), None, e));
+            }
+            if let Some(rl) = &svc.rate_limit {
+                if rl.backend == RateLimitBackend::Redis && self.redis.is_none() {
+                    return Err(fail(
+                        field(".rate_limit.backend"),
+                        Some("backend"),
+                        "backend redis needs the top-level redis: {url: ...}".into(),
                     ));
                 }
             }
@@ -1094,6 +1263,28 @@ services:
             .unwrap_err();
         assert!(e.message.contains("must start with '/'"), "{e}");
         assert_eq!(e.line, Some(3));
+    }
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(ByteSize::parse("1024").unwrap().0, 1024);
+        assert_eq!(ByteSize::parse("512KiB").unwrap().0, 512 * 1024);
+        assert_eq!(ByteSize::parse("1MiB").unwrap().0, 1 << 20);
+        assert_eq!(ByteSize::parse("2MB").unwrap().0, 2_000_000);
+        assert!(ByteSize::parse("1 parsec").is_err());
+        assert!(ByteSize::parse("MiB").is_err());
+    }
+
+    #[test]
+    fn service_limits_override_global_ones() {
+        let c = parse("limits: {max_body_size: 1KiB}\nservices:\n  a:\n    routes: [{path_prefix: /a}]\n    upstreams: [\"127.0.0.1:1\"]\n    limits: {max_header_size: 8KiB}\n  b:\n    routes: [{path_prefix: /b}]\n    upstreams: [\"127.0.0.1:2\"]\n")
+            .unwrap();
+        let a = c.services["a"].limits.resolve(&c.limits);
+        assert_eq!(a.max_body_size, 1024);
+        assert_eq!(a.max_header_size, 8192);
+        let b = c.services["b"].limits.resolve(&c.limits);
+        assert_eq!(b.max_header_size, 32 << 10);
+        assert_eq!(b.header_read_timeout, Duration::from_secs(10));
     }
 
     #[test]

@@ -5,14 +5,19 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod auth;
 pub mod breaker;
 pub mod config;
+pub mod cors;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
+pub mod ratelimit;
+pub mod redis;
 pub mod reload;
 pub mod response;
 pub mod retry_budget;
 pub mod routing;
 pub mod runtime;
+pub mod security_headers;
 pub mod server;

@@ -1,7 +1,7 @@
 //! The `breakwater` command: run the gateway, or check a config file.
 
-use breakwater::config::Config;
 use breakwater::reload::ReloadWatch;
+use breakwater::runtime;
 use breakwater::server::{self, StartOptions};
 use clap::{Parser, Subcommand};
 use pingora::server::RunArgs;
@@ -42,8 +42,8 @@ fn main() -> ExitCode {
     )
     .init();
 
-    let config = match Config::load(&cli.config) {
-        Ok(c) => c,
+    let prepared = match runtime::prepare(&cli.config) {
+        Ok(p) => p,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(EXIT_INVALID_CONFIG);
@@ -51,6 +51,7 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => {
+            let config = &prepared.config;
             println!(
                 "{}: ok ({} services, {} routes)",
                 cli.config.display(),
@@ -69,7 +70,7 @@ fn main() -> ExitCode {
                 upgrade: cli.upgrade,
             };
             breakwater::reload::count_if_reloaded();
-            match server::build(&config, &start) {
+            match server::build(&prepared, &start) {
                 Ok(server) => {
                     let watch = ReloadWatch::new(cli.config.clone(), start);
                     server.run(RunArgs {

@@ -8,14 +8,18 @@
 //! between phases.
 
 use crate::admin::LIFECYCLE;
+use crate::auth::{self, AuthError, AuthMode, Identity};
 use crate::breaker::{Outcome, Permit};
+use crate::config::Limits;
+use crate::cors::Preflight;
 use crate::pool::InFlight;
 use crate::response::{self, ErrorBody};
 use crate::routing::{self, Route};
 use crate::runtime::{Runtime, Service};
 use crate::{access_log, metrics};
 use async_trait::async_trait;
-use http::{HeaderValue, StatusCode, Uri};
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, StatusCode, Uri};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -24,6 +28,36 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub const REQUEST_ID: &str = "x-request-id";
+const BODY_TOO_LARGE: &str = "request body too large";
+const HEADER_TOO_LARGE: &str = "request header too large";
+
+/// Checks what is known from the header alone: its own size and a declared body length.
+fn exceeds_limits(req: &RequestHeader, limits: &Limits) -> Option<(StatusCode, &'static str)> {
+    let header_size: usize = req.method.as_str().len()
+        + req.uri.to_string().len()
+        + req
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    if header_size as u64 > limits.max_header_size {
+        return Some((
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            HEADER_TOO_LARGE,
+        ));
+    }
+    let declared = req
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match declared {
+        Some(len) if len > limits.max_body_size => {
+            Some((StatusCode::PAYLOAD_TOO_LARGE, BODY_TOO_LARGE))
+        }
+        _ => None,
+    }
+}
 
 /// Per-request state shared between the phases.
 pub struct RequestCtx {
@@ -48,6 +82,14 @@ pub struct RequestCtx {
     deadline: Option<Instant>,
     /// Why the gateway itself answered, for the access log.
     error: Option<&'static str>,
+    /// Request body bytes received so far.
+    body_bytes: u64,
+    /// The verified token's identity, when the route uses auth and one was presented.
+    identity: Option<Identity>,
+    /// The request's `Origin`, for CORS response headers.
+    origin: Option<HeaderValue>,
+    /// `RateLimit-*` headers for the response.
+    rate_limit_headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 /// The gateway proxy.
@@ -83,6 +125,31 @@ impl Gateway {
         ctx.selected = Some(index);
         ctx.permit = Some(permit);
         true
+    }
+
+    /// Verifies the token as the service's `auth` mode asks and keeps the identity.
+    async fn authenticate(
+        &self,
+        session: &Session,
+        service: &Service,
+        ctx: &mut RequestCtx,
+    ) -> std::result::Result<(), AuthError> {
+        let Some(authenticator) = &self.runtime.authenticator else {
+            return Ok(());
+        };
+        let header = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION);
+        match (service.auth, header) {
+            (AuthMode::None, _) => return Ok(()),
+            (AuthMode::Optional, None) if service.required_scopes.is_empty() => return Ok(()),
+            _ => {}
+        }
+        let identity = authenticator.authenticate(header).await?;
+        auth::check_scopes(&identity, &service.required_scopes)?;
+        ctx.identity = Some(identity);
+        Ok(())
     }
 
     fn hash_key(service: &Service, session: &Session) -> Vec<u8> {
@@ -183,6 +250,10 @@ impl ProxyHttp for Gateway {
             upstream_start: None,
             deadline: None,
             error: None,
+            body_bytes: 0,
+            identity: None,
+            origin: None,
+            rate_limit_headers: Vec::new(),
         }
     }
 
@@ -208,6 +279,90 @@ impl ProxyHttp for Gateway {
         };
         let service = Arc::clone(&self.runtime.services[route.service]);
         ctx.route = Some(route.clone());
+        if let Some((status, message)) = exceeds_limits(req, &service.limits) {
+            ctx.error = Some(message);
+            let body = ErrorBody::new(message).service(&service.name);
+            ctx.service = Some(service);
+            response::send_json(session, status, &body, &ctx.request_id, &[]).await?;
+            return Ok(true);
+        }
+        session.set_read_timeout(Some(service.limits.header_read_timeout));
+        ctx.service = Some(Arc::clone(&service));
+
+        if let Some(cors) = &service.cors {
+            match cors.preflight(session.req_header()) {
+                Preflight::Allowed(headers) => {
+                    ctx.error = Some("cors preflight");
+                    response::send(
+                        session,
+                        StatusCode::NO_CONTENT,
+                        "text/plain",
+                        Bytes::new(),
+                        &ctx.request_id,
+                        &headers,
+                    )
+                    .await?;
+                    return Ok(true);
+                }
+                Preflight::Rejected => {
+                    ctx.error = Some("cors preflight rejected");
+                    let body = ErrorBody::new("cors preflight rejected").service(&service.name);
+                    response::send_json(
+                        session,
+                        StatusCode::FORBIDDEN,
+                        &body,
+                        &ctx.request_id,
+                        &[],
+                    )
+                    .await?;
+                    return Ok(true);
+                }
+                Preflight::NotCors => {
+                    ctx.origin = session
+                        .req_header()
+                        .headers
+                        .get(http::header::ORIGIN)
+                        .cloned();
+                }
+            }
+        }
+
+        if let Err(e) = self.authenticate(session, &service, ctx).await {
+            auth::count_failure(&service.name, &e);
+            ctx.error = Some(e.reason());
+            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
+            response::send(
+                session,
+                status,
+                "application/json",
+                e.body(),
+                &ctx.request_id,
+                &[(http::header::WWW_AUTHENTICATE, e.www_authenticate_value())],
+            )
+            .await?;
+            return Ok(true);
+        }
+
+        if let Some(limiter) = &service.rate_limit {
+            let ip = client_ip(session);
+            let subject = ctx.identity.as_ref().and_then(|i| i.subject.as_deref());
+            let key = limiter.key_for(&ip, subject, &session.req_header().headers);
+            let decision = limiter.check(&key).await;
+            if let Some((status, message)) = decision.rejection() {
+                ctx.error = Some(message);
+                let body = ErrorBody::new(message).service(&service.name);
+                response::send_json(
+                    session,
+                    status,
+                    &body,
+                    &ctx.request_id,
+                    &limiter.headers(&decision),
+                )
+                .await?;
+                return Ok(true);
+            }
+            ctx.rate_limit_headers = limiter.headers(&decision);
+        }
         service.metrics.in_flight.inc();
         ctx.service_in_flight = true;
         ctx.deadline = service.timeouts.total.map(|t| ctx.start + t);
@@ -298,6 +453,20 @@ impl ProxyHttp for Gateway {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if let Some(authenticator) = &self.runtime.authenticator {
+            // Identity headers come from the gateway only, on every route: what a client
+            // sent under those names is dropped before anything is added.
+            for (claim, header) in authenticator.forwarded_headers() {
+                upstream_request.remove_header(header);
+                if let Some(value) = ctx
+                    .identity
+                    .as_ref()
+                    .and_then(|i| i.claim_as_header_value(claim))
+                {
+                    upstream_request.insert_header(header.clone(), value)?;
+                }
+            }
+        }
         if let Some(route) = ctx.route.as_ref().filter(|r| r.strip_prefix) {
             let path = routing::strip_prefix(&route.prefix, upstream_request.uri.path());
             let path_and_query = match upstream_request.uri.query() {
@@ -329,6 +498,24 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // A body without Content-Length (chunked) is counted as it streams.
+        if let (Some(chunk), Some(service)) = (body.as_ref(), &ctx.service) {
+            ctx.body_bytes += chunk.len() as u64;
+            if ctx.body_bytes > service.limits.max_body_size {
+                ctx.error = Some(BODY_TOO_LARGE);
+                return Error::e_explain(ErrorType::HTTPStatus(413), BODY_TOO_LARGE);
+            }
+        }
+        Ok(())
+    }
+
     async fn upstream_response_filter(
         &self,
         _session: &mut Session,
@@ -343,11 +530,22 @@ impl ProxyHttp for Gateway {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         upstream_response.insert_header(REQUEST_ID, ctx.request_id.clone())?;
+        if let Some(service) = &ctx.service {
+            service
+                .security_headers
+                .apply(upstream_response, is_tls(session));
+            if let Some(cors) = &service.cors {
+                cors.apply(ctx.origin.as_ref(), upstream_response);
+            }
+        }
+        for (name, value) in &ctx.rate_limit_headers {
+            upstream_response.insert_header(name.clone(), value.clone())?;
+        }
         Ok(())
     }
 
@@ -568,7 +766,11 @@ fn error_kind(etype: &ErrorType) -> &'static str {
 fn classify_error(e: &Error) -> (Option<StatusCode>, &'static str) {
     if let ErrorType::HTTPStatus(code) = e.etype() {
         let status = StatusCode::from_u16(*code).unwrap_or(StatusCode::BAD_GATEWAY);
-        return (Some(status), "request rejected");
+        let message = match status {
+            StatusCode::PAYLOAD_TOO_LARGE => BODY_TOO_LARGE,
+            _ => "request rejected",
+        };
+        return (Some(status), message);
     }
     match e.esource() {
         ErrorSource::Upstream => match e.etype() {

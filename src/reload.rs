@@ -19,7 +19,6 @@
 //! state kept in Redis survives.
 
 use crate::admin::LIFECYCLE;
-use crate::config::Config;
 use crate::metrics::METRICS;
 use crate::server::StartOptions;
 use async_trait::async_trait;
@@ -102,7 +101,7 @@ impl ReloadWatch {
         // Whatever the outcome, this content has been dealt with.
         self.settle();
         let errors = METRICS.config_reloads_total.with_label_values(&["error"]);
-        if let Err(e) = Config::load(&self.config_path) {
+        if let Err(e) = crate::runtime::prepare(&self.config_path) {
             errors.inc();
             log::error!(
                 "config reload ({trigger}) refused, still serving the previous config: {e}"

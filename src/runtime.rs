@@ -1,15 +1,23 @@
 //! The runtime form of a loaded config: compiled routes, per-service pools, prepared peer
 //! settings and metric handles, built once at start-up so the request path only looks up.
 
+use crate::auth::{AuthMode, Authenticator};
 use crate::breaker::{Clock, MonotonicClock};
-use crate::config::{Config, FallbackConfig, HashKey, ServiceConfig, Timeouts};
+use crate::config::{
+    Config, ConfigError, FallbackConfig, HashKey, Limits, ServiceConfig, Timeouts,
+};
+use crate::cors::Cors;
 use crate::metrics::ServiceMetrics;
 use crate::pool::{BackgroundTask, Pool};
+use crate::ratelimit::RateLimiter;
+use crate::redis::Redis;
 use crate::retry_budget::{RetryBudget, RetryBudgetConfig};
 use crate::routing::Router;
+use crate::security_headers::SecurityHeaders;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
-use pingora::Result;
+use pingora::{Error, ErrorType, Result};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +39,12 @@ pub struct Service {
     pub fallback: Fallback,
     /// Used for `Retry-After` when no breaker says when it half-opens (all unhealthy).
     pub health_check_interval: Option<Duration>,
+    pub limits: Limits,
+    pub auth: AuthMode,
+    pub required_scopes: Vec<String>,
+    pub security_headers: Arc<SecurityHeaders>,
+    pub cors: Option<Cors>,
+    pub rate_limit: Option<RateLimiter>,
 }
 
 /// The prepared fallback response.
@@ -81,9 +95,28 @@ impl Service {
     fn new(
         name: &str,
         config: &ServiceConfig,
+        global: &Config,
+        global_headers: &Arc<SecurityHeaders>,
+        redis: Option<&Redis>,
         clock: &Arc<dyn Clock>,
     ) -> Result<(Service, Option<BackgroundTask>)> {
+        let rate_limit = config
+            .rate_limit
+            .as_ref()
+            .map(|rl| RateLimiter::new(name, rl, redis.cloned(), Arc::clone(clock)))
+            .transpose()
+            .map_err(startup_error)?;
         let (pool, health_check) = Pool::new(name, config, Arc::clone(clock))?;
+        let security_headers = match &config.security_headers {
+            Some(own) => Arc::new(SecurityHeaders::new(own).map_err(startup_error)?),
+            None => Arc::clone(global_headers),
+        };
+        let cors = config
+            .cors
+            .as_ref()
+            .map(Cors::new)
+            .transpose()
+            .map_err(startup_error)?;
         let budget = RetryBudgetConfig {
             percent: config.retry_budget.percent,
             min_per_second: config.retry_budget.min_per_second,
@@ -104,6 +137,12 @@ impl Service {
                 retry_budget: RetryBudget::new(budget, Arc::clone(clock)),
                 fallback: Fallback::new(name, &config.fallback),
                 health_check_interval: config.health_check.as_ref().map(|h| h.interval),
+                limits: config.limits.resolve(&global.limits),
+                auth: config.auth,
+                required_scopes: config.required_scopes.clone(),
+                security_headers,
+                cors,
+                rate_limit,
             },
             health_check,
         ))
@@ -128,16 +167,58 @@ pub struct Runtime {
     pub router: Router,
     pub services: Vec<Arc<Service>>,
     pub access_log: bool,
+    /// Verifies tokens for services with `auth`; `None` without `auth.jwt`.
+    pub authenticator: Option<Arc<Authenticator>>,
+}
+
+fn startup_error(e: String) -> Box<Error> {
+    Error::explain(ErrorType::InternalError, e)
+}
+
+/// A config that passed every check a start needs, with its loaded key material.
+pub struct Prepared {
+    pub config: Config,
+    pub authenticator: Option<Arc<Authenticator>>,
+}
+
+/// Loads and validates `path`, then loads what it refers to (JWT keys), so that `check`,
+/// start-up and reload all refuse the same files, with the same located messages.
+pub fn prepare(path: &Path) -> std::result::Result<Prepared, ConfigError> {
+    let config = Config::load(path)?;
+    let authenticator = match &config.auth.jwt {
+        Some(jwt) => Some(Arc::new(Authenticator::new(jwt).map_err(|message| {
+            ConfigError {
+                file: path.to_path_buf(),
+                line: None,
+                column: None,
+                field: "auth.jwt".into(),
+                message,
+            }
+        })?)),
+        None => None,
+    };
+    Ok(Prepared {
+        config,
+        authenticator,
+    })
 }
 
 impl Runtime {
     /// Builds the runtime and the background services (health checks) the server must run.
-    pub fn new(config: &Config) -> Result<(Runtime, Vec<BackgroundTask>)> {
+    pub fn new(
+        prepared: &Prepared,
+        redis: Option<&Redis>,
+    ) -> Result<(Runtime, Vec<BackgroundTask>)> {
+        let config = &prepared.config;
         let mut services = Vec::with_capacity(config.services.len());
         let mut background = Vec::new();
         let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
+        crate::auth::register_metrics();
+        let global_headers =
+            Arc::new(SecurityHeaders::new(&config.security_headers).map_err(startup_error)?);
         for (name, svc) in &config.services {
-            let (service, health_check) = Service::new(name, svc, &clock)?;
+            let (service, health_check) =
+                Service::new(name, svc, config, &global_headers, redis, &clock)?;
             services.push(Arc::new(service));
             background.extend(health_check);
         }
@@ -150,6 +231,7 @@ impl Runtime {
                 router,
                 services,
                 access_log: config.access_log,
+                authenticator: prepared.authenticator.clone(),
             },
             background,
         ))

@@ -2,15 +2,15 @@
 //! the admin listener, the health-check background services and the lifecycle watcher.
 
 use crate::admin::{AdminApp, LifecycleWatcher};
-use crate::config::Config;
 use crate::proxy::Gateway;
-use crate::runtime::Runtime;
+use crate::redis::{Redis, RedisConnector};
+use crate::runtime::{Prepared, Runtime};
 use pingora::listeners::tls::TlsSettings;
 use pingora::prelude::{background_service, Opt};
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::services::listening::Service as ListeningService;
-use pingora::Result;
+use pingora::{Error, ErrorType, Result};
 use std::sync::Arc;
 
 /// How the process was asked to start.
@@ -24,7 +24,8 @@ pub struct StartOptions {
 
 /// Builds a ready-to-run server. Errors here are start-up failures (e.g. a TLS key that
 /// does not load), not config syntax, which `Config::load` already checked.
-pub fn build(config: &Config, start: &StartOptions) -> Result<Server> {
+pub fn build(prepared: &Prepared, start: &StartOptions) -> Result<Server> {
+    let config = &prepared.config;
     let opt = Opt {
         upgrade: start.upgrade,
         daemon: start.daemon,
@@ -45,7 +46,14 @@ pub fn build(config: &Config, start: &StartOptions) -> Result<Server> {
     let mut server = Server::new_with_opt_and_conf(opt, server_conf);
     server.bootstrap();
 
-    let (runtime, health_checks) = Runtime::new(config)?;
+    // Redis is connected in the background: start-up and readiness never wait for it.
+    let redis = config
+        .redis
+        .as_ref()
+        .map(Redis::new)
+        .transpose()
+        .map_err(|e| Error::explain(ErrorType::InternalError, format!("redis: {e}")))?;
+    let (runtime, health_checks) = Runtime::new(prepared, redis.as_ref())?;
     let runtime = Arc::new(runtime);
 
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
@@ -74,6 +82,9 @@ pub fn build(config: &Config, start: &StartOptions) -> Result<Server> {
     let admin = server.add_service(admin);
     for hc in health_checks {
         server.add_boxed_service(hc);
+    }
+    if let Some(redis) = redis {
+        server.add_service(background_service("redis", RedisConnector(redis)));
     }
     let lifecycle = server.add_service(background_service(
         "lifecycle",
