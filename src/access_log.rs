@@ -15,6 +15,8 @@ pub struct Entry<'a> {
     pub attempts: usize,
     pub duration: Duration,
     pub error: Option<&'a str>,
+    /// `X-Cache` result on cacheable routes.
+    pub cache: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -34,6 +36,8 @@ struct Line<'a> {
     bytes_sent: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache: Option<&'a str>,
 }
 
 /// Writes the line for one finished request.
@@ -61,6 +65,7 @@ pub fn write(entry: &Entry<'_>) {
         duration_ms: (entry.duration.as_secs_f64() * 1e6).round() / 1e3,
         bytes_sent: entry.session.body_bytes_sent(),
         error: entry.error,
+        cache: entry.cache,
     };
     let Ok(mut buf) = serde_json::to_vec(&line) else {
         return;

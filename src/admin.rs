@@ -5,6 +5,7 @@
 //! It is a separate Pingora service on its own port, loopback by default, so nothing here is
 //! reachable through the public listeners.
 
+use crate::cache::CacheError;
 use crate::metrics::METRICS;
 use crate::runtime::Runtime;
 use async_trait::async_trait;
@@ -116,6 +117,41 @@ impl AdminApp {
         AdminApp { runtime }
     }
 
+    /// `DELETE /admin/cache?prefix=/users/1[&service=users]`.
+    async fn purge_cache(&self, query: Option<&str>) -> Response<Vec<u8>> {
+        let Some(cache) = &self.runtime.cache else {
+            return json(
+                StatusCode::NOT_FOUND,
+                serde_json::json!({"error": "no service has a cache"}),
+            );
+        };
+        let mut prefix = None;
+        let mut service = None;
+        for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+            match k.as_ref() {
+                "prefix" => prefix = Some(v.into_owned()),
+                "service" => service = Some(v.into_owned()),
+                _ => {}
+            }
+        }
+        let Some(prefix) = prefix else {
+            return json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": "missing prefix, e.g. ?prefix=/users/1"}),
+            );
+        };
+        match cache.purge(&prefix, service.as_deref()).await {
+            Ok(purged) => json(StatusCode::OK, serde_json::json!({ "purged": purged })),
+            Err(CacheError::InvalidPurge(e)) => {
+                json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": e }))
+            }
+            Err(e) => json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({ "error": e.to_string() }),
+            ),
+        }
+    }
+
     /// Every breaker's state, by service and upstream.
     fn circuits(&self) -> serde_json::Value {
         let services: serde_json::Map<String, serde_json::Value> = self
@@ -204,12 +240,21 @@ impl ServeHttp for AdminApp {
             (Method::GET | Method::HEAD, "/admin/circuits") => {
                 json(StatusCode::OK, self.circuits())
             }
-            (Method::GET | Method::HEAD, "/metrics") => reply(
-                StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
-                METRICS.encode(),
-            ),
-            (_, "/health" | "/ready" | "/metrics" | "/admin/circuits") => json(
+            (Method::GET | Method::HEAD, "/metrics") => {
+                if let Some(cache) = &self.runtime.cache {
+                    cache.refresh_metrics();
+                }
+                if let Some(redis) = &self.runtime.redis {
+                    redis.refresh_metrics();
+                }
+                reply(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    METRICS.encode(),
+                )
+            }
+            (Method::DELETE, "/admin/cache") => self.purge_cache(req.uri.query()).await,
+            (_, "/health" | "/ready" | "/metrics" | "/admin/circuits" | "/admin/cache") => json(
                 StatusCode::METHOD_NOT_ALLOWED,
                 serde_json::json!({"error": "method not allowed"}),
             ),

@@ -7,6 +7,7 @@
 //! fields (duplicate routes) run afterwards and find their line by scanning the file's text.
 
 use crate::auth::{AuthConfig, AuthMode};
+use crate::cache::{BackendKind as CacheBackendKind, CacheConfig, ServiceCacheConfig};
 use crate::cors::CorsConfig;
 use crate::ratelimit::{Backend as RateLimitBackend, RateLimitConfig};
 use crate::redis::RedisConfig;
@@ -17,6 +18,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
 /// A configuration that failed to load: where and why.
@@ -76,6 +78,9 @@ pub struct Config {
     /// Default: none.
     #[serde(default)]
     pub redis: Option<RedisConfig>,
+    /// The response cache shared by services with a `cache` section.
+    #[serde(default)]
+    pub cache: CacheConfig,
     /// Services by name. At least one.
     pub services: BTreeMap<String, ServiceConfig>,
 }
@@ -208,6 +213,9 @@ pub struct ServiceConfig {
     /// Rate limit per client key. Default: none.
     #[serde(default)]
     pub rate_limit: Option<RateLimitConfig>,
+    /// Cache `GET`/`HEAD` responses. Default: none (not cached).
+    #[serde(default)]
+    pub cache: Option<ServiceCacheConfig>,
 }
 
 /// `circuit_breaker:` of a service (see the README's state machine).
@@ -627,48 +635,95 @@ impl fmt::Display for HostPattern {
     }
 }
 
-/// A size in bytes, written `1024`, `512KiB`, `1MiB`, `1GiB` (or `KB`/`MB`/`GB`, powers of ten).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// A size in bytes, written `1024`, `"512KiB"`, `"1MiB"`, `"2GiB"` (powers of 1024) or
+/// `"1KB"`, `"1MB"`, `"1GB"` (powers of 1000); `B` may be left out (`"64Ki"`, `"1M"`), and
+/// unit letters are case-insensitive except that `i` marks the binary units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct ByteSize(pub u64);
 
 impl ByteSize {
-    pub fn parse(s: &str) -> Result<ByteSize, String> {
+    pub fn as_u64(self) -> u64 {
+        self.0
+    }
+
+    /// As a `usize`, saturating on 32-bit targets.
+    pub fn as_usize(self) -> usize {
+        usize::try_from(self.0).unwrap_or(usize::MAX)
+    }
+}
+
+impl FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
         let t = s.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (digits, unit) = t.split_at(split);
-        let n: u64 = digits
-            .parse()
-            .map_err(|_| format!("invalid size {s:?}: expected e.g. 1024, 512KiB, 1MiB"))?;
-        let factor: u64 = match unit.trim() {
-            "" | "B" => 1,
-            "KiB" | "K" => 1 << 10,
-            "MiB" | "M" => 1 << 20,
-            "GiB" | "G" => 1 << 30,
-            "KB" | "kB" => 1_000,
-            "MB" => 1_000_000,
-            "GB" => 1_000_000_000,
-            other => {
-                return Err(format!(
-                    "invalid size {s:?}: unknown unit {other:?} (use B, KiB, MiB, GiB, KB, MB, GB)"
-                ))
-            }
+        let invalid = || {
+            format!("invalid size {s:?}: expected a whole number of bytes with an optional unit, e.g. 1024, 512KiB, 1MiB, 1GB")
         };
-        n.checked_mul(factor)
+        if digits.is_empty() {
+            return Err(invalid());
+        }
+        let n: u64 = digits.parse().map_err(|_| invalid())?;
+        let multiplier: u64 = match unit.trim() {
+            "" | "b" | "B" => 1,
+            "Ki" | "KiB" | "kiB" | "ki" => 1 << 10,
+            "Mi" | "MiB" | "mi" | "miB" => 1 << 20,
+            "Gi" | "GiB" | "gi" | "giB" => 1 << 30,
+            "Ti" | "TiB" | "ti" | "tiB" => 1 << 40,
+            u => match u.to_ascii_lowercase().as_str() {
+                "k" | "kb" => 1_000,
+                "m" | "mb" => 1_000_000,
+                "g" | "gb" => 1_000_000_000,
+                "t" | "tb" => 1_000_000_000_000,
+                _ => return Err(invalid()),
+            },
+        };
+        n.checked_mul(multiplier)
             .map(ByteSize)
             .ok_or_else(|| format!("size {s:?} is too large"))
     }
 }
 
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [(u64, &str); 4] = [
+            (1 << 40, "TiB"),
+            (1 << 30, "GiB"),
+            (1 << 20, "MiB"),
+            (1 << 10, "KiB"),
+        ];
+        for (size, unit) in UNITS {
+            if self.0 >= size && self.0.is_multiple_of(size) {
+                return write!(f, "{}{unit}", self.0 / size);
+            }
+        }
+        write!(f, "{}", self.0)
+    }
+}
+
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        match serde_yaml::Value::deserialize(d)? {
-            serde_yaml::Value::Number(n) => n
-                .as_u64()
-                .map(ByteSize)
-                .ok_or_else(|| de::Error::custom("a size must be a whole number of bytes")),
-            serde_yaml::Value::String(s) => ByteSize::parse(&s).map_err(de::Error::custom),
-            _ => Err(de::Error::custom("expected a size such as 1MiB")),
+        struct Visitor;
+        impl de::Visitor<'_> for Visitor {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a size such as 1024, \"512KiB\", \"1MiB\" or \"1GB\"")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom(format!("invalid size {v}: must not be negative")))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                v.parse().map_err(E::custom)
+            }
         }
+        d.deserialize_any(Visitor)
     }
 }
 
@@ -793,7 +848,7 @@ impl Config {
 
     /// Parses and validates `text`; `path` is only used in error messages.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = serde_yaml::from_str(text).map_err(|e| yaml_error(e, path))?;
+        let config: Config = serde_yaml::from_str(text).map_err(|e| yaml_error(e, path, text))?;
         config.validate(text, path)?;
         Ok(config)
     }
@@ -862,6 +917,13 @@ impl Config {
         }
         if let Err(e) = self.security_headers.validate() {
             return Err(fail("security_headers".into(), None, e));
+        }
+        if self.cache.backend == CacheBackendKind::Redis && self.redis.is_none() {
+            return Err(fail(
+                "cache.backend".into(),
+                Some("backend"),
+                "backend redis needs the top-level redis: {url: ...}".into(),
+            ));
         }
         let mut seen_routes: std::collections::HashMap<(Option<HostPattern>, String), &str> =
             std::collections::HashMap::new();
@@ -1072,7 +1134,7 @@ impl Config {
 }
 
 /// Turns a serde_yaml error into ours, keeping its location and field path.
-fn yaml_error(e: serde_yaml::Error, path: &Path) -> ConfigError {
+fn yaml_error(e: serde_yaml::Error, path: &Path, text: &str) -> ConfigError {
     let (line, column) = match e.location() {
         Some(loc) => (Some(loc.line()), Some(loc.column())),
         None => (None, None),
@@ -1091,6 +1153,14 @@ fn yaml_error(e: serde_yaml::Error, path: &Path) -> ConfigError {
         }
         _ => (String::new(), message),
     };
+    // Errors raised by a field's own parser (durations, sizes, hosts) carry the path of the
+    // enclosing mapping but point at the field's key; name the key too.
+    let key = key_at(text, line, column).or_else(|| key_of_value(text, line, &message));
+    let field = match key {
+        Some(key) if !field.ends_with(key) && !field.is_empty() => format!("{field}.{key}"),
+        Some(key) if field.is_empty() => key.to_string(),
+        _ => field,
+    };
     ConfigError {
         file: path.to_path_buf(),
         line,
@@ -1098,6 +1168,32 @@ fn yaml_error(e: serde_yaml::Error, path: &Path) -> ConfigError {
         field,
         message,
     }
+}
+
+/// In flow style (`cache: {ttl: forever}`) errors point at the mapping, not the key: find
+/// the key whose value is the one quoted in the message.
+fn key_of_value<'t>(text: &'t str, line: Option<usize>, message: &str) -> Option<&'t str> {
+    let value = message.split('"').nth(1).filter(|v| !v.is_empty())?;
+    let row = text.lines().nth(line? - 1)?;
+    let at = row
+        .find(&format!(": {value}"))
+        .or_else(|| row.find(&format!(": \"{value}\"")))?;
+    let before = &row[..at];
+    let start = before
+        .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+        .map_or(0, |i| i + 1);
+    Some(&before[start..]).filter(|k| !k.is_empty())
+}
+
+/// The mapping key written at a 1-based line and column, if one starts there.
+fn key_at(text: &str, line: Option<usize>, column: Option<usize>) -> Option<&str> {
+    let rest = text.lines().nth(line? - 1)?.get(column? - 1..)?;
+    let end = rest
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+        .unwrap_or(rest.len());
+    let key = &rest[..end];
+    let after = rest[end..].trim_start();
+    (!key.is_empty() && after.starts_with(':')).then_some(key)
 }
 
 /// Finds the 1-based line of a field in the YAML text, for checks that run after parsing.
@@ -1209,7 +1305,7 @@ services:
         let e = parse("services:\n  a:\n    routes: [{path_prefix: /a}]\n    upstreams: [\"127.0.0.1:1\"]\n    retrys: 3\n")
             .unwrap_err();
         assert_eq!(e.line, Some(5), "{e}");
-        assert_eq!(e.field, "services.a", "{e}");
+        assert_eq!(e.field, "services.a.retrys", "{e}");
         assert!(e.message.contains("retrys"), "{e}");
         assert!(e.to_string().starts_with("test.yaml:5:"), "{e}");
     }
@@ -1266,13 +1362,54 @@ services:
     }
 
     #[test]
-    fn sizes_parse_with_units() {
-        assert_eq!(ByteSize::parse("1024").unwrap().0, 1024);
-        assert_eq!(ByteSize::parse("512KiB").unwrap().0, 512 * 1024);
-        assert_eq!(ByteSize::parse("1MiB").unwrap().0, 1 << 20);
-        assert_eq!(ByteSize::parse("2MB").unwrap().0, 2_000_000);
-        assert!(ByteSize::parse("1 parsec").is_err());
-        assert!(ByteSize::parse("MiB").is_err());
+    fn sizes_parse_in_binary_and_decimal_units() {
+        let ok = [
+            ("1024", 1024),
+            ("0", 0),
+            ("512KiB", 512 * 1024),
+            ("1MiB", 1 << 20),
+            ("256MiB", 256 << 20),
+            ("2GiB", 2 << 30),
+            ("1GB", 1_000_000_000),
+            ("1kb", 1000),
+            ("10 MB", 10_000_000),
+            ("64Ki", 64 * 1024),
+            ("7B", 7),
+        ];
+        for (text, bytes) in ok {
+            assert_eq!(text.parse::<ByteSize>(), Ok(ByteSize(bytes)), "{text}");
+        }
+        for bad in [
+            "",
+            "MiB",
+            "1.5MiB",
+            "-1",
+            "1XB",
+            "1 M B",
+            "99999999999999999999",
+        ] {
+            assert!(
+                bad.parse::<ByteSize>().is_err(),
+                "{bad:?} should be refused"
+            );
+        }
+        assert!("20000000TiB"
+            .parse::<ByteSize>()
+            .unwrap_err()
+            .contains("too large"));
+    }
+
+    #[test]
+    fn sizes_deserialize_from_numbers_and_strings_and_display_compactly() {
+        let v: Vec<ByteSize> = serde_yaml::from_str("[1024, \"1MiB\", 3GB]").unwrap();
+        assert_eq!(
+            v,
+            vec![ByteSize(1024), ByteSize(1 << 20), ByteSize(3_000_000_000)]
+        );
+        assert!(serde_yaml::from_str::<ByteSize>("-5").is_err());
+        assert_eq!(ByteSize(256 << 20).to_string(), "256MiB");
+        assert_eq!(ByteSize(1536).to_string(), "1536");
+        assert_eq!(ByteSize(1024).to_string(), "1KiB");
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod access_log;
 pub mod admin;
 pub mod auth;
 pub mod breaker;
+pub mod cache;
 pub mod config;
 pub mod cors;
 pub mod metrics;

@@ -10,6 +10,7 @@
 use crate::admin::LIFECYCLE;
 use crate::auth::{self, AuthError, AuthMode, Identity};
 use crate::breaker::{Outcome, Permit};
+use crate::cache::{CacheState, Lookup, Served};
 use crate::config::Limits;
 use crate::cors::Preflight;
 use crate::pool::InFlight;
@@ -90,6 +91,8 @@ pub struct RequestCtx {
     origin: Option<HeaderValue>,
     /// `RateLimit-*` headers for the response.
     rate_limit_headers: Vec<(HeaderName, HeaderValue)>,
+    /// The response cache's view of this request: what to fill, or a stale copy to serve.
+    cache: Option<CacheState>,
 }
 
 /// The gateway proxy.
@@ -127,29 +130,50 @@ impl Gateway {
         true
     }
 
+    /// Finds the service for the request by host and path.
+    fn route(&self, session: &Session, ctx: &mut RequestCtx) -> Option<Arc<Service>> {
+        let req = session.req_header();
+        let host = routing::normalize_host(request_host(req).unwrap_or_default());
+        let route = self.runtime.router.find(&host, req.uri.path())?;
+        let service = Arc::clone(&self.runtime.services[route.service]);
+        ctx.route = Some(route.clone());
+        ctx.service = Some(Arc::clone(&service));
+        Some(service)
+    }
+
     /// Verifies the token as the service's `auth` mode asks and keeps the identity.
     async fn authenticate(
         &self,
         session: &Session,
         service: &Service,
         ctx: &mut RequestCtx,
-    ) -> std::result::Result<(), AuthError> {
-        let Some(authenticator) = &self.runtime.authenticator else {
-            return Ok(());
-        };
+    ) -> Option<Answer> {
+        let authenticator = self.runtime.authenticator.as_ref()?;
         let header = session
             .req_header()
             .headers
             .get(http::header::AUTHORIZATION);
         match (service.auth, header) {
-            (AuthMode::None, _) => return Ok(()),
-            (AuthMode::Optional, None) if service.required_scopes.is_empty() => return Ok(()),
+            (AuthMode::None, _) => return None,
+            (AuthMode::Optional, None) if service.required_scopes.is_empty() => return None,
             _ => {}
         }
-        let identity = authenticator.authenticate(header).await?;
-        auth::check_scopes(&identity, &service.required_scopes)?;
-        ctx.identity = Some(identity);
-        Ok(())
+        let verified = match authenticator.authenticate(header).await {
+            Ok(identity) => {
+                auth::check_scopes(&identity, &service.required_scopes).map(|_| identity)
+            }
+            Err(e) => Err(e),
+        };
+        match verified {
+            Ok(identity) => {
+                ctx.identity = Some(identity);
+                None
+            }
+            Err(e) => {
+                auth::count_failure(&service.name, &e);
+                Some(Answer::Unauthorized(e))
+            }
+        }
     }
 
     fn hash_key(service: &Service, session: &Session) -> Vec<u8> {
@@ -254,6 +278,7 @@ impl ProxyHttp for Gateway {
             identity: None,
             origin: None,
             rate_limit_headers: Vec::new(),
+            cache: None,
         }
     }
 
@@ -263,127 +288,56 @@ impl ProxyHttp for Gateway {
             // A successor process serves new connections: let this one go after the answer.
             session.set_keepalive(None);
         }
-        let req = session.req_header();
-        ctx.request_id = match req.headers.get(REQUEST_ID) {
+        ctx.request_id = match session.req_header().headers.get(REQUEST_ID) {
             Some(v) if well_formed_request_id(v) => v.clone(),
             _ => new_request_id(),
         };
-        let host = routing::normalize_host(request_host(req).unwrap_or_default());
-        let Some(route) = self.runtime.router.find(&host, req.uri.path()) else {
-            ctx.error = Some("no route");
-            let body = ErrorBody::new("no route")
-                .detail(format!("no service is routed for {}", req.uri.path()));
-            response::send_json(session, StatusCode::NOT_FOUND, &body, &ctx.request_id, &[])
-                .await?;
-            return Ok(true);
+        let Some(service) = self.route(session, ctx) else {
+            let path = session.req_header().uri.path();
+            let body =
+                ErrorBody::new("no route").detail(format!("no service is routed for {path}"));
+            let answer = Answer::Error(StatusCode::NOT_FOUND, "no route", body, Vec::new());
+            return answer.send(session, ctx).await;
         };
-        let service = Arc::clone(&self.runtime.services[route.service]);
-        ctx.route = Some(route.clone());
-        if let Some((status, message)) = exceeds_limits(req, &service.limits) {
-            ctx.error = Some(message);
-            let body = ErrorBody::new(message).service(&service.name);
-            ctx.service = Some(service);
-            response::send_json(session, status, &body, &ctx.request_id, &[]).await?;
-            return Ok(true);
+        // Each step either lets the request on or answers it here, in this order: size
+        // limits, CORS preflight (browsers send it without credentials), authentication,
+        // rate limit (per user needs the identity), cache, then an upstream or the fallback.
+        if let Some(answer) = check_limits(session, &service) {
+            return answer.send(session, ctx).await;
         }
         session.set_read_timeout(Some(service.limits.header_read_timeout));
-        ctx.service = Some(Arc::clone(&service));
-
-        if let Some(cors) = &service.cors {
-            match cors.preflight(session.req_header()) {
-                Preflight::Allowed(headers) => {
-                    ctx.error = Some("cors preflight");
-                    response::send(
-                        session,
-                        StatusCode::NO_CONTENT,
-                        "text/plain",
-                        Bytes::new(),
-                        &ctx.request_id,
-                        &headers,
-                    )
-                    .await?;
-                    return Ok(true);
-                }
-                Preflight::Rejected => {
-                    ctx.error = Some("cors preflight rejected");
-                    let body = ErrorBody::new("cors preflight rejected").service(&service.name);
-                    response::send_json(
-                        session,
-                        StatusCode::FORBIDDEN,
-                        &body,
-                        &ctx.request_id,
-                        &[],
-                    )
-                    .await?;
-                    return Ok(true);
-                }
-                Preflight::NotCors => {
-                    ctx.origin = session
-                        .req_header()
-                        .headers
-                        .get(http::header::ORIGIN)
-                        .cloned();
-                }
-            }
+        if let Some(answer) = cors_preflight(session, &service, ctx) {
+            return answer.send(session, ctx).await;
         }
-
-        if let Err(e) = self.authenticate(session, &service, ctx).await {
-            auth::count_failure(&service.name, &e);
-            ctx.error = Some(e.reason());
-            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
-            response::send(
-                session,
-                status,
-                "application/json",
-                e.body(),
-                &ctx.request_id,
-                &[(http::header::WWW_AUTHENTICATE, e.www_authenticate_value())],
-            )
-            .await?;
-            return Ok(true);
+        if let Some(answer) = self.authenticate(session, &service, ctx).await {
+            return answer.send(session, ctx).await;
         }
-
-        if let Some(limiter) = &service.rate_limit {
-            let ip = client_ip(session);
-            let subject = ctx.identity.as_ref().and_then(|i| i.subject.as_deref());
-            let key = limiter.key_for(&ip, subject, &session.req_header().headers);
-            let decision = limiter.check(&key).await;
-            if let Some((status, message)) = decision.rejection() {
-                ctx.error = Some(message);
-                let body = ErrorBody::new(message).service(&service.name);
-                response::send_json(
-                    session,
-                    status,
-                    &body,
-                    &ctx.request_id,
-                    &limiter.headers(&decision),
-                )
-                .await?;
-                return Ok(true);
-            }
-            ctx.rate_limit_headers = limiter.headers(&decision);
+        if let Some(answer) = rate_limit(session, &service, ctx).await {
+            return answer.send(session, ctx).await;
+        }
+        if let Some(answer) = cache_lookup(session, &service, ctx).await {
+            return answer.send(session, ctx).await;
         }
         service.metrics.in_flight.inc();
         ctx.service_in_flight = true;
         ctx.deadline = service.timeouts.total.map(|t| ctx.start + t);
-
         let key = Self::hash_key(&service, session);
         match admit(&service, &key, |_| true) {
             Some((index, permit)) => {
                 ctx.selected = Some(index);
                 ctx.permit = Some(permit);
                 service.retry_budget.record_request();
-                ctx.service = Some(service);
                 Ok(false)
             }
             None => {
                 // Every upstream is unhealthy or its breaker is open: answer now, without
-                // touching the network.
-                ctx.error = Some("fallback");
+                // touching the network, with a stale cached copy when there is one.
                 service.metrics.circuit_rejected.inc();
-                send_fallback(session, &service, &ctx.request_id).await?;
-                ctx.service = Some(service);
-                Ok(true)
+                let answer = match ctx.cache.as_mut().and_then(|c| c.take_stale()) {
+                    Some(stale) => Answer::Cached(stale),
+                    None => Answer::Fallback,
+                };
+                answer.send(session, ctx).await
             }
         }
     }
@@ -518,14 +472,31 @@ impl ProxyHttp for Gateway {
 
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if !upstream_response.status.is_informational() {
             ctx.upstream_status = Some(upstream_response.status.as_u16());
+            // Before any per-request header is added, so none of them is stored.
+            if let Some(cache) = &mut ctx.cache {
+                cache.start_fill(session.req_header(), upstream_response);
+            }
         }
         Ok(())
+    }
+
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        if let Some(cache) = &mut ctx.cache {
+            cache.push_body(body.as_ref(), end_of_stream);
+        }
+        Ok(None)
     }
 
     async fn response_filter(
@@ -620,6 +591,17 @@ impl ProxyHttp for Gateway {
         };
         ctx.error = Some(message);
         if session.response_written().is_none() {
+            if let Some(stale) = ctx.cache.as_mut().and_then(|c| c.take_stale()) {
+                let status = stale.header.status.as_u16();
+                session.set_keepalive(None);
+                if let Err(write_error) = Answer::Cached(stale).send(session, ctx).await {
+                    log::debug!("could not send the stale response: {write_error}");
+                }
+                return FailToProxy {
+                    error_code: status,
+                    can_reuse_downstream: false,
+                };
+            }
             // Pingora closes the client connection after an upstream error; say so, so the
             // client does not reuse it.
             session.set_keepalive(None);
@@ -707,7 +689,160 @@ impl ProxyHttp for Gateway {
                 attempts: ctx.tried.len(),
                 duration: elapsed,
                 error: ctx.error.or(e.map(|e| e.etype().as_str())),
+                cache: ctx.cache.as_ref().and_then(|c| c.x_cache()),
             });
+        }
+    }
+}
+
+/// What the gateway answers itself, without an upstream.
+enum Answer {
+    /// A JSON error: status, the access log's reason, the body, extra headers.
+    Error(
+        StatusCode,
+        &'static str,
+        ErrorBody,
+        Vec<(HeaderName, HeaderValue)>,
+    ),
+    /// A CORS preflight, allowed, with its headers.
+    Preflight(Vec<(HeaderName, HeaderValue)>),
+    Unauthorized(AuthError),
+    /// From the cache: fresh, or stale while the upstream is down.
+    Cached(Served),
+    /// The service's fallback: no upstream admits the request.
+    Fallback,
+}
+
+impl Answer {
+    async fn send(self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let id = &ctx.request_id;
+        match self {
+            Answer::Error(status, reason, mut body, headers) => {
+                ctx.error = Some(reason);
+                if let Some(service) = &ctx.service {
+                    body = body.service(&service.name);
+                }
+                response::send_json(session, status, &body, id, &headers).await?;
+            }
+            Answer::Preflight(headers) => {
+                ctx.error = Some("cors preflight");
+                let empty = Bytes::new();
+                response::send(
+                    session,
+                    StatusCode::NO_CONTENT,
+                    "text/plain",
+                    empty,
+                    id,
+                    &headers,
+                )
+                .await?;
+            }
+            Answer::Unauthorized(e) => {
+                ctx.error = Some(e.reason());
+                let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
+                let challenge = [(http::header::WWW_AUTHENTICATE, e.www_authenticate_value())];
+                response::send(
+                    session,
+                    status,
+                    "application/json",
+                    e.body(),
+                    id,
+                    &challenge,
+                )
+                .await?;
+            }
+            Answer::Cached(served) => {
+                let mut header = served.header;
+                header.insert_header(REQUEST_ID, id.clone())?;
+                let head_only = served.body.is_empty();
+                session.write_response_header(header, head_only).await?;
+                if !head_only {
+                    session.write_response_body(Some(served.body), true).await?;
+                }
+            }
+            Answer::Fallback => {
+                ctx.error = Some("fallback");
+                if let Some(service) = &ctx.service {
+                    send_fallback(session, service, id).await?;
+                }
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Size limits known from the header alone.
+fn check_limits(session: &Session, service: &Service) -> Option<Answer> {
+    let (status, reason) = exceeds_limits(session.req_header(), &service.limits)?;
+    Some(Answer::Error(
+        status,
+        reason,
+        ErrorBody::new(reason),
+        Vec::new(),
+    ))
+}
+
+/// Answers CORS preflights; remembers the `Origin` of other requests.
+fn cors_preflight(session: &Session, service: &Service, ctx: &mut RequestCtx) -> Option<Answer> {
+    let cors = service.cors.as_ref()?;
+    match cors.preflight(session.req_header()) {
+        Preflight::Allowed(headers) => Some(Answer::Preflight(headers)),
+        Preflight::Rejected => {
+            let reason = "cors preflight rejected";
+            let body = ErrorBody::new(reason);
+            Some(Answer::Error(
+                StatusCode::FORBIDDEN,
+                reason,
+                body,
+                Vec::new(),
+            ))
+        }
+        Preflight::NotCors => {
+            ctx.origin = session
+                .req_header()
+                .headers
+                .get(http::header::ORIGIN)
+                .cloned();
+            None
+        }
+    }
+}
+
+/// Counts the request against the service's rate limit.
+async fn rate_limit(session: &Session, service: &Service, ctx: &mut RequestCtx) -> Option<Answer> {
+    let limiter = service.rate_limit.as_ref()?;
+    let ip = client_ip(session);
+    let subject = ctx.identity.as_ref().and_then(|i| i.subject.as_deref());
+    let key = limiter.key_for(&ip, subject, &session.req_header().headers);
+    let decision = limiter.check(&key).await;
+    let headers = limiter.headers(&decision);
+    match decision.rejection() {
+        Some((status, reason)) => Some(Answer::Error(
+            status,
+            reason,
+            ErrorBody::new(reason),
+            headers,
+        )),
+        None => {
+            ctx.rate_limit_headers = headers;
+            None
+        }
+    }
+}
+
+/// Answers from the cache, or keeps the cache's state for filling it from the upstream.
+async fn cache_lookup(
+    session: &Session,
+    service: &Service,
+    ctx: &mut RequestCtx,
+) -> Option<Answer> {
+    let cache = service.cache.as_ref()?;
+    let subject = ctx.identity.as_ref().and_then(|i| i.subject.as_deref());
+    match cache.lookup(session.req_header(), subject).await {
+        Lookup::Hit(served) => Some(Answer::Cached(served)),
+        Lookup::Forward(state) => {
+            ctx.cache = Some(state);
+            None
         }
     }
 }

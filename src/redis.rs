@@ -275,6 +275,26 @@ static REDIS_ERRORS: Lazy<IntCounterVec> = Lazy::new(|| {
     c
 });
 
+static REDIS_UP: Lazy<prometheus::IntGauge> = Lazy::new(|| {
+    let g = prometheus::IntGauge::new(
+        "breakwater_redis_up",
+        "Whether at least one pooled Redis connection is up (1) or none is (0), read at scrape time.",
+    )
+    .expect("valid metric definition");
+    crate::metrics::METRICS
+        .registry
+        .register(Box::new(g.clone()))
+        .expect("breakwater_redis_up registered once");
+    g
+});
+
+impl Redis {
+    /// Brings `breakwater_redis_up` up to date; called when metrics are scraped.
+    pub fn refresh_metrics(&self) {
+        REDIS_UP.set(i64::from(self.is_connected()));
+    }
+}
+
 /// When each op last logged; a handful of entries, so a linear scan beats a map.
 static LAST_LOGGED: Lazy<Mutex<Vec<(&'static str, Instant)>>> = Lazy::new(Mutex::default);
 

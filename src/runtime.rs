@@ -3,6 +3,7 @@
 
 use crate::auth::{AuthMode, Authenticator};
 use crate::breaker::{Clock, MonotonicClock};
+use crate::cache::{ResponseCache, ServiceCache};
 use crate::config::{
     Config, ConfigError, FallbackConfig, HashKey, Limits, ServiceConfig, Timeouts,
 };
@@ -45,6 +46,7 @@ pub struct Service {
     pub security_headers: Arc<SecurityHeaders>,
     pub cors: Option<Cors>,
     pub rate_limit: Option<RateLimiter>,
+    pub cache: Option<ServiceCache>,
 }
 
 /// The prepared fallback response.
@@ -98,8 +100,18 @@ impl Service {
         global: &Config,
         global_headers: &Arc<SecurityHeaders>,
         redis: Option<&Redis>,
+        response_cache: Option<&Arc<ResponseCache>>,
         clock: &Arc<dyn Clock>,
     ) -> Result<(Service, Option<BackgroundTask>)> {
+        let cache = match (&config.cache, response_cache) {
+            (Some(own), Some(shared)) => Some(ServiceCache::new(
+                name,
+                own,
+                config.auth != AuthMode::None,
+                Arc::clone(shared),
+            )),
+            _ => None,
+        };
         let rate_limit = config
             .rate_limit
             .as_ref()
@@ -143,6 +155,7 @@ impl Service {
                 security_headers,
                 cors,
                 rate_limit,
+                cache,
             },
             health_check,
         ))
@@ -169,6 +182,10 @@ pub struct Runtime {
     pub access_log: bool,
     /// Verifies tokens for services with `auth`; `None` without `auth.jwt`.
     pub authenticator: Option<Arc<Authenticator>>,
+    /// The response cache, when some service caches (the admin API purges it).
+    pub cache: Option<Arc<ResponseCache>>,
+    /// The shared Redis connection, when configured.
+    pub redis: Option<Redis>,
 }
 
 fn startup_error(e: String) -> Box<Error> {
@@ -216,9 +233,22 @@ impl Runtime {
         crate::auth::register_metrics();
         let global_headers =
             Arc::new(SecurityHeaders::new(&config.security_headers).map_err(startup_error)?);
+        let cache = if config.services.values().any(|s| s.cache.is_some()) {
+            let pool = redis.map(|r| r.pool().clone());
+            Some(ResponseCache::new(&config.cache, pool).map_err(startup_error)?)
+        } else {
+            None
+        };
         for (name, svc) in &config.services {
-            let (service, health_check) =
-                Service::new(name, svc, config, &global_headers, redis, &clock)?;
+            let (service, health_check) = Service::new(
+                name,
+                svc,
+                config,
+                &global_headers,
+                redis,
+                cache.as_ref(),
+                &clock,
+            )?;
             services.push(Arc::new(service));
             background.extend(health_check);
         }
@@ -232,6 +262,8 @@ impl Runtime {
                 services,
                 access_log: config.access_log,
                 authenticator: prepared.authenticator.clone(),
+                cache,
+                redis: redis.cloned(),
             },
             background,
         ))

@@ -1,0 +1,116 @@
+//! The `cache:` sections of the YAML (top level and per service).
+
+pub use crate::config::ByteSize;
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use std::time::Duration;
+
+/// Top-level `cache:` section: one response cache per process, shared by every service that
+/// has a `cache:` of its own. Optional; without it the memory backend runs with these defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Where entries live: `memory` (this process only) or `redis` (shared by every gateway
+    /// instance; uses the top-level `redis:` connection). Default: `memory`.
+    pub backend: BackendKind,
+    /// Bound of the memory backend, in bytes (entries weigh their body, headers and key);
+    /// the least valuable entries (TinyLFU) are evicted beyond it. Ignored by `redis`, whose
+    /// own `maxmemory` applies. Default: `256MiB`.
+    pub max_memory: ByteSize,
+    /// Responses with a larger body are streamed to the client uncached, never buffered
+    /// whole. Default: `1MiB`.
+    pub max_body_size: ByteSize,
+    /// How long concurrent misses for one key wait for the one request filling the entry
+    /// before going upstream themselves. Default: `5s`.
+    #[serde(deserialize_with = "de_duration")]
+    pub lock_timeout: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            backend: BackendKind::Memory,
+            max_memory: ByteSize(256 * 1024 * 1024),
+            max_body_size: ByteSize(1024 * 1024),
+            lock_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `cache.backend`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// In-process, bounded by `max_memory`.
+    #[default]
+    Memory,
+    /// Shared through Redis (the top-level `redis:` connection).
+    Redis,
+}
+
+/// `cache:` of a service. Without it the service's responses are not cached.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceCacheConfig {
+    /// How long a stored response is served as fresh (`X-Cache: HIT`); an upstream
+    /// `Cache-Control: max-age`/`s-maxage` lowers it for that response. Default: `1m`.
+    #[serde(deserialize_with = "de_duration")]
+    pub ttl: Duration,
+    /// How long after `ttl` a stored response may still be served (`X-Cache: STALE`) when
+    /// the upstream fails, times out or its breaker is open. Default: `0s` (never).
+    #[serde(deserialize_with = "de_duration")]
+    pub stale_if_error: Duration,
+    /// Key entries by the authenticated user (the JWT subject), so one user's response is
+    /// never served to another; `private` responses are then storable. Default: true when
+    /// the service's route requires auth, else false. Requests carrying `Authorization` on a
+    /// service whose key is not per user bypass the cache.
+    pub vary_by_user: Option<bool>,
+}
+
+impl Default for ServiceCacheConfig {
+    fn default() -> Self {
+        ServiceCacheConfig {
+            ttl: Duration::from_secs(60),
+            stale_if_error: Duration::ZERO,
+            vary_by_user: None,
+        }
+    }
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(s.trim())
+        .map_err(|e| de::Error::custom(format!("invalid duration {s:?}: {e} (e.g. 500ms, 3s, 1m)")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults_and_unknown_fields() {
+        let c: CacheConfig = serde_yaml::from_str("{}").unwrap();
+        assert_eq!(c, CacheConfig::default());
+        assert_eq!(c.max_memory, ByteSize(256 << 20));
+        assert_eq!(c.lock_timeout, Duration::from_secs(5));
+        let c: CacheConfig = serde_yaml::from_str(
+            "{backend: redis, max_memory: 64MiB, max_body_size: 512KiB, lock_timeout: 500ms}",
+        )
+        .unwrap();
+        assert_eq!(c.backend, BackendKind::Redis);
+        assert_eq!(c.max_body_size, ByteSize(512 * 1024));
+        assert_eq!(c.lock_timeout, Duration::from_millis(500));
+        assert!(serde_yaml::from_str::<CacheConfig>("{backend: disk}").is_err());
+        assert!(serde_yaml::from_str::<CacheConfig>("{max_mem: 1MiB}").is_err());
+
+        let s: ServiceCacheConfig =
+            serde_yaml::from_str("{ttl: 5m, stale_if_error: 1h, vary_by_user: true}").unwrap();
+        assert_eq!(s.ttl, Duration::from_secs(300));
+        assert_eq!(s.stale_if_error, Duration::from_secs(3600));
+        assert_eq!(s.vary_by_user, Some(true));
+        let s: ServiceCacheConfig = serde_yaml::from_str("{}").unwrap();
+        assert_eq!(s, ServiceCacheConfig::default());
+        assert!(serde_yaml::from_str::<ServiceCacheConfig>("{ttl: soon}").is_err());
+        assert!(serde_yaml::from_str::<ServiceCacheConfig>("{ttl: 1s, tll: 2s}").is_err());
+    }
+}
