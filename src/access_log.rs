@@ -1,9 +1,67 @@
 //! The access log: one JSON line per request on stdout, for log shippers to pick up.
+//!
+//! Request threads hand finished lines to one writer thread, which writes whatever has queued
+//! up with a single `write`: a syscall per request is a measurable share of a proxied request,
+//! and a slow stdout (a full pipe) then delays logging, not requests. Lines queued in the
+//! last moments before the process exits can be lost.
 
 use pingora::proxy::Session;
 use serde::Serialize;
 use std::io::Write;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
+
+/// How long the writer lets lines gather before writing them.
+const BATCH_INTERVAL: Duration = Duration::from_millis(20);
+/// Lines waiting beyond this are dropped rather than buffered without bound.
+const MAX_QUEUED_BYTES: usize = 8 << 20;
+
+struct Writer {
+    lines: Sender<Vec<u8>>,
+    queued: std::sync::atomic::AtomicUsize,
+}
+
+/// Started on first use, so after Pingora has daemonised (a fork keeps no threads).
+fn writer() -> &'static Writer {
+    static WRITER: OnceLock<Writer> = OnceLock::new();
+    WRITER.get_or_init(|| {
+        let (lines, rx) = mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("access log".into())
+            .spawn(move || write_lines(rx));
+        if let Err(e) = spawned {
+            log::error!("cannot start the access log writer: {e}");
+        }
+        Writer {
+            lines,
+            queued: std::sync::atomic::AtomicUsize::new(0),
+        }
+    })
+}
+
+fn write_lines(rx: Receiver<Vec<u8>>) {
+    let mut batch = Vec::with_capacity(64 << 10);
+    while let Ok(first) = rx.recv() {
+        // Let lines gather: one wake-up and one write per interval instead of per request.
+        std::thread::sleep(BATCH_INTERVAL);
+        batch.clear();
+        batch.extend_from_slice(&first);
+        while batch.len() < (4 << 20) {
+            match rx.try_recv() {
+                Ok(line) => batch.extend_from_slice(&line),
+                Err(_) => break,
+            }
+        }
+        writer()
+            .queued
+            .fetch_sub(batch.len(), std::sync::atomic::Ordering::Relaxed);
+        // A closed or broken stdout must never take a request down: errors are dropped.
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(&batch);
+        let _ = out.flush();
+    }
+}
 
 /// What one line records.
 pub struct Entry<'a> {
@@ -71,7 +129,14 @@ pub fn write(entry: &Entry<'_>) {
         return;
     };
     buf.push(b'\n');
-    // One write per line keeps lines whole when several threads log at once; a closed
-    // stdout must never take a request down, so errors are ignored.
-    let _ = std::io::stdout().lock().write_all(&buf);
+    let w = writer();
+    let queued = w
+        .queued
+        .fetch_add(buf.len(), std::sync::atomic::Ordering::Relaxed);
+    if queued > MAX_QUEUED_BYTES {
+        w.queued
+            .fetch_sub(buf.len(), std::sync::atomic::Ordering::Relaxed);
+        return;
+    }
+    let _ = w.lines.send(buf);
 }

@@ -8,6 +8,11 @@ use pingora::server::RunArgs;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+// glibc's malloc was a tenth of the CPU time of a proxied request; mimalloc's thread-local
+// free lists suit the many small, short-lived allocations of a request.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit status for an invalid config, distinct from a crash (1).
 const EXIT_INVALID_CONFIG: u8 = 2;
 

@@ -9,6 +9,7 @@ use prometheus::{
     exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
     IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use std::sync::{Arc, OnceLock};
 
 /// All of the gateway's metrics.
 pub struct Metrics {
@@ -161,7 +162,15 @@ pub struct ServiceMetrics {
     pub retries_attempted: IntCounter,
     pub retries_budget_exhausted: IntCounter,
     pub retries_not_retryable: IntCounter,
+    /// `requests_total` handles by method and status, resolved on first use: the request
+    /// path then skips the label hashing and the registry's lock.
+    requests: Arc<[OnceLock<IntCounter>]>,
 }
+
+const METHODS: [&str; 8] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "OTHER",
+];
+const STATUSES: usize = 600;
 
 impl ServiceMetrics {
     pub fn new(service: &str) -> ServiceMetrics {
@@ -176,6 +185,9 @@ impl ServiceMetrics {
             retries_attempted: retries("attempted"),
             retries_budget_exhausted: retries("budget_exhausted"),
             retries_not_retryable: retries("not_retryable"),
+            requests: (0..METHODS.len() * STATUSES)
+                .map(|_| OnceLock::new())
+                .collect(),
         }
     }
 
@@ -189,7 +201,22 @@ impl ServiceMetrics {
 
     /// Counts one answered request.
     pub fn count_request(&self, method: &str, status: u16) {
-        count_request(&self.name, method, status);
+        let m = method_label(method);
+        let Some(mi) = METHODS.iter().position(|x| *x == m) else {
+            return;
+        };
+        match self.requests.get(mi * STATUSES + usize::from(status)) {
+            Some(slot) if usize::from(status) < STATUSES => slot
+                .get_or_init(|| {
+                    let code = http::StatusCode::from_u16(status).ok();
+                    let status = code.as_ref().map_or("000", |c| c.as_str());
+                    METRICS
+                        .requests_total
+                        .with_label_values(&[&self.name, m, status])
+                })
+                .inc(),
+            _ => count_request(&self.name, method, status),
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use crate::breaker::{Outcome, Permit};
 use crate::cache::{CacheState, Lookup, Served};
 use crate::config::Limits;
 use crate::cors::Preflight;
-use crate::pool::InFlight;
+use crate::pool::{InFlight, Upstream};
 use crate::response::{self, ErrorBody};
 use crate::routing::{self, Route};
 use crate::runtime::{Runtime, Service};
@@ -65,12 +65,12 @@ pub struct RequestCtx {
     start: Instant,
     request_id: HeaderValue,
     service: Option<Arc<Service>>,
-    route: Option<Route>,
+    route: Option<Arc<Route>>,
     /// Upstream chosen for the next attempt, by `request_filter` or a retry.
     selected: Option<usize>,
     /// Upstreams already tried, so a retry goes elsewhere when it can.
     tried: Vec<usize>,
-    upstream_name: Option<String>,
+    upstream: Option<Arc<Upstream>>,
     /// The breaker's admission for the current attempt; its outcome is recorded once.
     permit: Option<Permit>,
     retries: u32,
@@ -136,7 +136,7 @@ impl Gateway {
         let host = routing::normalize_host(request_host(req).unwrap_or_default());
         let route = self.runtime.router.find(&host, req.uri.path())?;
         let service = Arc::clone(&self.runtime.services[route.service]);
-        ctx.route = Some(route.clone());
+        ctx.route = Some(Arc::clone(route));
         ctx.service = Some(Arc::clone(&service));
         Some(service)
     }
@@ -176,8 +176,12 @@ impl Gateway {
         }
     }
 
+    /// What consistent hashing hashes; empty for the other algorithms, which ignore it.
     fn hash_key(service: &Service, session: &Session) -> Vec<u8> {
-        use crate::config::HashKey;
+        use crate::config::{Algorithm, HashKey};
+        if service.algorithm != Algorithm::ConsistentHash {
+            return Vec::new();
+        }
         let req = session.req_header();
         match &service.hash_key {
             HashKey::Path => req.uri.path().as_bytes().to_vec(),
@@ -245,7 +249,9 @@ fn well_formed_request_id(v: &HeaderValue) -> bool {
 }
 
 fn new_request_id() -> HeaderValue {
-    let id = uuid::Uuid::new_v4();
+    // A random (v4) UUID from the thread's fast generator: ids must be unique, not secret,
+    // and a getrandom syscall per request is measurable.
+    let id = uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes()).into_uuid();
     let mut buf = uuid::Uuid::encode_buffer();
     // A hyphenated UUID is always a valid header value.
     HeaderValue::from_str(id.hyphenated().encode_lower(&mut buf))
@@ -264,7 +270,7 @@ impl ProxyHttp for Gateway {
             route: None,
             selected: None,
             tried: Vec::new(),
-            upstream_name: None,
+            upstream: None,
             permit: None,
             retries: 0,
             attempt_start: None,
@@ -364,7 +370,7 @@ impl ProxyHttp for Gateway {
         };
         let upstream = Arc::clone(&service.pool.upstreams[index]);
         ctx.tried.push(index);
-        ctx.upstream_name = Some(upstream.name.clone());
+        ctx.upstream = Some(Arc::clone(&upstream));
         ctx.upstream_start.get_or_insert_with(Instant::now);
         ctx.attempt_start = Some(Instant::now());
         ctx.upstream_status = None;
@@ -446,7 +452,15 @@ impl ProxyHttp for Gateway {
         upstream_request.insert_header("x-forwarded-for", forwarded_for)?;
         let proto = if is_tls(session) { "https" } else { "http" };
         upstream_request.insert_header("x-forwarded-proto", proto)?;
-        if let Some(host) = request_host(session.req_header()).map(str::to_owned) {
+        let req = session.req_header();
+        let host = match req.headers.get(http::header::HOST) {
+            Some(host) => Some(host.clone()),
+            None => req
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        };
+        if let Some(host) = host {
             upstream_request.insert_header("x-forwarded-host", host)?;
         }
         Ok(())
@@ -609,8 +623,8 @@ impl ProxyHttp for Gateway {
             if let Some(service) = &ctx.service {
                 body = body.service(&service.name);
             }
-            if let Some(upstream) = &ctx.upstream_name {
-                body = body.upstream(upstream);
+            if let Some(upstream) = &ctx.upstream {
+                body = body.upstream(&upstream.name);
             }
             if let Err(write_error) =
                 response::send_json(session, status, &body, &ctx.request_id, &[]).await
@@ -631,7 +645,7 @@ impl ProxyHttp for Gateway {
             .unwrap_or(0);
         let elapsed = ctx.start.elapsed();
         let service_name = ctx.service.as_ref().map_or("none", |s| s.name.as_str());
-        let method = session.req_header().method.as_str().to_owned();
+        let method = session.req_header().method.clone();
         if ctx.selected.take().is_some() {
             // A retry was planned but never made: its upstream saw nothing.
             ctx.permit = None;
@@ -660,7 +674,7 @@ impl ProxyHttp for Gateway {
         }
         match &ctx.service {
             Some(service) => {
-                service.metrics.count_request(&method, status);
+                service.metrics.count_request(method.as_str(), status);
                 service
                     .metrics
                     .request_duration
@@ -676,7 +690,7 @@ impl ProxyHttp for Gateway {
                     ctx.service_in_flight = false;
                 }
             }
-            None => metrics::count_request("none", &method, status),
+            None => metrics::count_request("none", method.as_str(), status),
         }
         ctx.in_flight = None;
         if self.runtime.access_log {
@@ -685,7 +699,7 @@ impl ProxyHttp for Gateway {
                 request_id: ctx.request_id.to_str().unwrap_or_default(),
                 status,
                 service: service_name,
-                upstream: ctx.upstream_name.as_deref(),
+                upstream: ctx.upstream.as_ref().map(|u| u.name.as_str()),
                 attempts: ctx.tried.len(),
                 duration: elapsed,
                 error: ctx.error.or(e.map(|e| e.etype().as_str())),

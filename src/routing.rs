@@ -4,6 +4,7 @@
 //! (on segment boundaries); for equal prefixes a route with a host wins over one without.
 
 use crate::config::{Config, HostPattern};
+use std::sync::Arc;
 
 /// One compiled route.
 #[derive(Debug, Clone)]
@@ -18,22 +19,25 @@ pub struct Route {
 /// The route table, sorted most specific first, so the first match is the best one.
 #[derive(Debug, Clone, Default)]
 pub struct Router {
-    routes: Vec<Route>,
+    /// Shared, so a request keeps its route without copying it.
+    routes: Vec<Arc<Route>>,
 }
 
 impl Router {
     /// Compiles the routes of every service; `service_index` maps a service name to its index.
     pub fn new(config: &Config, service_index: impl Fn(&str) -> usize) -> Router {
-        let mut routes: Vec<Route> = config
+        let mut routes: Vec<Arc<Route>> = config
             .services
             .iter()
             .flat_map(|(name, svc)| {
                 let service = service_index(name);
-                svc.routes.iter().map(move |r| Route {
-                    prefix: r.path_prefix.0.clone(),
-                    host: r.host.clone(),
-                    strip_prefix: r.strip_prefix,
-                    service,
+                svc.routes.iter().map(move |r| {
+                    Arc::new(Route {
+                        prefix: r.path_prefix.0.clone(),
+                        host: r.host.clone(),
+                        strip_prefix: r.strip_prefix,
+                        service,
+                    })
                 })
             })
             .collect();
@@ -48,13 +52,13 @@ impl Router {
     }
 
     /// The best route for `host` (lower-case, without port) and `path` (without query).
-    pub fn find(&self, host: &str, path: &str) -> Option<&Route> {
+    pub fn find(&self, host: &str, path: &str) -> Option<&Arc<Route>> {
         self.routes.iter().find(|r| {
             prefix_matches(&r.prefix, path) && r.host.as_ref().is_none_or(|h| h.matches(host))
         })
     }
 
-    pub fn routes(&self) -> &[Route] {
+    pub fn routes(&self) -> &[Arc<Route>] {
         &self.routes
     }
 }

@@ -5,7 +5,7 @@ use crate::auth::{AuthMode, Authenticator};
 use crate::breaker::{Clock, MonotonicClock};
 use crate::cache::{ResponseCache, ServiceCache};
 use crate::config::{
-    Config, ConfigError, FallbackConfig, HashKey, Limits, ServiceConfig, Timeouts,
+    Algorithm, Config, ConfigError, FallbackConfig, HashKey, Limits, ServiceConfig, Timeouts,
 };
 use crate::cors::Cors;
 use crate::metrics::ServiceMetrics;
@@ -26,6 +26,7 @@ use std::time::Duration;
 pub struct Service {
     pub name: String,
     pub pool: Pool,
+    pub algorithm: Algorithm,
     pub hash_key: HashKey,
     pub timeouts: Timeouts,
     pub tls: bool,
@@ -137,6 +138,7 @@ impl Service {
             Service {
                 name: name.to_string(),
                 pool,
+                algorithm: config.load_balancing,
                 hash_key: config.hash_key.clone(),
                 timeouts: config.timeouts.clone(),
                 tls: config.tls,
