@@ -918,6 +918,9 @@ impl Config {
         if let Err(e) = self.security_headers.validate() {
             return Err(fail("security_headers".into(), None, e));
         }
+        if let Some(Err(e)) = self.redis.as_ref().map(crate::redis::Redis::new) {
+            return Err(fail("redis".into(), None, e));
+        }
         if self.cache.backend == CacheBackendKind::Redis && self.redis.is_none() {
             return Err(fail(
                 "cache.backend".into(),
@@ -1154,12 +1157,16 @@ fn yaml_error(e: serde_yaml::Error, path: &Path, text: &str) -> ConfigError {
         _ => (String::new(), message),
     };
     // Errors raised by a field's own parser (durations, sizes, hosts) carry the path of the
-    // enclosing mapping but point at the field's key; name the key too.
-    let key = key_at(text, line, column).or_else(|| key_of_value(text, line, &message));
-    let field = match key {
-        Some(key) if !field.ends_with(key) && !field.is_empty() => format!("{field}.{key}"),
-        Some(key) if field.is_empty() => key.to_string(),
-        _ => field,
+    // enclosing mapping and point at its start; find the key whose value the message quotes.
+    // Unknown fields point at the key itself. Upstream entries are named by `validate`.
+    let (field, line) = if field.ends_with("upstreams") {
+        (field, line)
+    } else if let Some((key, key_line)) = key_of_value(text, line, &message) {
+        (join_field(field, key), Some(key_line))
+    } else if let Some(key) = key_at(text, line, column) {
+        (join_field(field, key), line)
+    } else {
+        (field, line)
     };
     ConfigError {
         file: path.to_path_buf(),
@@ -1170,19 +1177,43 @@ fn yaml_error(e: serde_yaml::Error, path: &Path, text: &str) -> ConfigError {
     }
 }
 
-/// In flow style (`cache: {ttl: forever}`) errors point at the mapping, not the key: find
-/// the key whose value is the one quoted in the message.
-fn key_of_value<'t>(text: &'t str, line: Option<usize>, message: &str) -> Option<&'t str> {
+fn join_field(field: String, key: &str) -> String {
+    if field.is_empty() {
+        key.to_string()
+    } else if field.ends_with(key) {
+        field
+    } else {
+        format!("{field}.{key}")
+    }
+}
+
+/// The key (and its 1-based line) whose value is the one quoted in `message`, searched from
+/// the error's line through the rest of that mapping (deeper or equally indented lines).
+fn key_of_value<'t>(text: &'t str, line: Option<usize>, message: &str) -> Option<(&'t str, usize)> {
     let value = message.split('"').nth(1).filter(|v| !v.is_empty())?;
-    let row = text.lines().nth(line? - 1)?;
-    let at = row
-        .find(&format!(": {value}"))
-        .or_else(|| row.find(&format!(": \"{value}\"")))?;
-    let before = &row[..at];
-    let start = before
-        .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
-        .map_or(0, |i| i + 1);
-    Some(&before[start..]).filter(|k| !k.is_empty())
+    let start = line? - 1;
+    let indent = |row: &str| row.len() - row.trim_start().len();
+    let first_indent = indent(text.lines().nth(start)?);
+    for (i, row) in text.lines().enumerate().skip(start) {
+        if i > start && !row.trim().is_empty() && indent(row) < first_indent {
+            break;
+        }
+        let at = row
+            .find(&format!(": {value}"))
+            .or_else(|| row.find(&format!(": \"{value}\"")))
+            .or_else(|| row.find(&format!(": '{value}'")));
+        if let Some(at) = at {
+            let before = &row[..at];
+            let from = before
+                .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+                .map_or(0, |i| i + 1);
+            let key = &before[from..];
+            if !key.is_empty() {
+                return Some((key, i + 1));
+            }
+        }
+    }
+    None
 }
 
 /// The mapping key written at a 1-based line and column, if one starts there.
@@ -1317,6 +1348,21 @@ services:
         assert_eq!(e.line, Some(5), "{e}");
         assert!(e.field.starts_with("services.a.upstreams"), "{e}");
         assert!(e.message.contains("host:port"), "{e}");
+    }
+
+    #[test]
+    fn errors_of_a_fields_own_parser_name_that_field_in_block_and_flow_style() {
+        let block = "services:\n  a:\n    routes: [{path_prefix: /a}]\n    upstreams: [\"127.0.0.1:1\"]\n    timeouts:\n      connect: 1s\n      read: soon\n";
+        let e = parse(block).unwrap_err();
+        assert_eq!(e.field, "services.a.timeouts.read", "{e}");
+        assert_eq!(e.line, Some(7), "{e}");
+        let flow = "services:\n  a:\n    routes: [{path_prefix: /a}]\n    upstreams: [\"127.0.0.1:1\"]\n    timeouts: {connect: 1s, read: soon}\n";
+        let e = parse(flow).unwrap_err();
+        assert_eq!(e.field, "services.a.timeouts.read", "{e}");
+        let top = "server:\n  threads: 2\n  grace_period: soon\nservices:\n  a:\n    routes: [{path_prefix: /a}]\n    upstreams: [\"127.0.0.1:1\"]\n";
+        let e = parse(top).unwrap_err();
+        assert_eq!(e.field, "server.grace_period", "{e}");
+        assert_eq!(e.line, Some(3), "{e}");
     }
 
     #[test]

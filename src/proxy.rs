@@ -17,6 +17,7 @@ use crate::pool::{InFlight, Upstream};
 use crate::response::{self, ErrorBody};
 use crate::routing::{self, Route};
 use crate::runtime::{Runtime, Service};
+use crate::security_headers::SecurityHeaders;
 use crate::{access_log, metrics};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -93,6 +94,8 @@ pub struct RequestCtx {
     rate_limit_headers: Vec<(HeaderName, HeaderValue)>,
     /// The response cache's view of this request: what to fill, or a stale copy to serve.
     cache: Option<CacheState>,
+    /// The service's security headers once routed, the top-level ones before.
+    security_headers: Arc<SecurityHeaders>,
 }
 
 /// The gateway proxy.
@@ -138,6 +141,11 @@ impl Gateway {
         let service = Arc::clone(&self.runtime.services[route.service]);
         ctx.route = Some(Arc::clone(route));
         ctx.service = Some(Arc::clone(&service));
+        ctx.security_headers = Arc::clone(&service.security_headers);
+        if service.cors.is_some() {
+            // Every answer from here on, errors included, needs it for its CORS headers.
+            ctx.origin = req.headers.get(http::header::ORIGIN).cloned();
+        }
         Some(service)
     }
 
@@ -285,6 +293,7 @@ impl ProxyHttp for Gateway {
             origin: None,
             rate_limit_headers: Vec::new(),
             cache: None,
+            security_headers: Arc::clone(&self.runtime.security_headers),
         }
     }
 
@@ -312,7 +321,7 @@ impl ProxyHttp for Gateway {
             return answer.send(session, ctx).await;
         }
         session.set_read_timeout(Some(service.limits.header_read_timeout));
-        if let Some(answer) = cors_preflight(session, &service, ctx) {
+        if let Some(answer) = cors_preflight(session, &service) {
             return answer.send(session, ctx).await;
         }
         if let Some(answer) = self.authenticate(session, &service, ctx).await {
@@ -520,17 +529,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         upstream_response.insert_header(REQUEST_ID, ctx.request_id.clone())?;
-        if let Some(service) = &ctx.service {
-            service
-                .security_headers
-                .apply(upstream_response, is_tls(session));
-            if let Some(cors) = &service.cors {
-                cors.apply(ctx.origin.as_ref(), upstream_response);
-            }
-        }
-        for (name, value) in &ctx.rate_limit_headers {
-            upstream_response.insert_header(name.clone(), value.clone())?;
-        }
+        decorate(upstream_response, is_tls(session), ctx, true);
         Ok(())
     }
 
@@ -626,8 +625,10 @@ impl ProxyHttp for Gateway {
             if let Some(upstream) = &ctx.upstream {
                 body = body.upstream(&upstream.name);
             }
+            let tls = is_tls(session);
+            let finish = |h: &mut ResponseHeader| decorate(h, tls, ctx, true);
             if let Err(write_error) =
-                response::send_json(session, status, &body, &ctx.request_id, &[]).await
+                response::send_json(session, status, &body, &ctx.request_id, &[], &finish).await
             {
                 log::debug!("could not send the error response: {write_error}");
             }
@@ -720,6 +721,8 @@ enum Answer {
     ),
     /// A CORS preflight, allowed, with its headers.
     Preflight(Vec<(HeaderName, HeaderValue)>),
+    /// A CORS preflight for an origin, method or header the policy does not allow.
+    PreflightRejected,
     Unauthorized(AuthError),
     /// From the cache: fresh, or stale while the upstream is down.
     Cached(Served),
@@ -729,45 +732,48 @@ enum Answer {
 
 impl Answer {
     async fn send(self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        ctx.error = match &self {
+            Answer::Error(_, reason, ..) => Some(reason),
+            Answer::Preflight(_) => Some("cors preflight"),
+            Answer::PreflightRejected => Some("cors preflight rejected"),
+            Answer::Unauthorized(e) => Some(e.reason()),
+            // Keeps the reason of a stale answer (the upstream's failure).
+            Answer::Cached(_) => ctx.error,
+            Answer::Fallback => Some("fallback"),
+        };
+        let ctx = &*ctx;
         let id = &ctx.request_id;
+        let tls = is_tls(session);
+        // A preflight carries its own CORS headers (none when refused); every answer gets
+        // the rest.
+        let with_cors = !matches!(self, Answer::Preflight(_) | Answer::PreflightRejected);
+        let finish = |h: &mut ResponseHeader| decorate(h, tls, ctx, with_cors);
         match self {
-            Answer::Error(status, reason, mut body, headers) => {
-                ctx.error = Some(reason);
+            Answer::Error(status, _, mut body, headers) => {
                 if let Some(service) = &ctx.service {
                     body = body.service(&service.name);
                 }
-                response::send_json(session, status, &body, id, &headers).await?;
+                response::send_json(session, status, &body, id, &headers, &finish).await?;
             }
             Answer::Preflight(headers) => {
-                ctx.error = Some("cors preflight");
-                let empty = Bytes::new();
-                response::send(
-                    session,
-                    StatusCode::NO_CONTENT,
-                    "text/plain",
-                    empty,
-                    id,
-                    &headers,
-                )
-                .await?;
+                let (status, empty) = (StatusCode::NO_CONTENT, Bytes::new());
+                response::send(session, status, "text/plain", empty, id, &headers, &finish).await?;
+            }
+            Answer::PreflightRejected => {
+                let body = ErrorBody::new("cors preflight rejected").service(service_name(ctx));
+                let status = StatusCode::FORBIDDEN;
+                response::send_json(session, status, &body, id, &[], &finish).await?;
             }
             Answer::Unauthorized(e) => {
-                ctx.error = Some(e.reason());
                 let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
                 let challenge = [(http::header::WWW_AUTHENTICATE, e.www_authenticate_value())];
-                response::send(
-                    session,
-                    status,
-                    "application/json",
-                    e.body(),
-                    id,
-                    &challenge,
-                )
-                .await?;
+                let json = "application/json";
+                response::send(session, status, json, e.body(), id, &challenge, &finish).await?;
             }
             Answer::Cached(served) => {
                 let mut header = served.header;
                 header.insert_header(REQUEST_ID, id.clone())?;
+                finish(&mut header);
                 let head_only = served.body.is_empty();
                 session.write_response_header(header, head_only).await?;
                 if !head_only {
@@ -775,14 +781,17 @@ impl Answer {
                 }
             }
             Answer::Fallback => {
-                ctx.error = Some("fallback");
                 if let Some(service) = &ctx.service {
-                    send_fallback(session, service, id).await?;
+                    send_fallback(session, service, id, &finish).await?;
                 }
             }
         }
         Ok(true)
     }
+}
+
+fn service_name(ctx: &RequestCtx) -> &str {
+    ctx.service.as_ref().map_or("none", |s| s.name.as_str())
 }
 
 /// Size limits known from the header alone.
@@ -796,29 +805,14 @@ fn check_limits(session: &Session, service: &Service) -> Option<Answer> {
     ))
 }
 
-/// Answers CORS preflights; remembers the `Origin` of other requests.
-fn cors_preflight(session: &Session, service: &Service, ctx: &mut RequestCtx) -> Option<Answer> {
+/// Answers CORS preflights.
+fn cors_preflight(session: &Session, service: &Service) -> Option<Answer> {
     let cors = service.cors.as_ref()?;
     match cors.preflight(session.req_header()) {
         Preflight::Allowed(headers) => Some(Answer::Preflight(headers)),
-        Preflight::Rejected => {
-            let reason = "cors preflight rejected";
-            let body = ErrorBody::new(reason);
-            Some(Answer::Error(
-                StatusCode::FORBIDDEN,
-                reason,
-                body,
-                Vec::new(),
-            ))
-        }
-        Preflight::NotCors => {
-            ctx.origin = session
-                .req_header()
-                .headers
-                .get(http::header::ORIGIN)
-                .cloned();
-            None
-        }
+        Preflight::Rejected => Some(Answer::PreflightRejected),
+
+        Preflight::NotCors => None,
     }
 }
 
@@ -866,6 +860,7 @@ async fn send_fallback(
     session: &mut Session,
     service: &Service,
     request_id: &HeaderValue,
+    finish: &response::Decorate<'_>,
 ) -> Result<()> {
     let fallback = &service.fallback;
     let mut headers = fallback.headers.clone();
@@ -882,8 +877,24 @@ async fn send_fallback(
         fallback.body.clone(),
         request_id,
         &headers,
+        finish,
     )
     .await
+}
+
+/// The headers every answer of a routed service carries, whoever wrote it (the upstream, the
+/// cache or the gateway): security headers, CORS, rate-limit state.
+fn decorate(resp: &mut ResponseHeader, tls: bool, ctx: &RequestCtx, with_cors: bool) {
+    ctx.security_headers.apply(resp, tls);
+    if let Some(cors) = ctx.service.as_ref().and_then(|s| s.cors.as_ref()) {
+        if with_cors {
+            cors.apply(ctx.origin.as_ref(), resp);
+        }
+    }
+    for (name, value) in &ctx.rate_limit_headers {
+        // Valid names and values, prepared by the rate limiter.
+        let _ = resp.insert_header(name.clone(), value.clone());
+    }
 }
 
 /// The host part of an upstream's `host:port`, used as SNI by default.

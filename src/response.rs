@@ -8,6 +8,9 @@ use pingora::proxy::Session;
 use pingora::Result;
 use serde::Serialize;
 
+/// Adds the headers every answer of a service carries (security headers, CORS, ...).
+pub type Decorate<'a> = dyn Fn(&mut ResponseHeader) + Send + Sync + 'a;
+
 /// `{"error": ..., "service": ..., "upstream": ..., "detail": ...}`.
 #[derive(Debug, Serialize)]
 pub struct ErrorBody {
@@ -56,6 +59,7 @@ pub async fn send_json(
     body: &ErrorBody,
     request_id: &HeaderValue,
     extra_headers: &[(HeaderName, HeaderValue)],
+    decorate: &Decorate<'_>,
 ) -> Result<()> {
     let mut body_json = serde_json::to_value(body).unwrap_or_default();
     if let (Some(obj), Ok(id)) = (body_json.as_object_mut(), request_id.to_str()) {
@@ -70,6 +74,7 @@ pub async fn send_json(
         Bytes::from(bytes),
         request_id,
         extra_headers,
+        decorate,
     )
     .await
 }
@@ -82,6 +87,7 @@ pub async fn send(
     body: Bytes,
     request_id: &HeaderValue,
     extra_headers: &[(HeaderName, HeaderValue)],
+    decorate: &Decorate<'_>,
 ) -> Result<()> {
     let mut header = ResponseHeader::build(status, Some(4 + extra_headers.len()))?;
     header.insert_header(http::header::CONTENT_TYPE, content_type)?;
@@ -91,6 +97,7 @@ pub async fn send(
     for (name, value) in extra_headers {
         header.insert_header(name.clone(), value.clone())?;
     }
+    decorate(&mut header);
     let head_only = session.req_header().method == http::Method::HEAD;
     session
         .write_response_header(Box::new(header), head_only)

@@ -188,6 +188,8 @@ pub struct Runtime {
     pub cache: Option<Arc<ResponseCache>>,
     /// The shared Redis connection, when configured.
     pub redis: Option<Redis>,
+    /// Top-level security headers, for answers to requests no route matched.
+    pub security_headers: Arc<SecurityHeaders>,
 }
 
 fn startup_error(e: String) -> Box<Error> {
@@ -266,6 +268,7 @@ impl Runtime {
                 authenticator: prepared.authenticator.clone(),
                 cache,
                 redis: redis.cloned(),
+                security_headers: global_headers,
             },
             background,
         ))

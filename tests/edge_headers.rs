@@ -306,3 +306,64 @@ services:
     assert_eq!(post("/uploads", 8192).status(), 413);
     assert_eq!(up.requests(), 2);
 }
+
+#[test]
+fn cached_and_gateway_written_answers_carry_the_same_headers_as_proxied_ones() {
+    let up = Upstream::start("users");
+    let gw = Gateway::start(&format!(
+        r#"
+server: {{listen: ["${{LISTEN}}"]}}
+admin: {{listen: "${{ADMIN}}"}}
+services:
+  users:
+    routes: [{{path_prefix: /users}}]
+    upstreams: ["{}"]
+    cache: {{ttl: 1m}}
+    cors: {{allowed_origins: ["https://app.example.com"]}}
+    rate_limit: {{requests_per_second: 1000, burst: 1000}}
+    limits: {{max_body_size: 10}}
+"#,
+        up.addr
+    ));
+    let origin = "https://app.example.com";
+    let get = |path: &str| {
+        client()
+            .get(gw.url(path))
+            .header("Origin", origin)
+            .send()
+            .unwrap()
+    };
+    let path = "/users/1?header=X-Powered-By:Express";
+    let miss = get(path);
+    assert_eq!(header(&miss, "x-cache"), Some("MISS"));
+    let hit = get(path);
+    assert_eq!(header(&hit, "x-cache"), Some("HIT"));
+    let too_large = client()
+        .post(gw.url("/users"))
+        .header("Origin", origin)
+        .body("x".repeat(100))
+        .send()
+        .unwrap();
+    assert_eq!(too_large.status(), 413);
+    for resp in [&miss, &hit, &too_large] {
+        assert_eq!(header(resp, "x-content-type-options"), Some("nosniff"));
+        assert_eq!(
+            header(resp, "x-powered-by"),
+            None,
+            "stored leaky header served"
+        );
+        assert_eq!(header(resp, "access-control-allow-origin"), Some(origin));
+        assert!(header(resp, "ratelimit-remaining").is_some() || resp.status() == 413);
+    }
+    assert!(header(&hit, "ratelimit-remaining").is_some());
+    assert_eq!(
+        up.requests(),
+        1,
+        "the hit and the 413 never reached the upstream"
+    );
+
+    // An unrouted request has no service, and still gets the top-level security headers.
+    let unrouted = client().get(gw.url("/nowhere")).send().unwrap();
+    assert_eq!(unrouted.status(), 404);
+    assert_eq!(header(&unrouted, "x-content-type-options"), Some("nosniff"));
+}
