@@ -79,7 +79,7 @@ pub struct Entry<'a> {
 
 #[derive(Serialize)]
 struct Line<'a> {
-    ts: String,
+    ts: &'a str,
     request_id: &'a str,
     client: String,
     method: &'a str,
@@ -98,11 +98,35 @@ struct Line<'a> {
     cache: Option<&'a str>,
 }
 
+/// The current time, RFC 3339 with milliseconds; formatted once per millisecond per thread,
+/// since many requests share one.
+fn timestamp() -> std::rc::Rc<str> {
+    thread_local! {
+        static LAST: std::cell::RefCell<(u128, std::rc::Rc<str>)> =
+            std::cell::RefCell::new((0, std::rc::Rc::from("")));
+    }
+    let now = SystemTime::now();
+    let ms = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        if last.0 != ms {
+            *last = (
+                ms,
+                std::rc::Rc::from(humantime::format_rfc3339_millis(now).to_string()),
+            );
+        }
+        std::rc::Rc::clone(&last.1)
+    })
+}
+
 /// Writes the line for one finished request.
 pub fn write(entry: &Entry<'_>) {
     let req = entry.session.req_header();
+    let ts = timestamp();
     let line = Line {
-        ts: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        ts: &ts,
         request_id: entry.request_id,
         client: entry
             .session

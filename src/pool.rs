@@ -12,13 +12,14 @@ use pingora::lb::health_check::{HealthCheck, HttpHealthCheck};
 use pingora::lb::selection::{BackendIter, BackendSelection, Consistent, Random, RoundRobin};
 use pingora::lb::{Backend, Backends, LoadBalancer};
 use pingora::prelude::background_service;
+use pingora::prelude::HttpPeer;
 use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
 use pingora::services::ServiceWithDependents;
 use pingora::{Error, ErrorType, Result};
 use prometheus::IntGauge;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 /// A Pingora service the server must run next to the proxy (here: a health check loop).
@@ -33,6 +34,10 @@ pub struct Upstream {
     pub in_flight: AtomicU32,
     /// Consulted before every attempt; fed by request outcomes and health checks.
     pub breaker: Arc<CircuitBreaker>,
+    /// How to connect, prepared once; a request copies it and tightens its timeouts.
+    pub peer: HttpPeer,
+    /// The health check's verdict (true without health checks).
+    healthy: AtomicBool,
     healthy_gauge: IntGauge,
 }
 
@@ -49,17 +54,35 @@ impl Upstream {
         healthy_gauge.set(1);
         let breaker = CircuitBreaker::new(config.circuit_breaker.breaker(), clock)
             .with_listener(transition_listener(service, &spec.name));
+        let sni = config
+            .sni
+            .clone()
+            .unwrap_or_else(|| crate::proxy::upstream_host(&spec.name));
+        let mut peer = HttpPeer::new(spec.addr, config.tls, sni);
+        let t = &config.timeouts;
+        peer.options.connection_timeout = Some(t.connect);
+        peer.options.total_connection_timeout = Some(t.connect);
+        peer.options.read_timeout = Some(t.read);
+        peer.options.write_timeout = Some(t.write);
+        peer.options.idle_timeout = Some(t.idle);
+        if config.tls {
+            peer.options.verify_cert = config.tls_verify;
+            peer.options.verify_hostname = config.tls_verify;
+        }
         Upstream {
             name: spec.name.clone(),
             addr: spec.addr,
             in_flight: AtomicU32::new(0),
             breaker: Arc::new(breaker),
+            peer,
+            healthy: AtomicBool::new(true),
             healthy_gauge,
         }
     }
 
     fn on_health_change(&self, service: &str, healthy: bool) {
         self.healthy_gauge.set(i64::from(healthy));
+        self.healthy.store(healthy, Ordering::Relaxed);
         if healthy {
             log::info!(
                 "upstream {} of service {service} passes its health check again",
@@ -345,12 +368,15 @@ impl ObservedHealthCheck {
 impl HealthCheck for ObservedHealthCheck {
     async fn check(&self, target: &Backend) -> Result<()> {
         let result = self.inner.check(target).await;
-        if result.is_ok() {
+        if let Some(upstream) = self.upstream(target) {
             // A passing check lets real traffic probe an open breaker now, rather than after
-            // the reset timeout. Failures open it through `health_status_change`, which
-            // honours `unhealthy_threshold`.
-            if let Some(upstream) = self.upstream(target) {
+            // the reset timeout. The first failures open it through `health_status_change`,
+            // which honours `unhealthy_threshold`; later ones keep it open, so an upstream
+            // that stays down never shows as half-open.
+            if result.is_ok() {
                 upstream.breaker.on_health_check(true);
+            } else if !upstream.healthy.load(Ordering::Relaxed) {
+                upstream.breaker.on_health_check(false);
             }
         }
         result

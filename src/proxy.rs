@@ -399,19 +399,13 @@ impl ProxyHttp for Gateway {
             }
             None => Duration::MAX,
         };
-        let sni = service
-            .sni
-            .clone()
-            .unwrap_or_else(|| upstream_host(&upstream.name));
-        let mut peer = HttpPeer::new(upstream.addr, service.tls, sni);
-        peer.options.connection_timeout = Some(timeouts.connect.min(remaining));
-        peer.options.total_connection_timeout = Some(timeouts.connect.min(remaining));
-        peer.options.read_timeout = Some(timeouts.read.min(remaining));
-        peer.options.write_timeout = Some(timeouts.write.min(remaining));
-        peer.options.idle_timeout = Some(timeouts.idle);
-        if service.tls {
-            peer.options.verify_cert = service.tls_verify;
-            peer.options.verify_hostname = service.tls_verify;
+        let mut peer = upstream.peer.clone();
+        if remaining < Duration::MAX {
+            let o = &mut peer.options;
+            o.connection_timeout = Some(timeouts.connect.min(remaining));
+            o.total_connection_timeout = Some(timeouts.connect.min(remaining));
+            o.read_timeout = Some(timeouts.read.min(remaining));
+            o.write_timeout = Some(timeouts.write.min(remaining));
         }
         Ok(Box::new(peer))
     }
