@@ -185,3 +185,62 @@ fn sighup_reloads() {
         !now.is_empty() && now != pid
     });
 }
+
+/// Kills the daemon named in a pid file when the test ends, however it ends.
+struct KillOnDrop(std::path::PathBuf);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(&self.0) {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", pid.trim()])
+                .status();
+        }
+    }
+}
+
+#[test]
+fn a_daemonised_gateway_reloads_too() {
+    let up = Upstream::start("users");
+    let dir = tempfile::tempdir().unwrap();
+    let [http, admin] = [common::free_port(), common::free_port()];
+    let write = |routes: usize| {
+        let yaml = config(&up.addr, routes)
+            .replace("${LISTEN}", &format!("127.0.0.1:{http}"))
+            .replace("${ADMIN}", &format!("127.0.0.1:{admin}"))
+            .replace("${DIR}", &dir.path().display().to_string());
+        let tmp = dir.path().join("gateway.yaml.tmp");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, dir.path().join("gateway.yaml")).unwrap();
+    };
+    write(0);
+    let pid_file = dir.path().join("breakwater.pid");
+    let _cleanup = KillOnDrop(pid_file.clone());
+    let status = std::process::Command::new(common::GATEWAY_BIN)
+        .args(["-d", "-c"])
+        .arg(dir.path().join("gateway.yaml"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "the foreground part of -d exits 0");
+    let c = fresh_client();
+    let url = |path: &str| format!("http://127.0.0.1:{http}{path}");
+    poll_until(Duration::from_secs(10), "daemon serving", || {
+        c.get(url("/users/1"))
+            .send()
+            .map(|r| r.status() == 200)
+            .unwrap_or(false)
+    });
+    let first = std::fs::read_to_string(&pid_file).unwrap();
+    write(1);
+    poll_until(Duration::from_secs(15), "daemon reloaded", || {
+        c.get(url("/v1/x"))
+            .send()
+            .map(|r| r.status() == 200)
+            .unwrap_or(false)
+    });
+    poll_until(Duration::from_secs(5), "new daemon pid", || {
+        std::fs::read_to_string(&pid_file).is_ok_and(|p| p != first)
+    });
+}
