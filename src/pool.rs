@@ -221,25 +221,9 @@ impl Pool {
 
     /// Whether the health check currently counts the upstream as healthy.
     pub fn is_healthy(&self, index: usize) -> bool {
-        let Some(upstream) = self.upstreams.get(index) else {
-            return false;
-        };
-        let backend = Backend {
-            addr: PingoraAddr::Inet(upstream.addr),
-            weight: 0,
-            ext: Default::default(),
-        };
-        let backends = match &self.balancer {
-            Balancer::RoundRobin(lb) => lb.backends(),
-            Balancer::Random(lb) | Balancer::LeastRequest(lb) => lb.backends(),
-            Balancer::Consistent(lb) => lb.backends(),
-        };
-        // `ready` compares the whole backend including its weight, so look the real one up.
-        backends
-            .get_backend()
-            .iter()
-            .find(|b| b.addr == backend.addr)
-            .is_some_and(|b| backends.ready(b))
+        self.upstreams
+            .get(index)
+            .is_some_and(|u| u.healthy.load(Ordering::Relaxed))
     }
 
     fn index_of(&self, addr: &PingoraAddr) -> Option<usize> {

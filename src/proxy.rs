@@ -380,8 +380,9 @@ impl ProxyHttp for Gateway {
         let upstream = Arc::clone(&service.pool.upstreams[index]);
         ctx.tried.push(index);
         ctx.upstream = Some(Arc::clone(&upstream));
-        ctx.upstream_start.get_or_insert_with(Instant::now);
-        ctx.attempt_start = Some(Instant::now());
+        let now = Instant::now();
+        ctx.upstream_start.get_or_insert(now);
+        ctx.attempt_start = Some(now);
         ctx.upstream_status = None;
         ctx.in_flight = Some(InFlight::new(Arc::clone(&upstream)));
 

@@ -21,8 +21,6 @@ pub struct ErrorBody {
     pub upstream: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub request_id: Option<String>,
 }
 
 impl ErrorBody {
@@ -32,7 +30,6 @@ impl ErrorBody {
             service: None,
             upstream: None,
             detail: None,
-            request_id: None,
         }
     }
 
@@ -61,11 +58,17 @@ pub async fn send_json(
     extra_headers: &[(HeaderName, HeaderValue)],
     decorate: &Decorate<'_>,
 ) -> Result<()> {
-    let mut body_json = serde_json::to_value(body).unwrap_or_default();
-    if let (Some(obj), Ok(id)) = (body_json.as_object_mut(), request_id.to_str()) {
-        obj.insert("request_id".into(), id.into());
+    #[derive(Serialize)]
+    struct WithId<'a> {
+        #[serde(flatten)]
+        body: &'a ErrorBody,
+        request_id: &'a str,
     }
-    let mut bytes = serde_json::to_vec(&body_json).unwrap_or_default();
+    let with_id = WithId {
+        body,
+        request_id: request_id.to_str().unwrap_or_default(),
+    };
+    let mut bytes = serde_json::to_vec(&with_id).unwrap_or_default();
     bytes.push(b'\n');
     send(
         session,
