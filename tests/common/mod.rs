@@ -21,7 +21,20 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_breakwater");
-pub const SAMPLE_SERVICE_BIN: &str = env!("CARGO_BIN_EXE_sample-service");
+
+/// The `sample-service` binary: a workspace member of its own (`tools/sample-service`), built
+/// into the same target directory as the gateway by `cargo test` at the repository root. Cargo
+/// only passes the path of its own package's binaries, hence the lookup next to the gateway.
+pub fn sample_service_bin() -> PathBuf {
+    let bin = Path::new(GATEWAY_BIN).with_file_name("sample-service");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests from the repository root with `cargo test --all-targets` \
+         (or build it with `cargo build -p sample-service` in the same profile)",
+        bin.display()
+    );
+    bin
+}
 
 /// How long a process gets to print its listening line or answer its readiness probe.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -102,7 +115,7 @@ fn tail(text: &str, lines: usize) -> String {
 // Upstreams
 // ---------------------------------------------------------------------------------------------
 
-/// One `sample-service` instance in its own process. See `src/bin/sample-service.rs` for what it
+/// One `sample-service` instance in its own process. See `tools/sample-service` for what it
 /// answers; the methods here drive its `/_control/*` endpoints.
 pub struct Upstream {
     /// "127.0.0.1:PORT".
@@ -123,13 +136,14 @@ enum SpawnError {
 }
 
 fn spawn_sample(name: &str, listen: &str) -> Result<(Child, ChildStdin, String), SpawnError> {
-    let mut child = Command::new(SAMPLE_SERVICE_BIN)
+    let bin = sample_service_bin();
+    let mut child = Command::new(&bin)
         .args(["--listen", listen, "--name", name, "--exit-on-stdin-eof"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("spawn {SAMPLE_SERVICE_BIN}: {e}"));
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
     let stdin = child.stdin.take().unwrap();
     let stdout = child.stdout.take().unwrap();
     let mut stderr = child.stderr.take().unwrap();
