@@ -5,8 +5,9 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use breakwater::breaker::{BreakerConfig, CircuitBreaker, MonotonicClock, Outcome};
-use breakwater::retry_budget::{RetryBudget, RetryBudgetConfig};
+use breakwater::clock::MonotonicClock;
+use breakwater::upstream::breaker::{BreakerConfig, CircuitBreaker, Outcome};
+use breakwater::upstream::retry::{RetryBudget, RetryBudgetConfig};
 use criterion::{criterion_group, criterion_main, Criterion};
 
 const CONTENDING_THREADS: usize = 4;

@@ -8,7 +8,7 @@
 //! allowlist (algorithm confusion), `exp` is required, and a JWKS is refetched at most once per
 //! `jwks_refetch_interval` however many unknown `kid`s arrive.
 
-use crate::breaker::{Clock, MonotonicClock};
+use crate::clock::{Clock, MonotonicClock};
 use arc_swap::ArcSwap;
 use base64::Engine;
 use bytes::Bytes;
@@ -1167,7 +1167,7 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::breaker::ManualClock;
+    use crate::clock::ManualClock;
     use jsonwebtoken::{encode, EncodingKey, Header};
     use serde_json::json;
     use std::io::{Read, Write};

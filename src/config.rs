@@ -252,7 +252,7 @@ pub struct CircuitBreakerConfig {
 
 impl Default for CircuitBreakerConfig {
     fn default() -> Self {
-        let b = crate::breaker::BreakerConfig::default();
+        let b = crate::upstream::breaker::BreakerConfig::default();
         CircuitBreakerConfig {
             failure_threshold: b.failure_threshold,
             error_threshold_percentage: b.error_threshold_percentage,
@@ -270,8 +270,8 @@ impl Default for CircuitBreakerConfig {
 
 impl CircuitBreakerConfig {
     /// The breaker state machine's own settings.
-    pub fn breaker(&self) -> crate::breaker::BreakerConfig {
-        crate::breaker::BreakerConfig {
+    pub fn breaker(&self) -> crate::upstream::breaker::BreakerConfig {
+        crate::upstream::breaker::BreakerConfig {
             failure_threshold: self.failure_threshold,
             error_threshold_percentage: self.error_threshold_percentage,
             volume_threshold: self.volume_threshold,

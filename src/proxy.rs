@@ -9,15 +9,15 @@
 
 use crate::admin::LIFECYCLE;
 use crate::auth::{self, AuthError, AuthMode, Identity};
-use crate::breaker::{Outcome, Permit};
 use crate::cache::{CacheState, Lookup, Served};
 use crate::config::Limits;
 use crate::cors::Preflight;
-use crate::pool::{InFlight, Upstream};
 use crate::response::{self, ErrorBody};
 use crate::routing::{self, Route};
 use crate::runtime::{Runtime, Service};
 use crate::security_headers::SecurityHeaders;
+use crate::upstream::breaker::{Outcome, Permit};
+use crate::upstream::pool::{InFlight, Upstream};
 use crate::{access_log, metrics};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -892,14 +892,6 @@ fn decorate(resp: &mut ResponseHeader, tls: bool, ctx: &RequestCtx, with_cors: b
     }
 }
 
-/// The host part of an upstream's `host:port`, used as SNI by default.
-pub fn upstream_host(name: &str) -> String {
-    name.rsplit_once(':')
-        .map_or(name, |(h, _)| h)
-        .trim_matches(['[', ']'])
-        .to_string()
-}
-
 /// A short label of what went wrong with an upstream attempt.
 fn error_kind(etype: &ErrorType) -> &'static str {
     match etype {
@@ -991,11 +983,5 @@ mod tests {
         let mut e = Error::new(ErrorType::ConnectionClosed);
         e.esource = ErrorSource::Downstream;
         assert_eq!(classify_error(&e).0, None);
-    }
-
-    #[test]
-    fn sni_defaults_to_upstream_host() {
-        assert_eq!(upstream_host("api.internal:443"), "api.internal");
-        assert_eq!(upstream_host("[::1]:443"), "::1");
     }
 }

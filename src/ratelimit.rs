@@ -19,7 +19,7 @@
 //!   limit. When Redis fails, `failure_mode` decides: `open` lets the request through, `closed`
 //!   answers 503; either way the [`Decision`] says `degraded`.
 
-use crate::breaker::Clock;
+use crate::clock::Clock;
 use crate::redis::{self, Redis};
 use fred::prelude::ClientLike;
 use fred::types::{ClusterHash, CustomCommand, Value};
@@ -636,7 +636,7 @@ fn ceil_secs(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::breaker::{ManualClock, MonotonicClock};
+    use crate::clock::{ManualClock, MonotonicClock};
     use crate::redis::tests::{
         config as redis_config, wait_connected, ConnectorRuntime, TestRedis,
     };

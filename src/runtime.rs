@@ -2,19 +2,19 @@
 //! settings and metric handles, built once at start-up so the request path only looks up.
 
 use crate::auth::{AuthMode, Authenticator};
-use crate::breaker::{Clock, MonotonicClock};
 use crate::cache::{ResponseCache, ServiceCache};
+use crate::clock::{Clock, MonotonicClock};
 use crate::config::{
     Algorithm, Config, ConfigError, FallbackConfig, HashKey, Limits, ServiceConfig, Timeouts,
 };
 use crate::cors::Cors;
 use crate::metrics::ServiceMetrics;
-use crate::pool::{BackgroundTask, Pool};
 use crate::ratelimit::RateLimiter;
 use crate::redis::Redis;
-use crate::retry_budget::{RetryBudget, RetryBudgetConfig};
 use crate::routing::Router;
 use crate::security_headers::SecurityHeaders;
+use crate::upstream::pool::{BackgroundTask, Pool};
+use crate::upstream::retry::{RetryBudget, RetryBudgetConfig};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 use pingora::{Error, ErrorType, Result};

@@ -26,7 +26,7 @@ pub use key::CacheKey;
 pub use memory::MemoryBackend;
 pub use redis_store::RedisBackend;
 
-use crate::breaker::Clock;
+use crate::clock::{millis, Clock};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use coalesce::{Coalescer, FlightGuard, FlightState, Join};
@@ -97,7 +97,7 @@ impl Clock for SystemClock {
     fn now_millis(&self) -> u64 {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .map_or(0, millis)
     }
 }
 
@@ -255,8 +255,8 @@ impl ServiceCache {
         ServiceCache {
             inner: Arc::new(ServiceInner {
                 service: Arc::from(service),
-                ttl_ms: duration_ms(cfg.ttl),
-                stale_ms: duration_ms(cfg.stale_if_error),
+                ttl_ms: millis(cfg.ttl),
+                stale_ms: millis(cfg.stale_if_error),
                 per_user: cfg.vary_by_user.unwrap_or(has_auth),
                 cache,
                 hit: counter("hit"),
@@ -736,10 +736,6 @@ fn directives(v: &HeaderValue) -> impl Iterator<Item = (String, Option<&str>)> {
             ),
             None => (d.to_ascii_lowercase(), None),
         })
-}
-
-fn duration_ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! `ManualClock`; nothing sleeps (the Redis tests wait only for a real server to start).
 
 use super::*;
-use crate::breaker::ManualClock;
+use crate::clock::ManualClock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 

@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::breaker::Clock;
+use crate::clock::Clock;
 
 /// Runtime form of a route's `retry_budget` config section.
 #[derive(Clone, Debug)]
@@ -168,7 +168,7 @@ fn encode(epoch: u64, counts: Counts) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::breaker::ManualClock;
+    use crate::clock::ManualClock;
     use std::thread;
     use std::time::Duration;
 

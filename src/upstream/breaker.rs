@@ -1,7 +1,6 @@
 //! Circuit breaker per upstream: owns the decision whether a request may be sent to an upstream,
 //! the bookkeeping of outcomes that drives that decision (consecutive failures, a rolling window of
-//! calls and failures, probe accounting, reset-timeout backoff), and the clock abstraction the
-//! gateway's time-based state machines are tested with.
+//! calls and failures, probe accounting, reset-timeout backoff).
 //!
 //! ```text
 //!                 consecutive failures >= failure_threshold
@@ -37,64 +36,9 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// Source of monotonic time in milliseconds. Abstracted so state machines can be tested with
-/// [`ManualClock`] instead of sleeping.
-pub trait Clock: Send + Sync + 'static {
-    /// Milliseconds since an arbitrary fixed origin; never goes backwards.
-    fn now_millis(&self) -> u64;
-}
-
-/// Real time, measured from when the clock was created.
-#[derive(Debug, Clone, Copy)]
-pub struct MonotonicClock {
-    origin: Instant,
-}
-
-impl MonotonicClock {
-    pub fn new() -> Self {
-        Self {
-            origin: Instant::now(),
-        }
-    }
-}
-
-impl Default for MonotonicClock {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Clock for MonotonicClock {
-    fn now_millis(&self) -> u64 {
-        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-}
-
-/// A clock that only moves when told to; for tests across the crate.
-#[derive(Debug, Default)]
-pub struct ManualClock(AtomicU64);
-
-impl ManualClock {
-    pub fn new(start_ms: u64) -> Self {
-        Self(AtomicU64::new(start_ms))
-    }
-
-    pub fn advance(&self, d: Duration) {
-        self.0.fetch_add(duration_ms(d), Ordering::SeqCst);
-    }
-
-    pub fn set(&self, ms: u64) {
-        self.0.store(ms, Ordering::SeqCst);
-    }
-}
-
-impl Clock for ManualClock {
-    fn now_millis(&self) -> u64 {
-        self.0.load(Ordering::SeqCst)
-    }
-}
+use crate::clock::{millis, Clock};
 
 /// Runtime form of an upstream's `circuit_breaker` config section.
 #[derive(Clone, Debug)]
@@ -278,7 +222,7 @@ struct RollingWindow {
 impl RollingWindow {
     fn new(span: Duration) -> Self {
         Self {
-            bucket_ms: (duration_ms(span) / BUCKETS as u64).max(1),
+            bucket_ms: (millis(span) / BUCKETS as u64).max(1),
             buckets: Default::default(),
         }
     }
@@ -347,12 +291,12 @@ pub struct CircuitBreaker {
 
 impl CircuitBreaker {
     pub fn new(config: BreakerConfig, clock: Arc<dyn Clock>) -> Self {
-        let reset_ms = duration_ms(config.reset_timeout);
+        let reset_ms = millis(config.reset_timeout);
         Self {
             origin_ms: clock.now_millis(),
             reset_ms,
             // A cap below the base timeout would shorten the first opening; treat it as no backoff.
-            max_reset_ms: duration_ms(config.max_reset_timeout).max(reset_ms),
+            max_reset_ms: millis(config.max_reset_timeout).max(reset_ms),
             probe_limit: config.half_open_requests.clamp(1, PROBE_MAX),
             success_threshold: config.success_threshold.clamp(1, PROBE_MAX),
             word: AtomicU64::new(Word::new(State::Closed, 0, 0, 0).0),
@@ -667,13 +611,10 @@ impl fmt::Debug for Permit {
     }
 }
 
-fn duration_ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::ManualClock;
     use std::sync::Mutex;
     use std::thread;
 

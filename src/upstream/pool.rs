@@ -2,9 +2,10 @@
 //! health check (run as a Pingora background service), and the per-upstream state the proxy
 //! consults when it picks an upstream: health, circuit breaker and requests in flight.
 
-use crate::breaker::{CircuitBreaker, Clock, State};
+use crate::clock::Clock;
 use crate::config::{Algorithm, HealthCheckConfig, ServiceConfig, UpstreamSpec};
 use crate::metrics::METRICS;
+use crate::upstream::breaker::{CircuitBreaker, State};
 use async_trait::async_trait;
 use pingora::http::RequestHeader;
 use pingora::lb::discovery::Static;
@@ -57,7 +58,7 @@ impl Upstream {
         let sni = config
             .sni
             .clone()
-            .unwrap_or_else(|| crate::proxy::upstream_host(&spec.name));
+            .unwrap_or_else(|| super::upstream_host(&spec.name));
         let mut peer = HttpPeer::new(spec.addr, config.tls, sni);
         let t = &config.timeouts;
         peer.options.connection_timeout = Some(t.connect);
@@ -99,7 +100,10 @@ impl Upstream {
 }
 
 /// Keeps the breaker's metrics and log in step with its transitions.
-fn transition_listener(service: &str, upstream: &str) -> crate::breaker::TransitionListener {
+fn transition_listener(
+    service: &str,
+    upstream: &str,
+) -> crate::upstream::breaker::TransitionListener {
     let m = &*METRICS;
     let state_gauge = m.circuit_state.with_label_values(&[service, upstream]);
     state_gauge.set(State::Closed as i64);
@@ -316,7 +320,7 @@ fn observed_health_check(
         check.peer_template.sni = config
             .sni
             .clone()
-            .unwrap_or_else(|| crate::proxy::upstream_host(&host));
+            .unwrap_or_else(|| super::upstream_host(&host));
         check.peer_template.options.verify_cert = config.tls_verify;
         check.peer_template.options.verify_hostname = config.tls_verify;
     }
