@@ -6,12 +6,12 @@
 //! are parsed, so those errors carry serde_yaml's line and column. Checks that span several
 //! fields (duplicate routes) run afterwards and find their line by scanning the file's text.
 
-use crate::auth::{AuthConfig, AuthMode};
 use crate::cache::{BackendKind as CacheBackendKind, CacheConfig, ServiceCacheConfig};
-use crate::cors::CorsConfig;
-use crate::ratelimit::{Backend as RateLimitBackend, RateLimitConfig};
+use crate::edge::auth::{AuthConfig, AuthMode};
+use crate::edge::cors::CorsConfig;
+use crate::edge::rate_limit::{Backend as RateLimitBackend, RateLimitConfig};
+use crate::edge::security_headers::SecurityHeadersConfig;
 use crate::redis::RedisConfig;
-use crate::security_headers::SecurityHeadersConfig;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashSet};
@@ -1023,7 +1023,7 @@ impl Config {
                         .into(),
                 ));
             }
-            if let Err(e) = crate::auth::validate_scopes(&svc.required_scopes) {
+            if let Err(e) = crate::edge::auth::validate_scopes(&svc.required_scopes) {
                 return Err(fail(field(".required_scopes"), None, e));
             }
             if !svc.required_scopes.is_empty() && svc.auth == AuthMode::None {

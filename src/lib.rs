@@ -5,19 +5,16 @@
 
 pub mod access_log;
 pub mod admin;
-pub mod auth;
 pub mod cache;
 pub mod clock;
 pub mod config;
-pub mod cors;
+pub mod edge;
 pub mod metrics;
 pub mod proxy;
-pub mod ratelimit;
 pub mod redis;
 pub mod reload;
 pub mod response;
 pub mod routing;
 pub mod runtime;
-pub mod security_headers;
 pub mod server;
 pub mod upstream;

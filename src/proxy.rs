@@ -8,14 +8,14 @@
 //! between phases.
 
 use crate::admin::LIFECYCLE;
-use crate::auth::{self, AuthError, AuthMode, Identity};
 use crate::cache::{CacheState, Lookup, Served};
 use crate::config::Limits;
-use crate::cors::Preflight;
+use crate::edge::auth::{self, AuthError, AuthMode, Identity};
+use crate::edge::cors::Preflight;
+use crate::edge::security_headers::SecurityHeaders;
 use crate::response::{self, ErrorBody};
 use crate::routing::{self, Route};
 use crate::runtime::{Runtime, Service};
-use crate::security_headers::SecurityHeaders;
 use crate::upstream::breaker::{Outcome, Permit};
 use crate::upstream::pool::{InFlight, Upstream};
 use crate::{access_log, metrics};
@@ -418,18 +418,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if let Some(authenticator) = &self.runtime.authenticator {
-            // Identity headers come from the gateway only, on every route: what a client
-            // sent under those names is dropped before anything is added.
-            for (claim, header) in authenticator.forwarded_headers() {
-                upstream_request.remove_header(header);
-                if let Some(value) = ctx
-                    .identity
-                    .as_ref()
-                    .and_then(|i| i.claim_as_header_value(claim))
-                {
-                    upstream_request.insert_header(header.clone(), value)?;
-                }
-            }
+            authenticator.forward_identity(ctx.identity.as_ref(), upstream_request)?;
         }
         if let Some(route) = ctx.route.as_ref().filter(|r| r.strip_prefix) {
             let path = routing::strip_prefix(&route.prefix, upstream_request.uri.path());

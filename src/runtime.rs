@@ -1,18 +1,18 @@
 //! The runtime form of a loaded config: compiled routes, per-service pools, prepared peer
 //! settings and metric handles, built once at start-up so the request path only looks up.
 
-use crate::auth::{AuthMode, Authenticator};
 use crate::cache::{ResponseCache, ServiceCache};
 use crate::clock::{Clock, MonotonicClock};
 use crate::config::{
     Algorithm, Config, ConfigError, FallbackConfig, HashKey, Limits, ServiceConfig, Timeouts,
 };
-use crate::cors::Cors;
+use crate::edge::auth::{AuthMode, Authenticator};
+use crate::edge::cors::Cors;
+use crate::edge::rate_limit::RateLimiter;
+use crate::edge::security_headers::SecurityHeaders;
 use crate::metrics::ServiceMetrics;
-use crate::ratelimit::RateLimiter;
 use crate::redis::Redis;
 use crate::routing::Router;
-use crate::security_headers::SecurityHeaders;
 use crate::upstream::pool::{BackgroundTask, Pool};
 use crate::upstream::retry::{RetryBudget, RetryBudgetConfig};
 use bytes::Bytes;
@@ -234,7 +234,7 @@ impl Runtime {
         let mut services = Vec::with_capacity(config.services.len());
         let mut background = Vec::new();
         let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
-        crate::auth::register_metrics();
+        crate::edge::auth::register_metrics();
         let global_headers =
             Arc::new(SecurityHeaders::new(&config.security_headers).map_err(startup_error)?);
         let cache = if config.services.values().any(|s| s.cache.is_some()) {

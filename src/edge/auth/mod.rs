@@ -1,0 +1,25 @@
+//! JWT authentication at the edge: the `auth:` config section and the per-service `auth` mode
+//! ([`config`]), the verification keys and the JWKS refetch ([`keys`], over the small HTTP
+//! client in [`fetch`]), token validation ([`verify`]), the [`Identity`] a valid token yields
+//! and the identity headers forwarded upstream ([`identity`]), and the client-facing answer
+//! and metric for a refused token ([`error`]).
+//!
+//! Security decisions live here and nowhere else: the algorithm allowlist is checked against
+//! the token header before any key is touched, HMAC and public-key algorithms never share one
+//! allowlist (algorithm confusion), `exp` is required, and a JWKS is refetched at most once per
+//! `jwks_refetch_interval` however many unknown `kid`s arrive.
+
+mod config;
+mod error;
+mod fetch;
+mod identity;
+mod keys;
+mod verify;
+
+pub use config::{validate_scopes, AuthConfig, AuthMode, JwtConfig};
+pub use error::{count_failure, register_metrics, AuthError};
+pub use identity::{check_scopes, Identity};
+pub use verify::Authenticator;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,208 @@
+//! Token verification: the `Authenticator` built once from `auth.jwt`, which checks a bearer
+//! token's algorithm against the allowlist before touching any key, then its signature and
+//! claims (`exp` always, `iss` and `aud` when configured).
+
+use super::config::{forward_headers, JwtConfig};
+use super::keys::{self, Keys, Lookup};
+use super::{AuthError, Identity};
+use crate::clock::{Clock, MonotonicClock};
+use base64::Engine;
+use http::{HeaderName, HeaderValue};
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::{Map, Value};
+use std::str::FromStr;
+use std::sync::Arc;
+
+/// Longer tokens are refused unparsed: no IdP issues them, and they only cost CPU.
+const MAX_TOKEN_LEN: usize = 16 * 1024;
+
+/// Validates bearer tokens; built once at start-up from [`JwtConfig`].
+pub struct Authenticator {
+    /// One validation per allowed algorithm: the library wants every algorithm of a
+    /// validation to match the key's type, and a JWKS may hold keys of several types.
+    validations: Vec<(Algorithm, Validation)>,
+    keys: Keys,
+    pub(super) forwarded: Vec<(String, HeaderName)>,
+}
+
+impl Authenticator {
+    /// Reads the secret or keys (environment, files, or a blocking fetch of `jwks_url`).
+    /// Errors name the field or file at fault.
+    pub fn new(cfg: &JwtConfig) -> Result<Authenticator, String> {
+        Authenticator::with_clock(cfg, Arc::new(MonotonicClock::new()))
+    }
+
+    /// Like [`Authenticator::new`] with the clock that paces JWKS refetches.
+    pub fn with_clock(cfg: &JwtConfig, clock: Arc<dyn Clock>) -> Result<Authenticator, String> {
+        cfg.validate()?;
+        let keys = keys::load(cfg, clock)?;
+
+        let mut validation = Validation::new(cfg.algorithms[0]);
+        validation.leeway = cfg.leeway.as_secs();
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        let mut required = vec!["exp"];
+        if let Some(issuer) = &cfg.issuer {
+            validation.set_issuer(&[issuer]);
+            required.push("iss");
+        }
+        // Without a configured audience the `aud` claim is ignored, as documented; the
+        // library would otherwise refuse every token that carries one.
+        validation.validate_aud = !cfg.audience.is_empty();
+        if validation.validate_aud {
+            validation.set_audience(&cfg.audience);
+            required.push("aud");
+        }
+        validation.set_required_spec_claims(&required);
+
+        let validations = cfg
+            .algorithms
+            .iter()
+            .map(|alg| {
+                let mut v = validation.clone();
+                v.algorithms = vec![*alg];
+                (*alg, v)
+            })
+            .collect();
+        Ok(Authenticator {
+            validations,
+            keys,
+            forwarded: forward_headers(&cfg.forward_claims)?,
+        })
+    }
+
+    /// claim -> upstream header, from `forward_claims`.
+    #[cfg(test)]
+    pub fn forwarded_headers(&self) -> &[(String, HeaderName)] {
+        &self.forwarded
+    }
+
+    /// Validates the `Authorization: Bearer <jwt>` header (scheme case-insensitive).
+    pub async fn authenticate(
+        &self,
+        authorization: Option<&HeaderValue>,
+    ) -> Result<Identity, AuthError> {
+        let token = bearer_token(authorization)?;
+        let header = TokenHeader::parse(token)?;
+        let validation = self
+            .validations
+            .iter()
+            .find(|(alg, _)| *alg == header.alg)
+            .map(|(_, v)| v)
+            .ok_or(AuthError::AlgorithmNotAllowed)?;
+        match &self.keys {
+            Keys::Single(key) => decode(token, key, validation),
+            Keys::Jwks(jwks) => {
+                let (set, candidates) = match jwks.candidates(&header) {
+                    Lookup::Found(set, candidates) => (set, candidates),
+                    Lookup::Incompatible => return Err(AuthError::AlgorithmNotAllowed),
+                    Lookup::Unknown => {
+                        jwks.refetch().await;
+                        match jwks.candidates(&header) {
+                            Lookup::Found(set, candidates) => (set, candidates),
+                            Lookup::Incompatible => return Err(AuthError::AlgorithmNotAllowed),
+                            Lookup::Unknown => return Err(AuthError::UnknownKey),
+                        }
+                    }
+                };
+                // Without a `kid` every key of the right type is tried; only a signature
+                // mismatch moves on to the next, any other verdict is about the token itself.
+                let mut result = Err(AuthError::UnknownKey);
+                for index in candidates {
+                    result = decode(token, &set[index].key, validation);
+                    if result != Err(AuthError::BadSignature) {
+                        break;
+                    }
+                }
+                result
+            }
+        }
+    }
+}
+
+fn decode(token: &str, key: &DecodingKey, validation: &Validation) -> Result<Identity, AuthError> {
+    // Checked here as well as by the library, so a key of the wrong type is reported as an
+    // algorithm the key does not allow rather than as a bad signature.
+    if validation
+        .algorithms
+        .iter()
+        .any(|a| a.family() != key.family())
+    {
+        return Err(AuthError::AlgorithmNotAllowed);
+    }
+    jsonwebtoken::decode::<Map<String, Value>>(token, key, validation)
+        .map(|data| Identity::from_claims(data.claims))
+        .map_err(|e| classify(e.kind()))
+}
+
+fn classify(kind: &ErrorKind) -> AuthError {
+    match kind {
+        ErrorKind::ExpiredSignature => AuthError::Expired,
+        ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+        ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
+        ErrorKind::InvalidAudience => AuthError::WrongAudience,
+        ErrorKind::MissingRequiredClaim(claim) => match claim.as_str() {
+            "iss" => AuthError::WrongIssuer,
+            "aud" => AuthError::WrongAudience,
+            _ => AuthError::Malformed,
+        },
+        ErrorKind::InvalidAlgorithm | ErrorKind::MissingAlgorithm => AuthError::AlgorithmNotAllowed,
+        ErrorKind::InvalidToken
+        | ErrorKind::InvalidClaimFormat(_)
+        | ErrorKind::Base64(_)
+        | ErrorKind::Json(_)
+        | ErrorKind::Utf8(_) => AuthError::Malformed,
+        // Signature mismatches, and keys that do not fit the algorithm: fail closed.
+        _ => AuthError::BadSignature,
+    }
+}
+
+fn bearer_token(authorization: Option<&HeaderValue>) -> Result<&str, AuthError> {
+    let value = authorization.ok_or(AuthError::Missing)?;
+    let value = value.to_str().map_err(|_| AuthError::Malformed)?.trim();
+    let (scheme, token) = value.split_once(' ').ok_or(AuthError::Malformed)?;
+    let token = token.trim_start_matches(' ');
+    if !scheme.eq_ignore_ascii_case("bearer")
+        || token.is_empty()
+        || token.len() > MAX_TOKEN_LEN
+        || token.contains(' ')
+    {
+        return Err(AuthError::Malformed);
+    }
+    Ok(token)
+}
+
+/// The parts of the JOSE header looked at before any key: parsed here rather than by the
+/// library so that `alg: none` and unknown algorithms are reported as such, not as malformed.
+pub(super) struct TokenHeader {
+    pub(super) alg: Algorithm,
+    pub(super) kid: Option<String>,
+}
+
+impl TokenHeader {
+    fn parse(token: &str) -> Result<TokenHeader, AuthError> {
+        let mut parts = token.split('.');
+        let (Some(header), Some(_), Some(_), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(AuthError::Malformed);
+        };
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(header)
+            .map_err(|_| AuthError::Malformed)?;
+        let json: Map<String, Value> =
+            serde_json::from_slice(&bytes).map_err(|_| AuthError::Malformed)?;
+        let alg = json
+            .get("alg")
+            .and_then(Value::as_str)
+            .ok_or(AuthError::Malformed)?;
+        let alg = Algorithm::from_str(alg).map_err(|_| AuthError::AlgorithmNotAllowed)?;
+        let kid = match json.get("kid") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(kid)) => Some(kid.clone()),
+            Some(_) => return Err(AuthError::Malformed),
+        };
+        Ok(TokenHeader { alg, kid })
+    }
+}
