@@ -3,17 +3,13 @@
 //! The modules depend one way: `config` is parsed into the `runtime` (routing, pools,
 //! metric handles), which the `proxy` pipeline and the `admin` listener read.
 
-pub mod access_log;
-pub mod admin;
 pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod edge;
-pub mod metrics;
+pub mod ops;
 pub mod proxy;
 pub mod redis;
-pub mod reload;
-pub mod response;
 pub mod routing;
 pub mod runtime;
 pub mod server;

@@ -1,6 +1,6 @@
 //! The `breakwater` command: run the gateway, or check a config file.
 
-use breakwater::reload::ReloadWatch;
+use breakwater::ops::reload::ReloadWatch;
 use breakwater::runtime;
 use breakwater::server::{self, StartOptions};
 use clap::{Parser, Subcommand};
@@ -74,7 +74,7 @@ fn main() -> ExitCode {
                 daemon: cli.daemon,
                 upgrade: cli.upgrade,
             };
-            breakwater::reload::count_if_reloaded();
+            breakwater::ops::reload::count_if_reloaded();
             match server::build(&prepared, &start) {
                 Ok(server) => {
                     let watch = ReloadWatch::new(cli.config.clone(), start);

@@ -268,7 +268,7 @@ static REDIS_ERRORS: Lazy<IntCounterVec> = Lazy::new(|| {
         &["op"],
     )
     .expect("valid metric definition");
-    crate::metrics::METRICS
+    crate::ops::metrics::METRICS
         .registry
         .register(Box::new(c.clone()))
         .expect("breakwater_redis_errors_total registered once");
@@ -281,7 +281,7 @@ static REDIS_UP: Lazy<prometheus::IntGauge> = Lazy::new(|| {
         "Whether at least one pooled Redis connection is up (1) or none is (0), read at scrape time.",
     )
     .expect("valid metric definition");
-    crate::metrics::METRICS
+    crate::ops::metrics::METRICS
         .registry
         .register(Box::new(g.clone()))
         .expect("breakwater_redis_up registered once");
@@ -597,7 +597,7 @@ pub(crate) mod tests {
             use prometheus::Encoder;
             let mut buf = Vec::new();
             prometheus::TextEncoder::new()
-                .encode(&crate::metrics::METRICS.registry.gather(), &mut buf)
+                .encode(&crate::ops::metrics::METRICS.registry.gather(), &mut buf)
                 .unwrap();
             String::from_utf8(buf).unwrap()
         };

@@ -10,7 +10,7 @@ use crate::edge::auth::{AuthMode, Authenticator};
 use crate::edge::cors::Cors;
 use crate::edge::rate_limit::RateLimiter;
 use crate::edge::security_headers::SecurityHeaders;
-use crate::metrics::ServiceMetrics;
+use crate::ops::metrics::ServiceMetrics;
 use crate::redis::Redis;
 use crate::routing::Router;
 use crate::upstream::pool::{BackgroundTask, Pool};

@@ -1,7 +1,8 @@
 //! Assembles the Pingora server from a loaded config: the proxy listeners (plain and TLS),
 //! the admin listener, the health-check background services and the lifecycle watcher.
 
-use crate::admin::{AdminApp, LifecycleWatcher};
+use crate::ops::admin::AdminApp;
+use crate::ops::lifecycle::LifecycleWatcher;
 use crate::proxy::Gateway;
 use crate::redis::{Redis, RedisConnector};
 use crate::runtime::{Prepared, Runtime};

@@ -107,7 +107,7 @@ pub(crate) struct CacheMetrics {
 }
 
 static CACHE_METRICS: Lazy<CacheMetrics> = Lazy::new(|| {
-    let registry = &crate::metrics::METRICS.registry;
+    let registry = &crate::ops::metrics::METRICS.registry;
     let requests = IntCounterVec::new(
         Opts::new(
             "breakwater_cache_requests_total",

@@ -237,7 +237,7 @@ static REJECTED: Lazy<IntCounterVec> = Lazy::new(|| {
         &["service"],
     )
     .expect("valid metric definition");
-    crate::metrics::METRICS
+    crate::ops::metrics::METRICS
         .registry
         .register(Box::new(c.clone()))
         .expect("breakwater_ratelimit_rejected_total registered once");

@@ -4,7 +4,7 @@
 
 use crate::clock::Clock;
 use crate::config::{Algorithm, HealthCheckConfig, ServiceConfig, UpstreamSpec};
-use crate::metrics::METRICS;
+use crate::ops::metrics::METRICS;
 use crate::upstream::breaker::{CircuitBreaker, State};
 use async_trait::async_trait;
 use pingora::http::RequestHeader;

@@ -126,7 +126,7 @@ static AUTH_FAILURES: Lazy<IntCounterVec> = Lazy::new(|| {
         &["service", "reason"],
     )
     .expect("valid metric definition");
-    if let Err(e) = crate::metrics::METRICS
+    if let Err(e) = crate::ops::metrics::METRICS
         .registry
         .register(Box::new(counter.clone()))
     {

@@ -1,8 +1,8 @@
 //! Who a valid token says the caller is: its subject, scopes and claims, the scope check a
 //! service asks for, and the identity headers sent upstream in place of any the client sent.
 
-use super::{AuthError, Authenticator};
-use http::HeaderValue;
+use super::error::AuthError;
+use http::{HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
 use serde_json::{Map, Value};
 
@@ -58,21 +58,19 @@ pub fn check_scopes(identity: &Identity, required: &[String]) -> Result<(), Auth
     }
 }
 
-impl Authenticator {
-    /// Sets the `forward_claims` headers of the upstream request from `identity`, after
-    /// removing whatever the client sent under those names: identity headers come from the
-    /// gateway only, on every route, authenticated or not.
-    pub fn forward_identity(
-        &self,
-        identity: Option<&Identity>,
-        upstream_request: &mut RequestHeader,
-    ) -> pingora::Result<()> {
-        for (claim, header) in &self.forwarded {
-            upstream_request.remove_header(header);
-            if let Some(value) = identity.and_then(|i| i.claim_as_header_value(claim)) {
-                upstream_request.insert_header(header.clone(), value)?;
-            }
+/// Sets the `forward_claims` headers (`claim -> header`) of the upstream request from
+/// `identity`, after removing whatever the client sent under those names: identity headers
+/// come from the gateway only, on every route, authenticated or not.
+pub fn forward(
+    forwarded: &[(String, HeaderName)],
+    identity: Option<&Identity>,
+    upstream_request: &mut RequestHeader,
+) -> pingora::Result<()> {
+    for (claim, header) in forwarded {
+        upstream_request.remove_header(header);
+        if let Some(value) = identity.and_then(|i| i.claim_as_header_value(claim)) {
+            upstream_request.insert_header(header.clone(), value)?;
         }
-        Ok(())
     }
+    Ok(())
 }

@@ -4,7 +4,6 @@
 
 use super::config::JwtConfig;
 use super::fetch::HttpUrl;
-use super::verify::TokenHeader;
 use crate::clock::{millis, Clock};
 use arc_swap::ArcSwap;
 use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, PublicKeyUse};
@@ -192,14 +191,14 @@ impl Jwks {
 
     /// The keys that may have signed a token with this header: those with its `kid` (or, for a
     /// token without one, every key) whose type and declared `alg` fit the token's `alg`.
-    pub(super) fn candidates(&self, header: &TokenHeader) -> Lookup {
+    pub(super) fn candidates(&self, alg: Algorithm, kid: Option<&str>) -> Lookup {
         let set = self.set.load_full();
-        let family = header.alg.family();
-        let fits = |k: &JwksKey| k.key.family() == family && k.alg.is_none_or(|a| a == header.alg);
-        let indices: Vec<usize> = match &header.kid {
+        let family = alg.family();
+        let fits = |k: &JwksKey| k.key.family() == family && k.alg.is_none_or(|a| a == alg);
+        let indices: Vec<usize> = match kid {
             Some(kid) => {
                 let named: Vec<usize> = (0..set.len())
-                    .filter(|&i| set[i].kid.as_deref() == Some(kid.as_str()))
+                    .filter(|&i| set[i].kid.as_deref() == Some(kid))
                     .collect();
                 if named.is_empty() {
                     return Lookup::Unknown;

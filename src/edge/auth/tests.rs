@@ -385,7 +385,7 @@ fn failures_are_counted_by_service_and_reason() {
     let mut text = Vec::new();
     prometheus::Encoder::encode(
         &prometheus::TextEncoder::new(),
-        &crate::metrics::METRICS.registry.gather(),
+        &crate::ops::metrics::METRICS.registry.gather(),
         &mut text,
     )
     .unwrap();

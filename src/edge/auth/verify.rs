@@ -3,13 +3,15 @@
 //! claims (`exp` always, `iss` and `aud` when configured).
 
 use super::config::{forward_headers, JwtConfig};
+use super::error::AuthError;
+use super::identity::{self, Identity};
 use super::keys::{self, Keys, Lookup};
-use super::{AuthError, Identity};
 use crate::clock::{Clock, MonotonicClock};
 use base64::Engine;
 use http::{HeaderName, HeaderValue};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use pingora::http::RequestHeader;
 use serde_json::{Map, Value};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -23,7 +25,7 @@ pub struct Authenticator {
     /// validation to match the key's type, and a JWKS may hold keys of several types.
     validations: Vec<(Algorithm, Validation)>,
     keys: Keys,
-    pub(super) forwarded: Vec<(String, HeaderName)>,
+    forwarded: Vec<(String, HeaderName)>,
 }
 
 impl Authenticator {
@@ -72,6 +74,16 @@ impl Authenticator {
         })
     }
 
+    /// Sets the `forward_claims` headers of the upstream request from `identity`; see
+    /// [`identity::forward`].
+    pub fn forward_identity(
+        &self,
+        identity: Option<&Identity>,
+        upstream_request: &mut RequestHeader,
+    ) -> pingora::Result<()> {
+        identity::forward(&self.forwarded, identity, upstream_request)
+    }
+
     /// claim -> upstream header, from `forward_claims`.
     #[cfg(test)]
     pub fn forwarded_headers(&self) -> &[(String, HeaderName)] {
@@ -94,12 +106,12 @@ impl Authenticator {
         match &self.keys {
             Keys::Single(key) => decode(token, key, validation),
             Keys::Jwks(jwks) => {
-                let (set, candidates) = match jwks.candidates(&header) {
+                let (set, candidates) = match jwks.candidates(header.alg, header.kid.as_deref()) {
                     Lookup::Found(set, candidates) => (set, candidates),
                     Lookup::Incompatible => return Err(AuthError::AlgorithmNotAllowed),
                     Lookup::Unknown => {
                         jwks.refetch().await;
-                        match jwks.candidates(&header) {
+                        match jwks.candidates(header.alg, header.kid.as_deref()) {
                             Lookup::Found(set, candidates) => (set, candidates),
                             Lookup::Incompatible => return Err(AuthError::AlgorithmNotAllowed),
                             Lookup::Unknown => return Err(AuthError::UnknownKey),
@@ -175,9 +187,9 @@ fn bearer_token(authorization: Option<&HeaderValue>) -> Result<&str, AuthError> 
 
 /// The parts of the JOSE header looked at before any key: parsed here rather than by the
 /// library so that `alg: none` and unknown algorithms are reported as such, not as malformed.
-pub(super) struct TokenHeader {
-    pub(super) alg: Algorithm,
-    pub(super) kid: Option<String>,
+struct TokenHeader {
+    alg: Algorithm,
+    kid: Option<String>,
 }
 
 impl TokenHeader {

@@ -1,5 +1,5 @@
-//! Responses the gateway writes itself (errors, fallbacks, admin answers): JSON bodies with
-//! the request id, so a client always gets a machine-readable reason and never a bare page.
+//! Responses the gateway writes itself (errors, preflights, fallbacks): JSON bodies with the
+//! request id, so a client always gets a machine-readable reason and never a bare page.
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
@@ -96,7 +96,7 @@ pub async fn send(
     header.insert_header(http::header::CONTENT_TYPE, content_type)?;
     header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
     header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
-    header.insert_header(crate::proxy::REQUEST_ID, request_id.clone())?;
+    header.insert_header(super::request_id::REQUEST_ID, request_id.clone())?;
     for (name, value) in extra_headers {
         header.insert_header(name.clone(), value.clone())?;
     }

@@ -7,18 +7,21 @@
 //! Each phase delegates to the module that owns the concern; `RequestCtx` carries state
 //! between phases.
 
-use crate::admin::LIFECYCLE;
 use crate::cache::{CacheState, Lookup, Served};
 use crate::config::Limits;
 use crate::edge::auth::{self, AuthError, AuthMode, Identity};
 use crate::edge::cors::Preflight;
 use crate::edge::security_headers::SecurityHeaders;
-use crate::response::{self, ErrorBody};
+use crate::ops::lifecycle::LIFECYCLE;
+mod answer;
+mod request_id;
+
+use crate::ops::{access_log, metrics};
 use crate::routing::{self, Route};
 use crate::runtime::{Runtime, Service};
 use crate::upstream::breaker::{Outcome, Permit};
 use crate::upstream::pool::{InFlight, Upstream};
-use crate::{access_log, metrics};
+use answer::ErrorBody;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode, Uri};
@@ -26,10 +29,10 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
+use request_id::REQUEST_ID;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub const REQUEST_ID: &str = "x-request-id";
 const BODY_TOO_LARGE: &str = "request body too large";
 const HEADER_TOO_LARGE: &str = "request header too large";
 
@@ -248,24 +251,6 @@ fn request_host(req: &RequestHeader) -> Option<&str> {
         .or_else(|| req.uri.authority().map(|a| a.as_str()))
 }
 
-/// A client-sent request id is kept when it is short and plainly printable.
-fn well_formed_request_id(v: &HeaderValue) -> bool {
-    let b = v.as_bytes();
-    (1..=128).contains(&b.len())
-        && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
-}
-
-fn new_request_id() -> HeaderValue {
-    // A random (v4) UUID from the thread's fast generator: ids must be unique, not secret,
-    // and a getrandom syscall per request is measurable.
-    let id = uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes()).into_uuid();
-    let mut buf = uuid::Uuid::encode_buffer();
-    // A hyphenated UUID is always a valid header value.
-    HeaderValue::from_str(id.hyphenated().encode_lower(&mut buf))
-        .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
-}
-
 #[async_trait]
 impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
@@ -304,8 +289,8 @@ impl ProxyHttp for Gateway {
             session.set_keepalive(None);
         }
         ctx.request_id = match session.req_header().headers.get(REQUEST_ID) {
-            Some(v) if well_formed_request_id(v) => v.clone(),
-            _ => new_request_id(),
+            Some(v) if request_id::is_well_formed(v) => v.clone(),
+            _ => request_id::new(),
         };
         let Some(service) = self.route(session, ctx) else {
             let path = session.req_header().uri.path();
@@ -612,7 +597,7 @@ impl ProxyHttp for Gateway {
             let tls = is_tls(session);
             let finish = |h: &mut ResponseHeader| decorate(h, tls, ctx, true);
             if let Err(write_error) =
-                response::send_json(session, status, &body, &ctx.request_id, &[], &finish).await
+                answer::send_json(session, status, &body, &ctx.request_id, &[], &finish).await
             {
                 log::debug!("could not send the error response: {write_error}");
             }
@@ -737,22 +722,22 @@ impl Answer {
                 if let Some(service) = &ctx.service {
                     body = body.service(&service.name);
                 }
-                response::send_json(session, status, &body, id, &headers, &finish).await?;
+                answer::send_json(session, status, &body, id, &headers, &finish).await?;
             }
             Answer::Preflight(headers) => {
                 let (status, empty) = (StatusCode::NO_CONTENT, Bytes::new());
-                response::send(session, status, "text/plain", empty, id, &headers, &finish).await?;
+                answer::send(session, status, "text/plain", empty, id, &headers, &finish).await?;
             }
             Answer::PreflightRejected => {
                 let body = ErrorBody::new("cors preflight rejected").service(service_name(ctx));
                 let status = StatusCode::FORBIDDEN;
-                response::send_json(session, status, &body, id, &[], &finish).await?;
+                answer::send_json(session, status, &body, id, &[], &finish).await?;
             }
             Answer::Unauthorized(e) => {
                 let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
                 let challenge = [(http::header::WWW_AUTHENTICATE, e.www_authenticate_value())];
                 let json = "application/json";
-                response::send(session, status, json, e.body(), id, &challenge, &finish).await?;
+                answer::send(session, status, json, e.body(), id, &challenge, &finish).await?;
             }
             Answer::Cached(served) => {
                 let mut header = served.header;
@@ -844,7 +829,7 @@ async fn send_fallback(
     session: &mut Session,
     service: &Service,
     request_id: &HeaderValue,
-    finish: &response::Decorate<'_>,
+    finish: &answer::Decorate<'_>,
 ) -> Result<()> {
     let fallback = &service.fallback;
     let mut headers = fallback.headers.clone();
@@ -854,7 +839,7 @@ async fn send_fallback(
             HeaderValue::from(service.retry_after_secs()),
         ));
     }
-    response::send(
+    answer::send(
         session,
         fallback.status,
         &fallback.content_type,
@@ -947,19 +932,6 @@ fn classify_error(e: &Error) -> (Option<StatusCode>, &'static str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn request_id_validation() {
-        assert!(well_formed_request_id(&HeaderValue::from_static(
-            "abc-123_x.y:z"
-        )));
-        assert!(!well_formed_request_id(&HeaderValue::from_static("")));
-        assert!(!well_formed_request_id(&HeaderValue::from_static("a b")));
-        assert!(!well_formed_request_id(
-            &HeaderValue::from_str(&"a".repeat(129)).unwrap()
-        ));
-        assert!(well_formed_request_id(&new_request_id()));
-    }
 
     #[test]
     fn upstream_errors_map_to_502_and_504() {

@@ -18,8 +18,8 @@
 //! in-memory state (breakers, health, local rate limits, memory cache, metric counters);
 //! state kept in Redis survives.
 
-use crate::admin::LIFECYCLE;
-use crate::metrics::METRICS;
+use crate::ops::lifecycle::LIFECYCLE;
+use crate::ops::metrics::METRICS;
 use crate::server::StartOptions;
 use async_trait::async_trait;
 use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
@@ -145,7 +145,10 @@ impl ReloadWatch {
                     "config reload ({trigger}): process {} takes over the listeners; this one drains",
                     child.id()
                 );
-                crate::admin::notify_systemd(&format!("RELOADING=1\nMAINPID={}", child.id()));
+                crate::ops::lifecycle::notify_systemd(&format!(
+                    "RELOADING=1\nMAINPID={}",
+                    child.id()
+                ));
                 true
             }
             Err(e) => {
@@ -201,7 +204,7 @@ impl ShutdownSignalWatch for ReloadWatch {
                 }
             };
             LIFECYCLE.start_draining();
-            crate::admin::notify_systemd("STOPPING=1");
+            crate::ops::lifecycle::notify_systemd("STOPPING=1");
             return signal;
         }
     }
