@@ -12,13 +12,13 @@ use crate::edge::cors::CorsConfig;
 use crate::edge::rate_limit::{Backend as RateLimitBackend, RateLimitConfig};
 use crate::edge::security_headers::SecurityHeadersConfig;
 use crate::redis::RedisConfig;
+pub use crate::values::{ByteSize, PathPrefix};
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 /// A configuration that failed to load: where and why.
@@ -100,7 +100,10 @@ pub struct ServerConfig {
     pub threads: usize,
     /// How long in-flight requests may take to finish once shutdown starts, in whole
     /// seconds (rounded up). Default: 10s.
-    #[serde(default = "default_grace_period", deserialize_with = "de_duration")]
+    #[serde(
+        default = "default_grace_period",
+        deserialize_with = "crate::values::de_duration"
+    )]
     pub grace_period: Duration,
     /// Unix socket that passes listening sockets to a new process on upgrade.
     /// Default: `/tmp/breakwater_upgrade.sock`.
@@ -230,13 +233,13 @@ pub struct CircuitBreakerConfig {
     /// Calls the rolling window must hold before the percentage counts. Default: 20.
     pub volume_threshold: u32,
     /// Span of the rolling window (10 buckets). Default: 10s.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "crate::values::de_duration")]
     pub rolling_window: Duration,
     /// How long it stays open before admitting probes (half-open). Default: 30s.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "crate::values::de_duration")]
     pub reset_timeout: Duration,
     /// The open time doubles each time a probe fails, up to this. Default: 5m.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "crate::values::de_duration")]
     pub max_reset_timeout: Duration,
     /// Probe requests admitted at once while half-open. Default: 1.
     pub half_open_requests: u32,
@@ -246,7 +249,7 @@ pub struct CircuitBreakerConfig {
     pub failure_statuses: Vec<u16>,
     /// A call slower than this (to the end of its response) counts as a failure.
     /// Default: none.
-    #[serde(deserialize_with = "de_opt_duration")]
+    #[serde(deserialize_with = "crate::values::de_opt_duration")]
     pub slow_call_threshold: Option<Duration>,
 }
 
@@ -396,22 +399,34 @@ impl<'de> Deserialize<'de> for HashKey {
 #[serde(deny_unknown_fields)]
 pub struct Timeouts {
     /// TCP (and TLS) connect. Default: 1s.
-    #[serde(default = "default_connect_timeout", deserialize_with = "de_duration")]
+    #[serde(
+        default = "default_connect_timeout",
+        deserialize_with = "crate::values::de_duration"
+    )]
     pub connect: Duration,
     /// Longest wait for each read from the upstream (the response header, then each body
     /// chunk). Default: 30s.
-    #[serde(default = "default_read_timeout", deserialize_with = "de_duration")]
+    #[serde(
+        default = "default_read_timeout",
+        deserialize_with = "crate::values::de_duration"
+    )]
     pub read: Duration,
     /// Longest wait for each write to the upstream. Default: 30s.
-    #[serde(default = "default_read_timeout", deserialize_with = "de_duration")]
+    #[serde(
+        default = "default_read_timeout",
+        deserialize_with = "crate::values::de_duration"
+    )]
     pub write: Duration,
     /// Budget counted from the request's arrival: each attempt's connect, read and write
     /// timeouts are capped at the time left when it starts, and no retry starts once it
     /// is spent. Default: none.
-    #[serde(default, deserialize_with = "de_opt_duration")]
+    #[serde(default, deserialize_with = "crate::values::de_opt_duration")]
     pub total: Option<Duration>,
     /// How long an idle upstream connection is kept for reuse. Default: 60s.
-    #[serde(default = "default_idle_timeout", deserialize_with = "de_duration")]
+    #[serde(
+        default = "default_idle_timeout",
+        deserialize_with = "crate::values::de_duration"
+    )]
     pub idle: Duration,
 }
 
@@ -435,10 +450,16 @@ pub struct HealthCheckConfig {
     #[serde(default = "default_health_path")]
     pub path: PathPrefix,
     /// Time between checks. Default: 5s.
-    #[serde(default = "default_health_interval", deserialize_with = "de_duration")]
+    #[serde(
+        default = "default_health_interval",
+        deserialize_with = "crate::values::de_duration"
+    )]
     pub interval: Duration,
     /// Connect and read timeout of one check. Default: 1s.
-    #[serde(default = "default_health_timeout", deserialize_with = "de_duration")]
+    #[serde(
+        default = "default_health_timeout",
+        deserialize_with = "crate::values::de_duration"
+    )]
     pub timeout: Duration,
     /// `Host` header sent with every upstream's check. Default: the first upstream's
     /// `host:port` as written.
@@ -562,27 +583,6 @@ impl fmt::Display for ListenAddr {
     }
 }
 
-/// A path prefix: starts with `/`, no query, no whitespace.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct PathPrefix(pub String);
-
-impl<'de> Deserialize<'de> for PathPrefix {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        if !s.starts_with('/') {
-            return Err(de::Error::custom(format!(
-                "invalid path {s:?}: must start with '/'"
-            )));
-        }
-        if s.contains(['?', '#', ' ', '\t']) {
-            return Err(de::Error::custom(format!(
-                "invalid path {s:?}: no query, fragment or whitespace allowed"
-            )));
-        }
-        Ok(PathPrefix(s))
-    }
-}
-
 /// A route host: exact, or `*.suffix` for any subdomain of suffix.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum HostPattern {
@@ -635,98 +635,6 @@ impl fmt::Display for HostPattern {
     }
 }
 
-/// A size in bytes, written `1024`, `"512KiB"`, `"1MiB"`, `"2GiB"` (powers of 1024) or
-/// `"1KB"`, `"1MB"`, `"1GB"` (powers of 1000); `B` may be left out (`"64Ki"`, `"1M"`), and
-/// unit letters are case-insensitive except that `i` marks the binary units.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct ByteSize(pub u64);
-
-impl ByteSize {
-    pub fn as_u64(self) -> u64 {
-        self.0
-    }
-
-    /// As a `usize`, saturating on 32-bit targets.
-    pub fn as_usize(self) -> usize {
-        usize::try_from(self.0).unwrap_or(usize::MAX)
-    }
-}
-
-impl FromStr for ByteSize {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let t = s.trim();
-        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-        let (digits, unit) = t.split_at(split);
-        let invalid = || {
-            format!("invalid size {s:?}: expected a whole number of bytes with an optional unit, e.g. 1024, 512KiB, 1MiB, 1GB")
-        };
-        if digits.is_empty() {
-            return Err(invalid());
-        }
-        let n: u64 = digits.parse().map_err(|_| invalid())?;
-        let multiplier: u64 = match unit.trim() {
-            "" | "b" | "B" => 1,
-            "Ki" | "KiB" | "kiB" | "ki" => 1 << 10,
-            "Mi" | "MiB" | "mi" | "miB" => 1 << 20,
-            "Gi" | "GiB" | "gi" | "giB" => 1 << 30,
-            "Ti" | "TiB" | "ti" | "tiB" => 1 << 40,
-            u => match u.to_ascii_lowercase().as_str() {
-                "k" | "kb" => 1_000,
-                "m" | "mb" => 1_000_000,
-                "g" | "gb" => 1_000_000_000,
-                "t" | "tb" => 1_000_000_000_000,
-                _ => return Err(invalid()),
-            },
-        };
-        n.checked_mul(multiplier)
-            .map(ByteSize)
-            .ok_or_else(|| format!("size {s:?} is too large"))
-    }
-}
-
-impl fmt::Display for ByteSize {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const UNITS: [(u64, &str); 4] = [
-            (1 << 40, "TiB"),
-            (1 << 30, "GiB"),
-            (1 << 20, "MiB"),
-            (1 << 10, "KiB"),
-        ];
-        for (size, unit) in UNITS {
-            if self.0 >= size && self.0.is_multiple_of(size) {
-                return write!(f, "{}{unit}", self.0 / size);
-            }
-        }
-        write!(f, "{}", self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for ByteSize {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl de::Visitor<'_> for Visitor {
-            type Value = ByteSize;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a size such as 1024, \"512KiB\", \"1MiB\" or \"1GB\"")
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ByteSize, E> {
-                Ok(ByteSize(v))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
-                u64::try_from(v)
-                    .map(ByteSize)
-                    .map_err(|_| E::custom(format!("invalid size {v}: must not be negative")))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
-                v.parse().map_err(E::custom)
-            }
-        }
-        d.deserialize_any(Visitor)
-    }
-}
-
 /// `limits:` at the top level, or a service's override of some of its fields.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -740,7 +648,7 @@ pub struct LimitsConfig {
     pub max_header_size: Option<ByteSize>,
     /// Longest wait for each read of a client's request body once its header arrived, so a
     /// client that trickles its body cannot hold a request open. Default: 10s.
-    #[serde(default, deserialize_with = "de_opt_duration")]
+    #[serde(default, deserialize_with = "crate::values::de_opt_duration")]
     pub header_read_timeout: Option<Duration>,
 }
 
@@ -770,21 +678,6 @@ impl LimitsConfig {
                 .unwrap_or(Duration::from_secs(10)),
         }
     }
-}
-
-/// Parses a human duration: `500ms`, `3s`, `1m`, `1h30m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("invalid duration {s:?} ({e}): expected e.g. 500ms, 3s, 1m"))
-}
-
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    parse_duration(&s).map_err(de::Error::custom)
-}
-
-fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    de_duration(d).map(Some)
 }
 
 fn default_true() -> bool {
@@ -1405,57 +1298,6 @@ services:
             .unwrap_err();
         assert!(e.message.contains("must start with '/'"), "{e}");
         assert_eq!(e.line, Some(3));
-    }
-
-    #[test]
-    fn sizes_parse_in_binary_and_decimal_units() {
-        let ok = [
-            ("1024", 1024),
-            ("0", 0),
-            ("512KiB", 512 * 1024),
-            ("1MiB", 1 << 20),
-            ("256MiB", 256 << 20),
-            ("2GiB", 2 << 30),
-            ("1GB", 1_000_000_000),
-            ("1kb", 1000),
-            ("10 MB", 10_000_000),
-            ("64Ki", 64 * 1024),
-            ("7B", 7),
-        ];
-        for (text, bytes) in ok {
-            assert_eq!(text.parse::<ByteSize>(), Ok(ByteSize(bytes)), "{text}");
-        }
-        for bad in [
-            "",
-            "MiB",
-            "1.5MiB",
-            "-1",
-            "1XB",
-            "1 M B",
-            "99999999999999999999",
-        ] {
-            assert!(
-                bad.parse::<ByteSize>().is_err(),
-                "{bad:?} should be refused"
-            );
-        }
-        assert!("20000000TiB"
-            .parse::<ByteSize>()
-            .unwrap_err()
-            .contains("too large"));
-    }
-
-    #[test]
-    fn sizes_deserialize_from_numbers_and_strings_and_display_compactly() {
-        let v: Vec<ByteSize> = serde_yaml::from_str("[1024, \"1MiB\", 3GB]").unwrap();
-        assert_eq!(
-            v,
-            vec![ByteSize(1024), ByteSize(1 << 20), ByteSize(3_000_000_000)]
-        );
-        assert!(serde_yaml::from_str::<ByteSize>("-5").is_err());
-        assert_eq!(ByteSize(256 << 20).to_string(), "256MiB");
-        assert_eq!(ByteSize(1536).to_string(), "1536");
-        assert_eq!(ByteSize(1024).to_string(), "1KiB");
     }
 
     #[test]

@@ -20,7 +20,6 @@ use once_cell::sync::Lazy;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use prometheus::{IntCounterVec, Opts};
-use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -46,11 +45,11 @@ pub struct RedisConfig {
     pub pool_size: usize,
     /// Longest a command may take before the caller gets an error (and e.g. a rate limit
     /// fails open). Default: 250ms.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "crate::values::de_duration")]
     pub command_timeout: Duration,
     /// Longest a TCP (and TLS) connect to Redis may take before it counts as failed and is
     /// retried with backoff. Default: 1s.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "crate::values::de_duration")]
     pub connect_timeout: Duration,
 }
 
@@ -63,15 +62,6 @@ impl Default for RedisConfig {
             connect_timeout: Duration::from_secs(1),
         }
     }
-}
-
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(&s).map_err(|e| {
-        de::Error::custom(format!(
-            "invalid duration {s:?}: {e} (expected e.g. \"250ms\", \"3s\", \"1m\")"
-        ))
-    })
 }
 
 /// URL schemes fred is built to connect with here (no sentinel or unix-socket features).

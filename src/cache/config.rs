@@ -1,7 +1,6 @@
 //! The `cache:` sections of the YAML (top level and per service).
 
-pub use crate::config::ByteSize;
-use serde::de::{self, Deserializer};
+pub use crate::values::ByteSize;
 use serde::Deserialize;
 use std::time::Duration;
 
@@ -22,7 +21,7 @@ pub struct CacheConfig {
     pub max_body_size: ByteSize,
     /// How long concurrent misses for one key wait for the one request filling the entry
     /// before going upstream themselves. Default: `5s`.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "crate::values::de_duration")]
     pub lock_timeout: Duration,
 }
 
@@ -54,11 +53,11 @@ pub enum BackendKind {
 pub struct ServiceCacheConfig {
     /// How long a stored response is served as fresh (`X-Cache: HIT`); an upstream
     /// `Cache-Control: max-age`/`s-maxage` lowers it for that response. Default: `1m`.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "crate::values::de_duration")]
     pub ttl: Duration,
     /// How long after `ttl` a stored response may still be served (`X-Cache: STALE`) when
     /// the upstream fails, times out or its breaker is open. Default: `0s` (never).
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "crate::values::de_duration")]
     pub stale_if_error: Duration,
     /// Key entries by the authenticated user (the JWT subject), so one user's response is
     /// never served to another; `private` responses are then storable. Default: true when
@@ -75,12 +74,6 @@ impl Default for ServiceCacheConfig {
             vary_by_user: None,
         }
     }
-}
-
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(s.trim())
-        .map_err(|e| de::Error::custom(format!("invalid duration {s:?}: {e} (e.g. 500ms, 3s, 1m)")))
 }
 
 #[cfg(test)]

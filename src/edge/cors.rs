@@ -5,7 +5,6 @@
 
 use http::{header, HeaderName, HeaderValue, Method};
 use pingora::http::{RequestHeader, ResponseHeader};
-use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use std::time::Duration;
 
@@ -34,7 +33,10 @@ pub struct CorsConfig {
     pub allow_credentials: bool,
     /// How long a browser may cache a preflight answer (`Access-Control-Max-Age`, whole
     /// seconds; `0s` leaves it to the browser). Default: 10m.
-    #[serde(default = "default_max_age", deserialize_with = "de_duration")]
+    #[serde(
+        default = "default_max_age",
+        deserialize_with = "crate::values::de_duration"
+    )]
     pub max_age: Duration,
 }
 
@@ -44,12 +46,6 @@ fn default_methods() -> Vec<String> {
 
 fn default_max_age() -> Duration {
     Duration::from_secs(600)
-}
-
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(&s)
-        .map_err(|e| de::Error::custom(format!("invalid duration {s:?}: {e}")))
 }
 
 impl CorsConfig {

@@ -5,7 +5,7 @@
 use super::fetch::HttpUrl;
 use http::HeaderName;
 use jsonwebtoken::{Algorithm, AlgorithmFamily};
-use serde::de::{self, Deserializer};
+use serde::de::Deserializer;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -79,17 +79,26 @@ pub struct JwtConfig {
     #[serde(default, deserialize_with = "de_one_or_many")]
     pub audience: Vec<String>,
     /// Clock skew tolerated on `exp` and `nbf`. Default: 30s.
-    #[serde(default = "default_leeway", deserialize_with = "de_duration")]
+    #[serde(
+        default = "default_leeway",
+        deserialize_with = "crate::values::de_duration"
+    )]
     pub leeway: Duration,
     /// Claims sent upstream as request headers, claim -> header name. Client-sent copies of
     /// these headers must never reach an upstream. Default: `{sub: X-User-Id}`.
     #[serde(default = "default_forward_claims")]
     pub forward_claims: BTreeMap<String, String>,
     /// Shortest time between two JWKS refetches caused by unknown `kid`s. Default: 10s.
-    #[serde(default = "default_refetch_interval", deserialize_with = "de_duration")]
+    #[serde(
+        default = "default_refetch_interval",
+        deserialize_with = "crate::values::de_duration"
+    )]
     pub jwks_refetch_interval: Duration,
     /// Connect-and-read timeout of one `jwks_url` fetch. Default: 5s.
-    #[serde(default = "default_fetch_timeout", deserialize_with = "de_duration")]
+    #[serde(
+        default = "default_fetch_timeout",
+        deserialize_with = "crate::values::de_duration"
+    )]
     pub jwks_fetch_timeout: Duration,
 }
 
@@ -104,12 +113,6 @@ fn default_fetch_timeout() -> Duration {
 }
 pub(super) fn default_forward_claims() -> BTreeMap<String, String> {
     BTreeMap::from([("sub".to_string(), "X-User-Id".to_string())])
-}
-
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(&s)
-        .map_err(|e| de::Error::custom(format!("invalid duration {s:?}: {e}")))
 }
 
 fn de_one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
