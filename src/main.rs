@@ -47,8 +47,8 @@ fn main() -> ExitCode {
     )
     .init();
 
-    let prepared = match runtime::prepare(&cli.config) {
-        Ok(p) => p,
+    let compiled = match runtime::prepare(&cli.config) {
+        Ok(compiled) => compiled,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(EXIT_INVALID_CONFIG);
@@ -56,16 +56,11 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => {
-            let config = &prepared.config;
             println!(
                 "{}: ok ({} services, {} routes)",
                 cli.config.display(),
-                config.services.len(),
-                config
-                    .services
-                    .values()
-                    .map(|s| s.routes.len())
-                    .sum::<usize>()
+                compiled.service_count(),
+                compiled.route_count()
             );
             ExitCode::SUCCESS
         }
@@ -75,7 +70,7 @@ fn main() -> ExitCode {
                 upgrade: cli.upgrade,
             };
             breakwater::ops::reload::count_if_reloaded();
-            match server::build(&prepared, &start) {
+            match server::build(compiled, &start) {
                 Ok(server) => {
                     let watch = ReloadWatch::new(cli.config.clone(), start);
                     server.run(RunArgs {

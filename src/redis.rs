@@ -1,11 +1,12 @@
 //! The shared Redis connection: owns the `redis:` config section, the fred client pool every
-//! Redis-backed feature (rate limiting, later the response cache) issues its commands through,
+//! Redis-backed feature (rate limiting, the response cache) issues its commands through,
 //! the background service that connects it inside Pingora's runtime and keeps it reconnecting,
 //! and the accounting of Redis errors (`breakwater_redis_errors_total{op}` plus a rate-limited
 //! warning).
 //!
-//! Redis is an optional dependency of the request path, never a hard one: [`Redis::new`] does
-//! no I/O (so it is safe before Pingora daemonises and forks), start-up never waits for Redis,
+//! Redis is an optional dependency of the request path, never a hard one:
+//! [`RedisConfig::compile`] does no I/O (so it is safe before Pingora daemonises and forks, and
+//! in `check`), start-up never waits for Redis,
 //! the pool reconnects forever with capped backoff, and [`Redis::commands`] fails a command at
 //! once while its connection is down and after `command_timeout` otherwise, so a dead Redis
 //! costs a request at most that long. Callers decide what a failure means (fail open/closed).
@@ -110,12 +111,12 @@ impl std::fmt::Debug for Redis {
     }
 }
 
-impl Redis {
-    /// Builds the pool without connecting: no I/O and no tasks, so it may run before Pingora
-    /// forks and outside any tokio runtime. [`RedisConnector`] connects it later.
-    pub fn new(cfg: &RedisConfig) -> Result<Redis, String> {
-        // Registered at start-up rather than on the first error, in the middle of an outage.
-        Lazy::force(&REDIS_ERRORS);
+impl RedisConfig {
+    /// Compiles the section into the shared pool, without connecting: no I/O and no tasks, so
+    /// it may run before Pingora forks, outside any tokio runtime, and in `check`.
+    /// [`RedisConnector`] connects it once the server runs.
+    pub fn compile(&self) -> Result<Redis, String> {
+        let cfg = self;
         if cfg.pool_size == 0 {
             return Err("redis.pool_size must be at least 1".to_string());
         }
@@ -184,7 +185,9 @@ impl Redis {
             started: Arc::new(AtomicBool::new(false)),
         })
     }
+}
 
+impl Redis {
     /// The pool with the gateway's command options: `command_timeout`, fail fast while
     /// disconnected, no replay. Use this on the request path; it implements fred's
     /// `ClientLike` (`custom`, ...) and the command interfaces that `WithOptions` supports.
@@ -277,6 +280,13 @@ static REDIS_UP: Lazy<prometheus::IntGauge> = Lazy::new(|| {
         .expect("breakwater_redis_up registered once");
     g
 });
+
+/// Registers the Redis metrics at start-up rather than on the first error, in the middle of
+/// an outage.
+pub fn register_metrics() {
+    Lazy::force(&REDIS_ERRORS);
+    Lazy::force(&REDIS_UP);
+}
 
 impl Redis {
     /// Brings `breakwater_redis_up` up to date; called when metrics are scraped.
@@ -459,7 +469,7 @@ pub(crate) mod tests {
 
     #[test]
     fn new_rejects_bad_settings_without_leaking_the_password() {
-        let bad = |cfg: RedisConfig| Redis::new(&cfg).unwrap_err();
+        let bad = |cfg: RedisConfig| cfg.compile().unwrap_err();
         assert!(bad(RedisConfig {
             pool_size: 0,
             ..RedisConfig::default()
@@ -492,7 +502,7 @@ pub(crate) mod tests {
                 "{url}: {:?}",
                 cfg.server
             );
-            Redis::new(&config(url)).unwrap();
+            config(url).compile().unwrap();
         }
         let cfg = FredConfig::from_url(&normalize_url("redis://10.0.0.1:7000")).unwrap();
         assert!(matches!(cfg.server, ServerConfig::Centralized { .. }));
@@ -502,7 +512,7 @@ pub(crate) mod tests {
     fn new_needs_no_runtime_and_does_no_io() {
         // Nothing listens on this port; building must still succeed, instantly, outside tokio.
         let start = Instant::now();
-        let redis = Redis::new(&config("redis://127.0.0.1:1")).unwrap();
+        let redis = config("redis://127.0.0.1:1").compile().unwrap();
         assert!(!redis.is_connected());
         assert!(start.elapsed() < Duration::from_millis(100));
     }
@@ -510,7 +520,7 @@ pub(crate) mod tests {
     #[test]
     fn commands_issued_from_another_runtime_than_the_connectors_work() {
         let server = TestRedis::start();
-        let redis = Redis::new(&config(&server.url())).unwrap();
+        let redis = config(&server.url()).compile().unwrap();
         let _connector = ConnectorRuntime::start(&redis);
         // The "worker" runtime: a different runtime on other threads, like Pingora's proxy.
         let worker = tokio::runtime::Builder::new_multi_thread()
@@ -551,7 +561,7 @@ pub(crate) mod tests {
     fn start_up_does_not_wait_for_a_down_redis_and_commands_fail_fast_until_it_is_up() {
         let mut server = TestRedis::start();
         server.kill();
-        let redis = Redis::new(&config(&server.url())).unwrap();
+        let redis = config(&server.url()).compile().unwrap();
         let _connector = ConnectorRuntime::start(&redis);
         let worker = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -1,10 +1,84 @@
-//! Routing: the compiled route table that maps a request's host and path to a service.
+//! Routing: a service's `routes:` (path prefix, optional host), the route table compiled from
+//! every service's routes, which maps a request's host and path to a service, and the host a
+//! request is for.
 //!
 //! Built once when the config loads. A request matches the route with the longest path prefix
 //! (on segment boundaries); for equal prefixes a route with a host wins over one without.
 
-use crate::config::{Config, HostPattern};
+use crate::values::PathPrefix;
+use pingora::http::RequestHeader;
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use std::fmt;
 use std::sync::Arc;
+
+/// One route of a service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Path prefix, matched on segment boundaries (`/users` matches `/users` and `/users/1`,
+    /// not `/usersx`). The longest matching prefix wins.
+    pub path_prefix: PathPrefix,
+    /// Optional host: exact (`api.example.com`) or wildcard (`*.example.com`). Routes with a
+    /// host win over routes without one for the same prefix.
+    #[serde(default)]
+    pub host: Option<HostPattern>,
+    /// Remove the prefix before forwarding (`/users/1` -> `/1`). Default: false.
+    #[serde(default)]
+    pub strip_prefix: bool,
+}
+
+/// A route host: exact, or `*.suffix` for any subdomain of suffix.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HostPattern {
+    Exact(String),
+    /// Stored with its leading dot: `*.example.com` -> `.example.com`.
+    Wildcard(String),
+}
+
+impl HostPattern {
+    /// Whether `host` (already lower-case, port removed) matches.
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostPattern::Exact(h) => h == host,
+            HostPattern::Wildcard(suffix) => host.len() > suffix.len() && host.ends_with(suffix),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HostPattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?.to_ascii_lowercase();
+        let valid_name = |h: &str| {
+            !h.is_empty()
+                && h.split('.').all(|label| {
+                    !label.is_empty()
+                        && label
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                })
+        };
+        if let Some(suffix) = s.strip_prefix("*.") {
+            if valid_name(suffix) {
+                return Ok(HostPattern::Wildcard(format!(".{suffix}")));
+            }
+        } else if valid_name(&s) {
+            return Ok(HostPattern::Exact(s));
+        }
+        Err(de::Error::custom(format!(
+            "invalid host {s:?}: expected a host name like api.example.com or *.example.com"
+        )))
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostPattern::Exact(h) => f.write_str(h),
+            HostPattern::Wildcard(s) => write!(f, "*{s}"),
+        }
+    }
+}
 
 /// One compiled route.
 #[derive(Debug, Clone)]
@@ -24,14 +98,13 @@ pub struct Router {
 }
 
 impl Router {
-    /// Compiles the routes of every service; `service_index` maps a service name to its index.
-    pub fn new(config: &Config, service_index: impl Fn(&str) -> usize) -> Router {
-        let mut routes: Vec<Arc<Route>> = config
-            .services
-            .iter()
-            .flat_map(|(name, svc)| {
-                let service = service_index(name);
-                svc.routes.iter().map(move |r| {
+    /// Compiles the routes of every service, given with the service's index in the
+    /// runtime's service list.
+    pub fn compile<'a>(services: impl IntoIterator<Item = (usize, &'a [RouteConfig])>) -> Router {
+        let mut routes: Vec<Arc<Route>> = services
+            .into_iter()
+            .flat_map(|(service, routes)| {
+                routes.iter().map(move |r| {
                     Arc::new(Route {
                         prefix: r.path_prefix.0.clone(),
                         host: r.host.clone(),
@@ -57,10 +130,6 @@ impl Router {
             prefix_matches(&r.prefix, path) && r.host.as_ref().is_none_or(|h| h.matches(host))
         })
     }
-
-    pub fn routes(&self) -> &[Arc<Route>] {
-        &self.routes
-    }
 }
 
 fn host_rank(host: &Option<HostPattern>) -> usize {
@@ -79,6 +148,26 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
     }
 }
 
+impl Route {
+    /// Sets the path the upstream gets: without the route's prefix when it says
+    /// `strip_prefix`, the query kept.
+    pub fn rewrite_path(&self, upstream_request: &mut RequestHeader) -> pingora::Result<()> {
+        if !self.strip_prefix {
+            return Ok(());
+        }
+        let path = strip_prefix(&self.prefix, upstream_request.uri.path());
+        let path_and_query = match upstream_request.uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path.to_string(),
+        };
+        let uri: http::Uri = path_and_query.parse().map_err(|e| {
+            pingora::Error::because(pingora::ErrorType::InvalidHTTPHeader, "rewriting path", e)
+        })?;
+        upstream_request.set_uri(uri);
+        Ok(())
+    }
+}
+
 /// The path sent upstream when the route strips its prefix: `/users/1` -> `/1`, `/users` -> `/`.
 pub fn strip_prefix<'a>(prefix: &str, path: &'a str) -> &'a str {
     let prefix = prefix.trim_end_matches('/');
@@ -86,6 +175,15 @@ pub fn strip_prefix<'a>(prefix: &str, path: &'a str) -> &'a str {
         Some(rest) if rest.starts_with('/') => rest,
         _ => "/",
     }
+}
+
+/// The host the client asked for: the `Host` header, or the absolute URI's authority (HTTP/2
+/// and absolute-form requests), as sent.
+pub fn request_host(req: &RequestHeader) -> Option<&str> {
+    req.headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri.authority().map(|a| a.as_str()))
 }
 
 /// The request host, lower-case and without its port.
@@ -108,12 +206,19 @@ pub fn normalize_host(raw: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Config, Source};
     use std::path::Path;
 
     fn router(yaml: &str) -> (Router, Vec<String>) {
-        let config = Config::parse(yaml, Path::new("t.yaml")).unwrap();
+        let config = Config::parse(&Source::new(yaml, Path::new("t.yaml"))).unwrap();
         let names: Vec<String> = config.services.keys().cloned().collect();
-        let r = Router::new(&config, |n| names.iter().position(|x| x == n).unwrap());
+        let r = Router::compile(
+            config
+                .services
+                .values()
+                .enumerate()
+                .map(|(i, s)| (i, s.routes.as_slice())),
+        );
         (r, names)
     }
 
@@ -187,5 +292,13 @@ services:
         assert_eq!(normalize_host("API.Example.com:8080"), "api.example.com");
         assert_eq!(normalize_host("[::1]:80"), "::1");
         assert_eq!(normalize_host("localhost"), "localhost");
+    }
+
+    #[test]
+    fn wildcard_host_matches_subdomains_only() {
+        let p = HostPattern::Wildcard(".example.com".into());
+        assert!(p.matches("api.example.com"));
+        assert!(!p.matches("example.com"));
+        assert!(!p.matches("badexample.com"));
     }
 }

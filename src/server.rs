@@ -1,17 +1,18 @@
-//! Assembles the Pingora server from a loaded config: the proxy listeners (plain and TLS),
-//! the admin listener, the health-check background services and the lifecycle watcher.
+//! Assembles the Pingora server from a compiled config: installs it in this process, then adds
+//! the proxy listeners (plain and TLS), the admin listener, the health-check background
+//! services, the Redis connector and the lifecycle watcher.
 
 use crate::ops::admin::AdminApp;
 use crate::ops::lifecycle::LifecycleWatcher;
 use crate::proxy::Gateway;
-use crate::redis::{Redis, RedisConnector};
-use crate::runtime::{Prepared, Runtime};
+use crate::redis::RedisConnector;
+use crate::runtime::Compiled;
 use pingora::listeners::tls::TlsSettings;
 use pingora::prelude::{background_service, Opt};
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::services::listening::Service as ListeningService;
-use pingora::{Error, ErrorType, Result};
+use pingora::Result;
 use std::sync::Arc;
 
 /// How the process was asked to start.
@@ -24,9 +25,9 @@ pub struct StartOptions {
 }
 
 /// Builds a ready-to-run server. Errors here are start-up failures (e.g. a TLS key that
-/// does not load), not config syntax, which `Config::load` already checked.
-pub fn build(prepared: &Prepared, start: &StartOptions) -> Result<Server> {
-    let config = &prepared.config;
+/// does not load), not config errors, which compiling it already reported.
+pub fn build(compiled: Compiled, start: &StartOptions) -> Result<Server> {
+    let (server_config, admin_config) = (compiled.server.clone(), compiled.admin.clone());
     let opt = Opt {
         upgrade: start.upgrade,
         daemon: start.daemon,
@@ -34,38 +35,33 @@ pub fn build(prepared: &Prepared, start: &StartOptions) -> Result<Server> {
         test: false,
         conf: None,
     };
-    let grace_secs = config.server.grace_period.as_secs_f64().ceil() as u64;
+    let grace_secs = server_config.grace_period.as_secs_f64().ceil() as u64;
     let server_conf = ServerConf {
-        threads: config.server.threads,
+        threads: server_config.threads,
         daemon: start.daemon,
         grace_period_seconds: Some(grace_secs),
         graceful_shutdown_timeout_seconds: Some(grace_secs + 5),
-        upgrade_sock: config.server.upgrade_sock.display().to_string(),
-        pid_file: config.server.pid_file.display().to_string(),
+        upgrade_sock: server_config.upgrade_sock.display().to_string(),
+        pid_file: server_config.pid_file.display().to_string(),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(opt, server_conf);
     server.bootstrap();
 
-    // Redis is connected in the background: start-up and readiness never wait for it.
-    let redis = config
-        .redis
-        .as_ref()
-        .map(Redis::new)
-        .transpose()
-        .map_err(|e| Error::explain(ErrorType::InternalError, format!("redis: {e}")))?;
-    let (runtime, health_checks) = Runtime::new(prepared, redis.as_ref())?;
+    let (runtime, health_checks) = compiled.install()?;
     let runtime = Arc::new(runtime);
+    // Redis is connected in the background: start-up and readiness never wait for it.
+    let redis = runtime.redis.clone();
 
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
         Gateway::new(Arc::clone(&runtime)),
         "breakwater proxy",
     );
-    for listen in &config.server.listen {
+    for listen in &server_config.listen {
         proxy.add_tcp(&listen.to_string());
     }
-    for tls in &config.server.tls {
+    for tls in &server_config.tls {
         let mut settings =
             TlsSettings::intermediate(&tls.cert.to_string_lossy(), &tls.key.to_string_lossy())?;
         settings.enable_h2();
@@ -77,7 +73,7 @@ pub fn build(prepared: &Prepared, start: &StartOptions) -> Result<Server> {
         AdminApp::new(Arc::clone(&runtime)),
     );
     admin.threads = Some(1);
-    admin.add_tcp(&config.admin.listen.to_string());
+    admin.add_tcp(&admin_config.listen.to_string());
 
     let proxy = server.add_service(proxy);
     let admin = server.add_service(admin);
@@ -90,7 +86,7 @@ pub fn build(prepared: &Prepared, start: &StartOptions) -> Result<Server> {
     let lifecycle = server.add_service(background_service(
         "lifecycle",
         LifecycleWatcher {
-            pid_file: (!start.daemon).then(|| config.server.pid_file.clone()),
+            pid_file: (!start.daemon).then(|| server_config.pid_file.clone()),
         },
     ));
     lifecycle.add_dependency(&proxy);

@@ -1,12 +1,52 @@
 //! Value types that config sections of several features share, each checking itself while
 //! it is parsed so that its errors carry the parser's line and column: durations, byte sizes
-//! and path prefixes. Nothing here knows any feature.
+//! and path prefixes. Also [`FieldError`], how a section's compile step names the field at
+//! fault. Nothing here knows any feature.
 
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
+
+/// A section's compile step refusing one of its fields; the config layer adds the section's
+/// path and finds the line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Path below the section, e.g. `.upstreams[1]` or `.fallback.status`; empty for the
+    /// section itself.
+    pub field: String,
+    /// Text to look for from the field's line on, to point at the right list entry.
+    pub needle: Option<String>,
+    /// Look for the needle in double quotes first, so a value written `"10.0.0.1"` is not
+    /// found inside `"10.0.0.1:80"` on an earlier line.
+    pub quoted_first: bool,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> FieldError {
+        FieldError {
+            field: field.into(),
+            needle: None,
+            quoted_first: false,
+            message: message.into(),
+        }
+    }
+
+    /// Points at the first `needle` from the field's line on.
+    pub fn at(mut self, needle: impl Into<String>) -> FieldError {
+        self.needle = Some(needle.into());
+        self
+    }
+
+    /// Points at the value as written, quoted or not.
+    pub fn at_value(mut self, value: impl Into<String>) -> FieldError {
+        self.needle = Some(value.into());
+        self.quoted_first = true;
+        self
+    }
+}
 
 /// Parses a human duration: `500ms`, `3s`, `1m`, `1h30m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -1,6 +1,6 @@
 //! The `cache:` sections of the YAML (top level and per service).
 
-pub use crate::values::ByteSize;
+use crate::values::ByteSize;
 use serde::Deserialize;
 use std::time::Duration;
 

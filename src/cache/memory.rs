@@ -2,9 +2,9 @@
 //! and key), TinyLFU admission and eviction, and each entry expiring after its own
 //! `ttl + stale_if_error`.
 
+use super::backend::{CacheBackend, CacheError};
 use super::entry::CachedResponse;
 use super::key::CacheKey;
-use super::{CacheBackend, CacheError};
 use async_trait::async_trait;
 use moka::sync::Cache;
 use moka::Expiry;
@@ -50,7 +50,7 @@ impl MemoryBackend {
     }
 
     fn publish_size(&self) {
-        super::metrics()
+        super::backend::metrics()
             .bytes
             .set(i64::try_from(self.cache.weighted_size()).unwrap_or(i64::MAX));
     }

@@ -13,6 +13,7 @@
 //! `s-maxage`/`max-age`), then usable only on upstream error until `ttl + stale_if_error`,
 //! which is also how long the backend keeps it.
 
+mod backend;
 mod coalesce;
 mod config;
 mod entry;
@@ -20,22 +21,23 @@ mod key;
 mod memory;
 mod redis_store;
 
-pub use config::{BackendKind, ByteSize, CacheConfig, ServiceCacheConfig};
+pub use backend::{CacheBackend, CacheError};
+pub use config::{BackendKind, CacheConfig, ServiceCacheConfig};
 pub use entry::{CachedResponse, Freshness};
 pub use key::CacheKey;
 pub use memory::MemoryBackend;
 pub use redis_store::RedisBackend;
 
 use crate::clock::{millis, Clock};
-use async_trait::async_trait;
+use crate::redis::Redis;
+use crate::routing::request_host;
+use backend::metrics;
 use bytes::{Bytes, BytesMut};
 use coalesce::{Coalescer, FlightGuard, FlightState, Join};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Method;
-use once_cell::sync::Lazy;
 use pingora::http::{RequestHeader, ResponseHeader};
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
-use std::fmt;
+use prometheus::IntCounter;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -44,48 +46,6 @@ pub const X_CACHE: &str = "x-cache";
 
 /// Statuses whose responses may be stored (RFC 9110's heuristically cacheable set).
 const STORABLE_STATUSES: [u16; 10] = [200, 203, 204, 300, 301, 404, 405, 410, 414, 501];
-
-/// A backend failure. The request path treats every one as a miss.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CacheError {
-    /// The store could not be reached or refused the command (Redis down, timeout).
-    Backend(String),
-    /// A stored value could not be read back.
-    Decode(String),
-    /// A purge request that makes no sense (the prefix must start with `/`).
-    InvalidPurge(String),
-}
-
-impl fmt::Display for CacheError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            CacheError::Backend(m) => write!(f, "cache backend: {m}"),
-            CacheError::Decode(m) => write!(f, "cache entry unreadable: {m}"),
-            CacheError::InvalidPurge(m) => write!(f, "invalid purge: {m}"),
-        }
-    }
-}
-
-impl std::error::Error for CacheError {}
-
-/// Where entries live.
-#[async_trait]
-pub trait CacheBackend: Send + Sync {
-    async fn get(&self, key: &CacheKey) -> Result<Option<CachedResponse>, CacheError>;
-    /// Stores `entry`, replacing any other variant under `key`; the backend drops it after
-    /// `keep_for`.
-    async fn put(
-        &self,
-        key: &CacheKey,
-        entry: CachedResponse,
-        keep_for: Duration,
-    ) -> Result<(), CacheError>;
-    /// Removes the entries whose path starts with `path_prefix` (in one service, or all);
-    /// returns how many.
-    async fn purge(&self, path_prefix: &str, service: Option<&str>) -> Result<u64, CacheError>;
-    /// Bytes held, for backends that bound them.
-    fn bytes(&self) -> Option<u64>;
-}
 
 /// Wall-clock milliseconds since the Unix epoch: entry times must mean the same in every
 /// gateway sharing a Redis, which a per-process monotonic clock would not. A clock stepping
@@ -101,41 +61,6 @@ impl Clock for SystemClock {
     }
 }
 
-pub(crate) struct CacheMetrics {
-    requests: IntCounterVec,
-    pub(crate) bytes: IntGauge,
-}
-
-static CACHE_METRICS: Lazy<CacheMetrics> = Lazy::new(|| {
-    let registry = &crate::ops::metrics::METRICS.registry;
-    let requests = IntCounterVec::new(
-        Opts::new(
-            "breakwater_cache_requests_total",
-            "Cacheable requests by service and how the cache answered: hit, miss, stale, bypass.",
-        ),
-        &["service", "result"],
-    )
-    .expect("valid metric definition");
-    let bytes = IntGauge::new(
-        "breakwater_cache_bytes",
-        "Bytes held by the memory cache backend (bodies, headers and keys).",
-    )
-    .expect("valid metric definition");
-    for m in [
-        Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
-        Box::new(bytes.clone()),
-    ] {
-        if let Err(e) = registry.register(m) {
-            log::error!("registering cache metrics: {e}");
-        }
-    }
-    CacheMetrics { requests, bytes }
-});
-
-pub(crate) fn metrics() -> &'static CacheMetrics {
-    &CACHE_METRICS
-}
-
 /// The process-wide cache: backend, coalescer and global settings.
 pub struct ResponseCache {
     backend: Arc<dyn CacheBackend>,
@@ -145,13 +70,14 @@ pub struct ResponseCache {
     lock_timeout: Duration,
 }
 
-impl ResponseCache {
-    /// Builds the configured backend. `redis` is the shared connection from the top-level
-    /// `redis:` section; it is required (and only used) when `backend: redis`.
-    pub fn new(cfg: &CacheConfig, redis: Option<fred::clients::Pool>) -> Result<Arc<Self>, String> {
-        let backend: Arc<dyn CacheBackend> = match (cfg.backend, redis) {
-            (BackendKind::Memory, _) => Arc::new(MemoryBackend::new(cfg.max_memory.as_u64())),
-            (BackendKind::Redis, Some(pool)) => Arc::new(RedisBackend::new(pool)),
+impl CacheConfig {
+    /// Compiles the process-wide cache: its backend, empty. `redis` is the shared connection
+    /// from the top-level `redis:` section; it is required (and only used) when
+    /// `backend: redis`.
+    pub fn compile(&self, redis: Option<&Redis>) -> Result<Arc<ResponseCache>, String> {
+        let backend: Arc<dyn CacheBackend> = match (self.backend, redis) {
+            (BackendKind::Memory, _) => Arc::new(MemoryBackend::new(self.max_memory.as_u64())),
+            (BackendKind::Redis, Some(redis)) => Arc::new(RedisBackend::new(redis.pool().clone())),
             (BackendKind::Redis, None) => {
                 return Err(
                     "cache.backend is redis but no top-level `redis:` connection is configured"
@@ -159,9 +85,15 @@ impl ResponseCache {
                 )
             }
         };
-        Ok(Self::with_backend(cfg, backend, Arc::new(SystemClock)))
+        Ok(ResponseCache::with_backend(
+            self,
+            backend,
+            Arc::new(SystemClock),
+        ))
     }
+}
 
+impl ResponseCache {
     /// With a given backend and clock (tests, or a backend built elsewhere).
     pub fn with_backend(
         cfg: &CacheConfig,
@@ -242,22 +174,40 @@ pub struct Served {
     pub body: Bytes,
 }
 
+impl ServiceCacheConfig {
+    /// Compiles a service's cache policy. `has_auth`: the service's routes authenticate
+    /// requests, which makes `vary_by_user` default to true.
+    pub fn compile(&self, has_auth: bool) -> ServiceCachePolicy {
+        ServiceCachePolicy {
+            ttl_ms: millis(self.ttl),
+            stale_ms: millis(self.stale_if_error),
+            per_user: self.vary_by_user.unwrap_or(has_auth),
+        }
+    }
+}
+
+/// A service's compiled cache policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceCachePolicy {
+    ttl_ms: u64,
+    stale_ms: u64,
+    per_user: bool,
+}
+
 impl ServiceCache {
-    /// `has_auth`: the service's routes authenticate requests, which makes `vary_by_user`
-    /// default to true.
+    /// The policy of `service` on the shared cache, with its metric handles.
     pub fn new(
         service: &str,
-        cfg: &ServiceCacheConfig,
-        has_auth: bool,
+        policy: ServiceCachePolicy,
         cache: Arc<ResponseCache>,
     ) -> ServiceCache {
         let counter = |result: &str| metrics().requests.with_label_values(&[service, result]);
         ServiceCache {
             inner: Arc::new(ServiceInner {
                 service: Arc::from(service),
-                ttl_ms: millis(cfg.ttl),
-                stale_ms: millis(cfg.stale_if_error),
-                per_user: cfg.vary_by_user.unwrap_or(has_auth),
+                ttl_ms: policy.ttl_ms,
+                stale_ms: policy.stale_ms,
+                per_user: policy.per_user,
                 cache,
                 hit: counter("hit"),
                 miss: counter("miss"),
@@ -288,12 +238,7 @@ impl ServiceCache {
             s.bypass.inc();
             return Lookup::Forward(CacheState(Inner::Bypass));
         }
-        let host = req
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri.authority().map(|a| a.as_str()))
-            .unwrap_or_default();
+        let host = request_host(req).unwrap_or_default();
         let key = CacheKey::new(&s.service, host, req.uri.path(), req.uri.query(), user);
         let mut miss = Box::new(MissState {
             svc: Arc::clone(&self.inner),
@@ -425,11 +370,6 @@ impl Drop for MissState {
 }
 
 impl CacheState {
-    /// A state that leaves the response alone, for requests the cache was not asked about.
-    pub fn pass() -> CacheState {
-        CacheState(Inner::Pass)
-    }
-
     /// The `X-Cache` value this request's response gets (None: not cacheable).
     pub fn x_cache(&self) -> Option<&'static str> {
         match &self.0 {

@@ -7,9 +7,9 @@
 //! deletes key by key; on a cluster that is best-effort (keys written during the scan, or
 //! moved by a reshard, can be missed).
 
+use super::backend::{CacheBackend, CacheError};
 use super::entry::CachedResponse;
 use super::key::{purge_pattern, CacheKey};
-use super::{CacheBackend, CacheError};
 use async_trait::async_trait;
 use bytes::Bytes;
 use fred::clients::Pool;

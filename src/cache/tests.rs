@@ -3,6 +3,8 @@
 
 use super::*;
 use crate::clock::ManualClock;
+use crate::values::ByteSize;
+use async_trait::async_trait;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -31,7 +33,7 @@ fn fixture() -> Fixture {
 impl Fixture {
     fn service(&self, name: &str, yaml: &str, has_auth: bool) -> ServiceCache {
         let cfg: ServiceCacheConfig = serde_yaml::from_str(yaml).unwrap();
-        ServiceCache::new(name, &cfg, has_auth, Arc::clone(&self.cache))
+        ServiceCache::new(name, cfg.compile(has_auth), Arc::clone(&self.cache))
     }
 
     /// Waits (without sleeping) until background stores have finished.

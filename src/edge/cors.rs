@@ -48,13 +48,6 @@ fn default_max_age() -> Duration {
     Duration::from_secs(600)
 }
 
-impl CorsConfig {
-    /// Checks origins, methods and header names; the error names the field.
-    pub fn validate(&self) -> Result<(), String> {
-        Cors::new(self).map(|_| ())
-    }
-}
-
 /// What to do with a request, as far as CORS preflight goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Preflight {
@@ -97,8 +90,11 @@ pub struct Cors {
 const PREFLIGHT_VARY: &str =
     "Origin, Access-Control-Request-Method, Access-Control-Request-Headers";
 
-impl Cors {
-    pub fn new(cfg: &CorsConfig) -> Result<Cors, String> {
+impl CorsConfig {
+    /// Compiles the policy: origin patterns parsed, header values joined once. The error
+    /// names the field at fault.
+    pub fn compile(&self) -> Result<Cors, String> {
+        let cfg = self;
         if cfg.allowed_origins.is_empty() {
             return Err("cors.allowed_origins: list at least one origin".into());
         }
@@ -166,7 +162,9 @@ impl Cors {
             max_age,
         })
     }
+}
 
+impl Cors {
     /// The value for `Access-Control-Allow-Origin` when `origin` is allowed: the origin
     /// itself, or `*` when any origin is allowed without credentials.
     fn allow_origin(&self, origin: &HeaderValue) -> Option<HeaderValue> {
@@ -395,7 +393,10 @@ mod tests {
     use super::*;
 
     fn cors(yaml: &str) -> Cors {
-        Cors::new(&serde_yaml::from_str(yaml).expect("cors yaml")).expect("valid cors")
+        serde_yaml::from_str::<CorsConfig>(yaml)
+            .expect("cors yaml")
+            .compile()
+            .expect("valid cors")
     }
 
     fn app() -> Cors {
@@ -592,7 +593,7 @@ mod tests {
         assert!(serde_yaml::from_str::<CorsConfig>("allowed_origins: []\nbogus: 1").is_err());
         let refused = |yaml: &str, needle: &str| {
             let cfg: CorsConfig = serde_yaml::from_str(yaml).unwrap();
-            let err = cfg.validate().unwrap_err();
+            let err = cfg.compile().unwrap_err();
             assert!(err.contains(needle), "{yaml}: {err}");
         };
         refused("allowed_origins: []", "at least one");

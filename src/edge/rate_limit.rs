@@ -345,6 +345,57 @@ enum Store {
     },
 }
 
+/// A service's compiled rate limit: the numbers worked out once, and where the counts live.
+pub struct RateLimitPolicy {
+    service: String,
+    key: RateKey,
+    failure_mode: FailureMode,
+    limit: u64,
+    interval_us: u64,
+    tolerance_us: u64,
+    store: StoreKind,
+}
+
+enum StoreKind {
+    Local { max_keys: usize },
+    Redis { redis: Redis, prefix: String },
+}
+
+impl RateLimitConfig {
+    /// Compiles the limit of `service`. `redis` is the shared pool (needed by
+    /// `backend: redis`, ignored otherwise). The rate and burst ranges were checked when the
+    /// section was parsed.
+    pub fn compile(&self, service: &str, redis: Option<&Redis>) -> Result<RateLimitPolicy, String> {
+        let burst = self.effective_burst();
+        // Whole microseconds: exact integer arithmetic, and `remaining` is a whole number.
+        // The clamp only matters for a config built in code, which skipped the parser's check.
+        let rate = self.requests_per_second.clamp(MIN_RATE, MAX_RATE);
+        let interval_us = ((1_000_000.0 / rate).round() as u64).max(1);
+        let store = match self.backend {
+            Backend::Local => StoreKind::Local {
+                max_keys: self.max_keys,
+            },
+            Backend::Redis => StoreKind::Redis {
+                redis: redis.cloned().ok_or_else(|| {
+                    format!(
+                        "services.{service}.rate_limit.backend is redis but no top-level `redis:` is configured"
+                    )
+                })?,
+                prefix: format!("bw:rl:{service}:"),
+            },
+        };
+        Ok(RateLimitPolicy {
+            service: service.to_string(),
+            key: self.key.clone(),
+            failure_mode: self.failure_mode,
+            limit: u64::from(burst),
+            interval_us,
+            tolerance_us: interval_us * u64::from(burst),
+            store,
+        })
+    }
+}
+
 /// One service's rate limiter; shared by all worker threads.
 pub struct RateLimiter {
     service: String,
@@ -377,73 +428,36 @@ impl fmt::Debug for RateLimiter {
 }
 
 impl RateLimiter {
-    /// Builds the limiter of `service`. `redis` is the shared pool (needed by `backend: redis`,
-    /// ignored otherwise); `clock` times the `local` backend (the `redis` backend uses the Redis
-    /// server's clock). Errors name what is wrong, for a start-up message.
-    pub fn new(
-        service: &str,
-        cfg: &RateLimitConfig,
-        redis: Option<Redis>,
-        clock: Arc<dyn Clock>,
-    ) -> Result<RateLimiter, String> {
-        if !(MIN_RATE..=MAX_RATE).contains(&cfg.requests_per_second) {
-            return Err(format!(
-                "services.{service}.rate_limit.requests_per_second must be between {MIN_RATE} and {MAX_RATE}"
-            ));
-        }
-        let burst = cfg.effective_burst();
-        if !(1..=MAX_BURST).contains(&burst) {
-            return Err(format!(
-                "services.{service}.rate_limit.burst must be between 1 and {MAX_BURST}"
-            ));
-        }
-        // Whole microseconds: exact integer arithmetic, and `remaining` is a whole number.
-        let interval_us = ((1_000_000.0 / cfg.requests_per_second).round() as u64).max(1);
-        let store = match cfg.backend {
-            Backend::Local => {
-                let shard_cap = cfg.max_keys.div_ceil(SHARDS).max(1);
-                Store::Local(LocalStore {
-                    shards: (0..SHARDS)
-                        .map(|_| {
-                            Mutex::new(Shard {
-                                tats: HashMap::new(),
-                                next_sweep: 0,
-                            })
+    /// Starts the limiter a policy describes, with empty counts and its metric handle;
+    /// `clock` times the `local` backend (the `redis` backend uses the Redis server's clock).
+    pub fn new(policy: RateLimitPolicy, clock: Arc<dyn Clock>) -> RateLimiter {
+        let store = match policy.store {
+            StoreKind::Local { max_keys } => Store::Local(LocalStore {
+                shards: (0..SHARDS)
+                    .map(|_| {
+                        Mutex::new(Shard {
+                            tats: HashMap::new(),
+                            next_sweep: 0,
                         })
-                        .collect(),
-                    hasher: RandomState::new(),
-                    shard_cap,
-                    clock,
-                })
-            }
-            Backend::Redis => Store::Redis {
-                redis: redis.ok_or_else(|| {
-                    format!(
-                        "services.{service}.rate_limit.backend is redis but no top-level `redis:` is configured"
-                    )
-                })?,
-                prefix: format!("bw:rl:{service}:"),
-            },
+                    })
+                    .collect(),
+                hasher: RandomState::new(),
+                shard_cap: max_keys.div_ceil(SHARDS).max(1),
+                clock,
+            }),
+            StoreKind::Redis { redis, prefix } => Store::Redis { redis, prefix },
         };
-        Ok(RateLimiter {
-            service: service.to_string(),
-            key: cfg.key.clone(),
-            failure_mode: cfg.failure_mode,
-            limit: u64::from(burst),
-            interval_us,
-            tolerance_us: interval_us * u64::from(burst),
-            limit_header: HeaderValue::from(burst),
-            rejected: REJECTED.with_label_values(&[service]),
+        RateLimiter {
+            rejected: REJECTED.with_label_values(&[&policy.service]),
+            limit_header: HeaderValue::from(policy.limit),
+            service: policy.service,
+            key: policy.key,
+            failure_mode: policy.failure_mode,
+            limit: policy.limit,
+            interval_us: policy.interval_us,
+            tolerance_us: policy.tolerance_us,
             store,
-        })
-    }
-
-    pub fn service(&self) -> &str {
-        &self.service
-    }
-
-    pub fn key_kind(&self) -> &RateKey {
-        &self.key
+        }
     }
 
     /// The key `check` should count this request under. `client_ip` is the peer address,
@@ -508,7 +522,8 @@ impl RateLimiter {
     }
 
     /// Keys the local backend remembers right now (0 for the redis backend).
-    pub fn tracked_keys(&self) -> usize {
+    #[cfg(test)]
+    fn tracked_keys(&self) -> usize {
         match &self.store {
             Store::Local(local) => local
                 .shards
@@ -657,7 +672,7 @@ mod tests {
 
     fn local(cfg: &RateLimitConfig) -> (RateLimiter, Arc<ManualClock>) {
         let clock = Arc::new(ManualClock::new(1_000_000));
-        let limiter = RateLimiter::new("svc", cfg, None, clock.clone()).unwrap();
+        let limiter = RateLimiter::new(cfg.compile("svc", None).unwrap(), clock.clone());
         (limiter, clock)
     }
 
@@ -754,8 +769,7 @@ mod tests {
             backend: Backend::Redis,
             ..cfg(1.0, 1)
         };
-        let err =
-            RateLimiter::new("orders", &c, None, Arc::new(MonotonicClock::new())).unwrap_err();
+        let err = c.compile("orders", None).err().unwrap();
         assert!(
             err.contains("services.orders.rate_limit.backend") && err.contains("redis:"),
             "{err}"
@@ -870,16 +884,14 @@ mod tests {
             ..l.degraded()
         };
         assert!(l.headers(&degraded_open).is_empty());
+        let closed_cfg = RateLimitConfig {
+            failure_mode: FailureMode::Closed,
+            ..cfg(1.0, 1)
+        };
         let closed = RateLimiter::new(
-            "svc",
-            &RateLimitConfig {
-                failure_mode: FailureMode::Closed,
-                ..cfg(1.0, 1)
-            },
-            None,
+            closed_cfg.compile("svc", None).unwrap(),
             Arc::new(ManualClock::new(0)),
-        )
-        .unwrap();
+        );
         let d = closed.degraded();
         assert_eq!(
             d.rejection(),
@@ -910,7 +922,10 @@ mod tests {
                 key: key.parse().unwrap(),
                 ..cfg(1.0, 1)
             };
-            RateLimiter::new("svc", &c, None, Arc::new(ManualClock::new(0))).unwrap()
+            RateLimiter::new(
+                c.compile("svc", None).unwrap(),
+                Arc::new(ManualClock::new(0)),
+            )
         };
         let ip = with("ip");
         assert_eq!(ip.key_for("10.0.0.1", Some("alice"), &headers), "10.0.0.1");
@@ -1015,9 +1030,10 @@ mod tests {
         const BURST: u64 = 50;
         const RPS: f64 = 1000.0; // one token per ms
         let clock = Arc::new(ManualClock::new(0));
-        let l = Arc::new(
-            RateLimiter::new("svc", &cfg(RPS, BURST as u32), None, clock.clone()).unwrap(),
-        );
+        let l = Arc::new(RateLimiter::new(
+            cfg(RPS, BURST as u32).compile("svc", None).unwrap(),
+            clock.clone(),
+        ));
         let allowed = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let workers: Vec<_> = (0..8)
@@ -1077,12 +1093,9 @@ mod tests {
             ..c
         };
         RateLimiter::new(
-            "svc",
-            &c,
-            Some(redis.clone()),
+            c.compile("svc", Some(redis)).unwrap(),
             Arc::new(MonotonicClock::new()),
         )
-        .unwrap()
     }
 
     fn worker_runtime() -> tokio::runtime::Runtime {
@@ -1096,7 +1109,7 @@ mod tests {
     #[test]
     fn the_script_sha_matches_the_script() {
         let server = TestRedis::start();
-        let redis = Redis::new(&redis_config(&server.url())).unwrap();
+        let redis = redis_config(&server.url()).compile().unwrap();
         let _connector = ConnectorRuntime::start(&redis);
         worker_runtime().block_on(async {
             wait_connected(&redis).await;
@@ -1118,7 +1131,7 @@ mod tests {
     #[test]
     fn redis_backend_limits_like_the_local_one_and_sets_an_expiry() {
         let server = TestRedis::start();
-        let redis = Redis::new(&redis_config(&server.url())).unwrap();
+        let redis = redis_config(&server.url()).compile().unwrap();
         let _connector = ConnectorRuntime::start(&redis);
         let l = redis_limiter(&redis, cfg(1.0, 3));
         worker_runtime().block_on(async {
@@ -1166,8 +1179,8 @@ mod tests {
         let server = TestRedis::start();
         // Two limiters with their own pools and connectors: two gateway processes.
         let (r1, r2) = (
-            Redis::new(&redis_config(&server.url())).unwrap(),
-            Redis::new(&redis_config(&server.url())).unwrap(),
+            redis_config(&server.url()).compile().unwrap(),
+            redis_config(&server.url()).compile().unwrap(),
         );
         let (_c1, _c2) = (ConnectorRuntime::start(&r1), ConnectorRuntime::start(&r2));
         let (l1, l2) = (
@@ -1193,7 +1206,7 @@ mod tests {
     #[test]
     fn redis_down_fails_open_or_closed_quickly_and_limiting_resumes_after_restart() {
         let mut server = TestRedis::start();
-        let redis = Redis::new(&redis_config(&server.url())).unwrap();
+        let redis = redis_config(&server.url()).compile().unwrap();
         let _connector = ConnectorRuntime::start(&redis);
         let open = redis_limiter(&redis, cfg(1.0, 2));
         let closed = redis_limiter(
@@ -1341,7 +1354,7 @@ mod tests {
         .iter()
         .enumerate()
         {
-            let redis = Redis::new(&redis_config(url)).unwrap();
+            let redis = redis_config(url).compile().unwrap();
             let _connector = ConnectorRuntime::start(&redis);
             let l = redis_limiter(&redis, cfg(1.0, 2));
             rt.block_on(async {

@@ -44,13 +44,6 @@ impl Default for SecurityHeadersConfig {
     }
 }
 
-impl SecurityHeadersConfig {
-    /// Checks every value and name; the error names the field.
-    pub fn validate(&self) -> Result<(), String> {
-        SecurityHeaders::new(self).map(|_| ())
-    }
-}
-
 /// The prepared header set; built once per service at load.
 #[derive(Debug, Clone, Default)]
 pub struct SecurityHeaders {
@@ -61,8 +54,10 @@ pub struct SecurityHeaders {
     remove: Vec<HeaderName>,
 }
 
-impl SecurityHeaders {
-    pub fn new(cfg: &SecurityHeadersConfig) -> Result<SecurityHeaders, String> {
+impl SecurityHeadersConfig {
+    /// Compiles the header set: every value and name parsed once. The error names the field.
+    pub fn compile(&self) -> Result<SecurityHeaders, String> {
+        let cfg = self;
         if !cfg.enabled {
             return Ok(SecurityHeaders::default());
         }
@@ -109,7 +104,9 @@ impl SecurityHeaders {
             .collect::<Result<Vec<_>, String>>()?;
         Ok(SecurityHeaders { add, hsts, remove })
     }
+}
 
+impl SecurityHeaders {
     /// Removes the `remove` list, then adds each header the response does not already have
     /// (the upstream's own value wins); HSTS only when the client came over TLS, since
     /// browsers ignore it on plain HTTP and it must not pin a plain-HTTP-only host.
@@ -149,7 +146,7 @@ mod tests {
 
     #[test]
     fn defaults_add_the_headers_and_remove_leaky_ones() {
-        let sh = SecurityHeaders::new(&SecurityHeadersConfig::default()).unwrap();
+        let sh = SecurityHeadersConfig::default().compile().unwrap();
         let mut resp = response(&[
             ("Server", "nginx"),
             ("X-Powered-By", "Express"),
@@ -182,7 +179,7 @@ mod tests {
 
     #[test]
     fn the_upstream_value_wins() {
-        let sh = SecurityHeaders::new(&SecurityHeadersConfig::default()).unwrap();
+        let sh = SecurityHeadersConfig::default().compile().unwrap();
         let mut resp = response(&[
             ("X-Frame-Options", "SAMEORIGIN"),
             ("Strict-Transport-Security", "max-age=60"),
@@ -197,7 +194,7 @@ mod tests {
     fn empty_values_and_disabled_send_nothing() {
         let cfg: SecurityHeadersConfig =
             serde_yaml::from_str("frame_options: \"\"\nhsts: \"\"\nremove: []").unwrap();
-        let sh = SecurityHeaders::new(&cfg).unwrap();
+        let sh = cfg.compile().unwrap();
         let mut resp = response(&[("Server", "x")]);
         sh.apply(&mut resp, true);
         assert_eq!(get(&resp, "x-frame-options"), None);
@@ -206,7 +203,7 @@ mod tests {
         assert_eq!(get(&resp, "x-content-type-options"), Some("nosniff"));
 
         let cfg: SecurityHeadersConfig = serde_yaml::from_str("enabled: false").unwrap();
-        let sh = SecurityHeaders::new(&cfg).unwrap();
+        let sh = cfg.compile().unwrap();
         let mut resp = response(&[("X-Powered-By", "Express")]);
         sh.apply(&mut resp, true);
         assert_eq!(resp.headers.len(), 1);
@@ -221,11 +218,11 @@ mod tests {
             referrer_policy: "a\nb".into(),
             ..Default::default()
         };
-        assert!(bad.validate().unwrap_err().contains("referrer_policy"));
+        assert!(bad.compile().unwrap_err().contains("referrer_policy"));
         let bad = SecurityHeadersConfig {
             remove: vec!["Bad Name".into()],
             ..Default::default()
         };
-        assert!(bad.validate().unwrap_err().contains("remove"));
+        assert!(bad.compile().unwrap_err().contains("remove"));
     }
 }

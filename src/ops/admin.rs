@@ -71,13 +71,12 @@ impl AdminApp {
                     .pool
                     .upstreams
                     .iter()
-                    .enumerate()
-                    .map(|(i, u)| {
+                    .map(|u| {
                         let snap = u.breaker.snapshot();
                         serde_json::json!({
                             "upstream": u.name,
                             "state": snap.state.as_str(),
-                            "healthy": service.pool.is_healthy(i),
+                            "healthy": u.is_healthy(),
                             "in_flight": u.in_flight.load(Ordering::Relaxed),
                             "consecutive_failures": snap.consecutive_failures,
                             "window_calls": snap.window_calls,

@@ -7,24 +7,26 @@
 //! Each phase delegates to the module that owns the concern; `RequestCtx` carries state
 //! between phases.
 
-use crate::cache::{CacheState, Lookup, Served};
-use crate::config::Limits;
-use crate::edge::auth::{self, AuthError, AuthMode, Identity};
-use crate::edge::cors::Preflight;
-use crate::edge::security_headers::SecurityHeaders;
-use crate::ops::lifecycle::LIFECYCLE;
 mod answer;
 mod request_id;
 
+use crate::cache::{CacheState, Lookup, Served};
+use crate::edge::auth::{self, AuthError, Identity};
+use crate::edge::cors::Preflight;
+use crate::edge::forwarded::{self, client_ip, is_tls};
+use crate::edge::limits::BODY_TOO_LARGE;
+use crate::edge::security_headers::SecurityHeaders;
+use crate::ops::lifecycle::LIFECYCLE;
 use crate::ops::{access_log, metrics};
-use crate::routing::{self, Route};
+use crate::routing::{normalize_host, request_host, Route};
 use crate::runtime::{Runtime, Service};
 use crate::upstream::breaker::{Outcome, Permit};
-use crate::upstream::pool::{InFlight, Upstream};
+use crate::upstream::peer;
+use crate::upstream::state::{InFlight, Upstream};
 use answer::ErrorBody;
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, StatusCode, Uri};
+use http::{HeaderName, HeaderValue, StatusCode};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -32,37 +34,6 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 use request_id::REQUEST_ID;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-const BODY_TOO_LARGE: &str = "request body too large";
-const HEADER_TOO_LARGE: &str = "request header too large";
-
-/// Checks what is known from the header alone: its own size and a declared body length.
-fn exceeds_limits(req: &RequestHeader, limits: &Limits) -> Option<(StatusCode, &'static str)> {
-    let header_size: usize = req.method.as_str().len()
-        + req.uri.to_string().len()
-        + req
-            .headers
-            .iter()
-            .map(|(k, v)| k.as_str().len() + v.len() + 4)
-            .sum::<usize>();
-    if header_size as u64 > limits.max_header_size {
-        return Some((
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            HEADER_TOO_LARGE,
-        ));
-    }
-    let declared = req
-        .headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    match declared {
-        Some(len) if len > limits.max_body_size => {
-            Some((StatusCode::PAYLOAD_TOO_LARGE, BODY_TOO_LARGE))
-        }
-        _ => None,
-    }
-}
 
 /// Per-request state shared between the phases.
 pub struct RequestCtx {
@@ -120,9 +91,9 @@ impl Gateway {
         if ctx.retries >= service.retries {
             return false;
         }
-        let key = Self::hash_key(&service, session);
+        let key = hash_key(session, &service);
         let tried = &ctx.tried;
-        let Some((index, permit)) = admit(&service, &key, |i| !tried.contains(&i)) else {
+        let Some((index, permit)) = service.pool.admit(&key, |i| !tried.contains(&i)) else {
             return false;
         };
         if !service.retry_budget.try_acquire_retry() {
@@ -139,7 +110,7 @@ impl Gateway {
     /// Finds the service for the request by host and path.
     fn route(&self, session: &Session, ctx: &mut RequestCtx) -> Option<Arc<Service>> {
         let req = session.req_header();
-        let host = routing::normalize_host(request_host(req).unwrap_or_default());
+        let host = normalize_host(request_host(req).unwrap_or_default());
         let route = self.runtime.router.find(&host, req.uri.path())?;
         let service = Arc::clone(&self.runtime.services[route.service]);
         ctx.route = Some(Arc::clone(route));
@@ -164,20 +135,9 @@ impl Gateway {
             .req_header()
             .headers
             .get(http::header::AUTHORIZATION);
-        match (service.auth, header) {
-            (AuthMode::None, _) => return None,
-            (AuthMode::Optional, None) if service.required_scopes.is_empty() => return None,
-            _ => {}
-        }
-        let verified = match authenticator.authenticate(header).await {
+        match service.auth.verify(authenticator, header).await {
             Ok(identity) => {
-                auth::check_scopes(&identity, &service.required_scopes).map(|_| identity)
-            }
-            Err(e) => Err(e),
-        };
-        match verified {
-            Ok(identity) => {
-                ctx.identity = Some(identity);
+                ctx.identity = identity;
                 None
             }
             Err(e) => {
@@ -186,42 +146,13 @@ impl Gateway {
             }
         }
     }
-
-    /// What consistent hashing hashes; empty for the other algorithms, which ignore it.
-    fn hash_key(service: &Service, session: &Session) -> Vec<u8> {
-        use crate::config::{Algorithm, HashKey};
-        if service.algorithm != Algorithm::ConsistentHash {
-            return Vec::new();
-        }
-        let req = session.req_header();
-        match &service.hash_key {
-            HashKey::Path => req.uri.path().as_bytes().to_vec(),
-            HashKey::Header(name) => match req.headers.get(name.as_str()) {
-                Some(v) => v.as_bytes().to_vec(),
-                None => client_ip(session).into_bytes(),
-            },
-            HashKey::Ip => client_ip(session).into_bytes(),
-        }
-    }
 }
 
-/// Picks an upstream whose health check passes and whose breaker admits the request, and
-/// takes the breaker's permit. `accept` narrows the candidates (e.g. not yet tried).
-fn admit(service: &Service, key: &[u8], accept: impl Fn(usize) -> bool) -> Option<(usize, Permit)> {
-    let upstreams = &service.pool.upstreams;
-    // A candidate can lose its half-open probe slot between the check and the acquire;
-    // then the next one is tried, a bounded number of times.
-    let mut refused: Vec<usize> = Vec::new();
-    for _ in 0..upstreams.len() {
-        let index = service.pool.select(key, |i| {
-            accept(i) && !refused.contains(&i) && upstreams[i].breaker.would_admit()
-        })?;
-        match upstreams[index].breaker.try_acquire() {
-            Some(permit) => return Some((index, permit)),
-            None => refused.push(index),
-        }
-    }
-    None
+/// What consistent hashing hashes for this request (empty for the other algorithms).
+fn hash_key(session: &Session, service: &Service) -> Vec<u8> {
+    service
+        .pool
+        .hash_key(session.req_header(), || client_ip(session))
 }
 
 /// Records how the current attempt went with its breaker, once.
@@ -229,26 +160,6 @@ fn record_attempt(ctx: &mut RequestCtx, outcome: Outcome) {
     if let Some(permit) = ctx.permit.take() {
         permit.record(outcome);
     }
-}
-
-fn client_ip(session: &Session) -> String {
-    session
-        .client_addr()
-        .and_then(|a| a.as_inet())
-        .map(|a| a.ip().to_string())
-        .unwrap_or_default()
-}
-
-fn is_tls(session: &Session) -> bool {
-    session.digest().is_some_and(|d| d.ssl_digest.is_some())
-}
-
-/// The host the client asked for: the Host header, or the absolute URI's authority.
-fn request_host(req: &RequestHeader) -> Option<&str> {
-    req.headers
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri.authority().map(|a| a.as_str()))
 }
 
 #[async_trait]
@@ -321,8 +232,8 @@ impl ProxyHttp for Gateway {
         service.metrics.in_flight.inc();
         ctx.service_in_flight = true;
         ctx.deadline = service.timeouts.total.map(|t| ctx.start + t);
-        let key = Self::hash_key(&service, session);
-        match admit(&service, &key, |_| true) {
+        let key = hash_key(session, &service);
+        match service.pool.admit(&key, |_| true) {
             Some((index, permit)) => {
                 ctx.selected = Some(index);
                 ctx.permit = Some(permit);
@@ -354,8 +265,8 @@ impl ProxyHttp for Gateway {
             Some(i) => i,
             None => {
                 // Pingora retries a stale pooled connection on its own: pick again.
-                let key = Self::hash_key(&service, session);
-                let (index, permit) = admit(&service, &key, |_| true).ok_or_else(|| {
+                let key = hash_key(session, &service);
+                let (index, permit) = service.pool.admit(&key, |_| true).ok_or_else(|| {
                     Error::explain(ErrorType::ConnectNoRoute, "no upstream admits the retry")
                 })?;
                 ctx.permit = Some(permit);
@@ -371,28 +282,7 @@ impl ProxyHttp for Gateway {
         ctx.upstream_status = None;
         ctx.in_flight = Some(InFlight::new(Arc::clone(&upstream)));
 
-        let timeouts = &service.timeouts;
-        let remaining = match ctx.deadline {
-            Some(deadline) => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Error::e_explain(
-                        ErrorType::ConnectTimedout,
-                        "total timeout spent before connecting",
-                    );
-                }
-                left
-            }
-            None => Duration::MAX,
-        };
-        let mut peer = upstream.peer.clone();
-        if remaining < Duration::MAX {
-            let o = &mut peer.options;
-            o.connection_timeout = Some(timeouts.connect.min(remaining));
-            o.total_connection_timeout = Some(timeouts.connect.min(remaining));
-            o.read_timeout = Some(timeouts.read.min(remaining));
-            o.write_timeout = Some(timeouts.write.min(remaining));
-        }
+        let peer = peer::for_attempt(&upstream.peer, &service.timeouts, ctx.deadline)?;
         Ok(Box::new(peer))
     }
 
@@ -405,43 +295,11 @@ impl ProxyHttp for Gateway {
         if let Some(authenticator) = &self.runtime.authenticator {
             authenticator.forward_identity(ctx.identity.as_ref(), upstream_request)?;
         }
-        if let Some(route) = ctx.route.as_ref().filter(|r| r.strip_prefix) {
-            let path = routing::strip_prefix(&route.prefix, upstream_request.uri.path());
-            let path_and_query = match upstream_request.uri.query() {
-                Some(q) => format!("{path}?{q}"),
-                None => path.to_string(),
-            };
-            let uri: Uri = path_and_query
-                .parse()
-                .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "rewriting path", e))?;
-            upstream_request.set_uri(uri);
+        if let Some(route) = &ctx.route {
+            route.rewrite_path(upstream_request)?;
         }
         upstream_request.insert_header(REQUEST_ID, ctx.request_id.clone())?;
-
-        let ip = client_ip(session);
-        let forwarded_for = match upstream_request
-            .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(prior) if !prior.is_empty() => format!("{prior}, {ip}"),
-            _ => ip,
-        };
-        upstream_request.insert_header("x-forwarded-for", forwarded_for)?;
-        let proto = if is_tls(session) { "https" } else { "http" };
-        upstream_request.insert_header("x-forwarded-proto", proto)?;
-        let req = session.req_header();
-        let host = match req.headers.get(http::header::HOST) {
-            Some(host) => Some(host.clone()),
-            None => req
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
-        };
-        if let Some(host) = host {
-            upstream_request.insert_header("x-forwarded-host", host)?;
-        }
-        Ok(())
+        forwarded::set_headers(session, upstream_request)
     }
 
     async fn request_body_filter(
@@ -454,7 +312,7 @@ impl ProxyHttp for Gateway {
         // A body without Content-Length (chunked) is counted as it streams.
         if let (Some(chunk), Some(service)) = (body.as_ref(), &ctx.service) {
             ctx.body_bytes += chunk.len() as u64;
-            if ctx.body_bytes > service.limits.max_body_size {
+            if service.limits.body_exceeds(ctx.body_bytes) {
                 ctx.error = Some(BODY_TOO_LARGE);
                 return Error::e_explain(ErrorType::HTTPStatus(413), BODY_TOO_LARGE);
             }
@@ -620,19 +478,13 @@ impl ProxyHttp for Gateway {
             // A retry was planned but never made: its upstream saw nothing.
             ctx.permit = None;
         }
-        if let (Some(service), Some(permit)) = (&ctx.service, ctx.permit.take()) {
+        if let (Some(_), Some(permit)) = (&ctx.service, ctx.permit.take()) {
             match (ctx.upstream_status, e) {
                 (Some(upstream_status), _) => {
-                    let slow = match (service.slow_call_threshold, ctx.attempt_start) {
-                        (Some(limit), Some(start)) => start.elapsed() > limit,
-                        _ => false,
-                    };
-                    let failed = slow || service.failure_statuses.contains(&upstream_status);
-                    permit.record(if failed {
-                        Outcome::Failure
-                    } else {
-                        Outcome::Success
-                    });
+                    let took = ctx.attempt_start.map(|t| t.elapsed()).unwrap_or_default();
+                    if let Some(upstream) = &ctx.upstream {
+                        permit.record(upstream.breaker.judge(upstream_status, took));
+                    }
                 }
                 // The exchange broke off and no hook recorded it: blame the upstream only
                 // when the error came from its side.
@@ -765,7 +617,7 @@ fn service_name(ctx: &RequestCtx) -> &str {
 
 /// Size limits known from the header alone.
 fn check_limits(session: &Session, service: &Service) -> Option<Answer> {
-    let (status, reason) = exceeds_limits(session.req_header(), &service.limits)?;
+    let (status, reason) = service.limits.check_header(session.req_header())?;
     Some(Answer::Error(
         status,
         reason,
@@ -836,7 +688,7 @@ async fn send_fallback(
     if !fallback.has_retry_after {
         headers.push((
             http::header::RETRY_AFTER,
-            HeaderValue::from(service.retry_after_secs()),
+            HeaderValue::from(service.pool.retry_after_secs()),
         ));
     }
     answer::send(

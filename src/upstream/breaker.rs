@@ -39,31 +39,44 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock::{millis, Clock};
+use crate::ops::metrics::METRICS;
+use crate::values::FieldError;
+use serde::Deserialize;
 
-/// Runtime form of an upstream's `circuit_breaker` config section.
-#[derive(Clone, Debug)]
+/// A service's `circuit_breaker:` section: the settings of the breaker each of its upstreams
+/// has (see the state machine above). Always on; these tune it.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct BreakerConfig {
-    /// Consecutive failures (no success in between) that open the breaker. 0 disables this trip.
-    /// Default 5.
+    /// Consecutive failures (no success in between) that open the breaker; 0 turns this trip
+    /// off. Default: 5.
     pub failure_threshold: u32,
-    /// Failure rate, in percent of the calls in the rolling window, that opens the breaker once
-    /// `volume_threshold` is reached. 0 disables this trip. Default 50.
+    /// Failure percentage over the rolling window that opens it once `volume_threshold` is
+    /// reached; 0 turns this trip off. Default: 50.
     pub error_threshold_percentage: u32,
-    /// Minimum number of calls in the rolling window before the failure rate is considered, so a
-    /// single failure on a quiet upstream does not open it. Default 20.
+    /// Calls the rolling window must hold before the percentage counts, so a single failure on
+    /// a quiet upstream does not open it. Default: 20.
     pub volume_threshold: u32,
-    /// Span of the rolling window, split into 10 buckets; calls older than that are forgotten.
-    /// Default 10 s.
+    /// Span of the rolling window, split into 10 buckets; older calls are forgotten.
+    /// Default: 10s.
+    #[serde(deserialize_with = "crate::values::de_duration")]
     pub rolling_window: Duration,
-    /// How long the breaker stays open before letting probes through (half-open). Default 30 s.
+    /// How long it stays open before admitting probes (half-open). Default: 30s.
+    #[serde(deserialize_with = "crate::values::de_duration")]
     pub reset_timeout: Duration,
-    /// Cap for the open duration, which doubles each time a half-open probe fails. Default 5 min.
+    /// The open time doubles each time a probe fails, up to this. Default: 5m.
+    #[serde(deserialize_with = "crate::values::de_duration")]
     pub max_reset_timeout: Duration,
-    /// Maximum number of concurrent probe requests while half-open; values below 1 act as 1.
-    /// Default 1.
+    /// Probe requests admitted at once while half-open. Default: 1.
     pub half_open_requests: u32,
-    /// Probe successes needed to close the breaker again; values below 1 act as 1. Default 1.
+    /// Probe successes that close it. Default: 1.
     pub success_threshold: u32,
+    /// Upstream statuses that count as failures. Default: [500, 502, 503, 504].
+    pub failure_statuses: Vec<u16>,
+    /// A call slower than this (to the end of its response) counts as a failure.
+    /// Default: none.
+    #[serde(deserialize_with = "crate::values::de_opt_duration")]
+    pub slow_call_threshold: Option<Duration>,
 }
 
 impl Default for BreakerConfig {
@@ -77,7 +90,51 @@ impl Default for BreakerConfig {
             max_reset_timeout: Duration::from_secs(300),
             half_open_requests: 1,
             success_threshold: 1,
+            failure_statuses: vec![500, 502, 503, 504],
+            slow_call_threshold: None,
         }
+    }
+}
+
+impl BreakerConfig {
+    /// The checks serde cannot do; errors name the field below the service.
+    pub fn check(&self) -> Result<(), FieldError> {
+        let field = |name: &str| format!(".circuit_breaker{name}");
+        if self.error_threshold_percentage > 100 {
+            return Err(FieldError::new(
+                field(".error_threshold_percentage"),
+                format!("must be 0..=100, got {}", self.error_threshold_percentage),
+            ));
+        }
+        if self.half_open_requests == 0 || self.success_threshold == 0 {
+            return Err(FieldError::new(
+                field(""),
+                "half_open_requests and success_threshold must be at least 1",
+            ));
+        }
+        if self.reset_timeout.is_zero() || self.rolling_window.is_zero() {
+            return Err(FieldError::new(
+                field(""),
+                "reset_timeout and rolling_window must be greater than zero",
+            ));
+        }
+        if self.max_reset_timeout < self.reset_timeout {
+            return Err(FieldError::new(
+                field(".max_reset_timeout"),
+                "max_reset_timeout must not be shorter than reset_timeout",
+            ));
+        }
+        if let Some(bad) = self
+            .failure_statuses
+            .iter()
+            .find(|s| !(100..=599).contains(*s))
+        {
+            return Err(FieldError::new(
+                field(".failure_statuses"),
+                format!("{bad} is not an HTTP status"),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -114,6 +171,32 @@ pub enum Outcome {
 
 /// Called with `(from, to)` on every state transition, once, on the thread that caused it.
 pub type TransitionListener = Arc<dyn Fn(State, State) + Send + Sync>;
+
+/// A listener that keeps the breaker's metrics and log in step with its transitions.
+pub fn metrics_listener(service: &str, upstream: &str) -> TransitionListener {
+    let m = &*METRICS;
+    let state_gauge = m.circuit_state.with_label_values(&[service, upstream]);
+    state_gauge.set(State::Closed as i64);
+    let to_counter = |to: State| {
+        m.circuit_transitions_total
+            .with_label_values(&[service, upstream, to.as_str()])
+    };
+    let counters = [
+        to_counter(State::Closed),
+        to_counter(State::HalfOpen),
+        to_counter(State::Open),
+    ];
+    let (service, upstream) = (service.to_string(), upstream.to_string());
+    Arc::new(move |from: State, to: State| {
+        state_gauge.set(to as i64);
+        counters[to as usize].inc();
+        if to == State::Open {
+            log::warn!("circuit breaker of {service} upstream {upstream}: {from} -> {to}");
+        } else {
+            log::info!("circuit breaker of {service} upstream {upstream}: {from} -> {to}");
+        }
+    })
+}
 
 /// Point-in-time view for the admin API and metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -313,8 +396,23 @@ impl CircuitBreaker {
         self
     }
 
+    #[cfg(test)]
     pub fn config(&self) -> &BreakerConfig {
         &self.config
+    }
+
+    /// How a call that got a response went: a failure when its status is one of
+    /// `failure_statuses` or it took longer than `slow_call_threshold`.
+    pub fn judge(&self, status: u16, took: Duration) -> Outcome {
+        let slow = self
+            .config
+            .slow_call_threshold
+            .is_some_and(|limit| took > limit);
+        if slow || self.config.failure_statuses.contains(&status) {
+            Outcome::Failure
+        } else {
+            Outcome::Success
+        }
     }
 
     /// Admits a request, or returns `None` when Open or when all half-open probe slots are taken.
@@ -579,7 +677,8 @@ impl Permit {
         }
     }
 
-    /// Whether this request is a half-open probe (worth logging: its outcome decides recovery).
+    /// Whether this request is a half-open probe.
+    #[cfg(test)]
     pub fn is_probe(&self) -> bool {
         self.probe
     }
@@ -630,6 +729,7 @@ mod tests {
             max_reset_timeout: Duration::from_secs(100),
             half_open_requests: 1,
             success_threshold: 1,
+            ..BreakerConfig::default()
         }
     }
 

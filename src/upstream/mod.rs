@@ -1,26 +1,18 @@
-//! The upstream side of a service: its pool of servers and how one is picked
-//! ([`pool`]), the circuit breaker of each ([`breaker`]), and the retry budget that caps how
-//! often failed attempts are tried again ([`retry`]).
+//! The upstream side of a service: its pool of servers and how one is picked ([`pool`]), the
+//! state of each ([`state`]), how they are connected to ([`peer`]), their active health checks
+//! ([`health`]), the circuit breaker of each ([`breaker`]), the retry count and budget
+//! ([`retry`]), and the answer when none of them admits a request ([`fallback`]).
+//!
+//! Each section compiles in two steps: `compile` checks the config and prepares everything
+//! that needs no running server (peers, the health-check probe, the breaker settings);
+//! `start` creates the per-process state from that: breakers, health flags, in-flight counts,
+//! load balancers and their health-check background services. Per-upstream state is kept by
+//! service and upstream address (`Pool::upstreams`), in config order.
 
 pub mod breaker;
+pub mod fallback;
+pub mod health;
+pub mod peer;
 pub mod pool;
 pub mod retry;
-
-/// The host part of an upstream's `host:port`, used as SNI by default.
-pub fn upstream_host(name: &str) -> String {
-    name.rsplit_once(':')
-        .map_or(name, |(h, _)| h)
-        .trim_matches(['[', ']'])
-        .to_string()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sni_defaults_to_upstream_host() {
-        assert_eq!(upstream_host("api.internal:443"), "api.internal");
-        assert_eq!(upstream_host("[::1]:443"), "::1");
-    }
-}
+pub mod state;

@@ -1,131 +1,230 @@
-//! Upstream pools: one pingora-load-balancing `LoadBalancer` per service, its active HTTP
-//! health check (run as a Pingora background service), and the per-upstream state the proxy
-//! consults when it picks an upstream: health, circuit breaker and requests in flight.
+//! Upstream pools: a service's `upstreams`, `load_balancing` and `hash_key`, compiled into
+//! one prepared peer per upstream; at start-up, one pingora-load-balancing `LoadBalancer` per
+//! service with its health check (run as a Pingora background service), and the per-upstream
+//! state the proxy consults when it picks an upstream: health, circuit breaker and requests in
+//! flight.
 
+use super::breaker::{BreakerConfig, Permit};
+use super::health::{HealthCheckConfig, HealthCheckPlan, ObservedHealthCheck};
+use super::peer::{self, Timeouts, UpstreamTls};
+use super::state::{Upstream, UpstreamPlan};
 use crate::clock::Clock;
-use crate::config::{Algorithm, HealthCheckConfig, ServiceConfig, UpstreamSpec};
-use crate::ops::metrics::METRICS;
-use crate::upstream::breaker::{CircuitBreaker, State};
-use async_trait::async_trait;
+use crate::values::FieldError;
 use pingora::http::RequestHeader;
 use pingora::lb::discovery::Static;
-use pingora::lb::health_check::{HealthCheck, HttpHealthCheck};
 use pingora::lb::selection::{BackendIter, BackendSelection, Consistent, Random, RoundRobin};
 use pingora::lb::{Backend, Backends, LoadBalancer};
 use pingora::prelude::background_service;
-use pingora::prelude::HttpPeer;
 use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
 use pingora::services::ServiceWithDependents;
 use pingora::{Error, ErrorType, Result};
-use prometheus::IntGauge;
-use std::collections::BTreeSet;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use std::collections::{BTreeSet, HashSet};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// A Pingora service the server must run next to the proxy (here: a health check loop).
 pub type BackgroundTask = Box<dyn ServiceWithDependents>;
 
-/// Runtime state of one upstream server of a service.
-pub struct Upstream {
-    /// As written in the config (`host:port`): the label in metrics, logs and the admin API.
+/// Upstream selection algorithm.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    /// Weighted round robin.
+    #[default]
+    RoundRobin,
+    /// Weighted random.
+    Random,
+    /// Ketama consistent hashing over `hash_key`.
+    ConsistentHash,
+    /// Power of two random choices over each upstream's requests in flight.
+    LeastRequest,
+}
+
+/// What `consistent_hash` hashes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum HashKey {
+    /// The client's IP address.
+    #[default]
+    Ip,
+    /// The request path.
+    Path,
+    /// A request header (falls back to the client IP when absent).
+    Header(String),
+}
+
+impl<'de> Deserialize<'de> for HashKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.as_str() {
+            "ip" => Ok(HashKey::Ip),
+            "path" => Ok(HashKey::Path),
+            _ => match s.strip_prefix("header:") {
+                Some(name) if http::HeaderName::from_bytes(name.as_bytes()).is_ok() => {
+                    Ok(HashKey::Header(name.to_ascii_lowercase()))
+                }
+                _ => Err(de::Error::custom(format!(
+                    "invalid hash_key {s:?}: expected ip, path or header:NAME"
+                ))),
+            },
+        }
+    }
+}
+
+/// An upstream: `"host:port"` or `{addr: "host:port", weight: N}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamSpec {
+    /// As written in the file (`host:port`), used in metric labels and logs.
     pub name: String,
+    /// Resolved when the file is loaded.
     pub addr: SocketAddr,
-    /// Requests being proxied to it right now.
-    pub in_flight: AtomicU32,
-    /// Consulted before every attempt; fed by request outcomes and health checks.
-    pub breaker: Arc<CircuitBreaker>,
-    /// How to connect, prepared once; a request copies it and tightens its timeouts.
-    pub peer: HttpPeer,
-    /// The health check's verdict (true without health checks).
-    healthy: AtomicBool,
-    healthy_gauge: IntGauge,
+    /// Relative share of traffic, 1 to 1000. Default: 1.
+    pub weight: usize,
+    /// Why `name` is not a usable address, reported when the pool compiles, which can name
+    /// the list entry and its line.
+    addr_error: Option<String>,
 }
 
-impl Upstream {
-    fn new(
-        service: &str,
-        spec: &UpstreamSpec,
-        config: &ServiceConfig,
-        clock: Arc<dyn Clock>,
-    ) -> Upstream {
-        let healthy_gauge = METRICS
-            .upstream_healthy
-            .with_label_values(&[service, &spec.name]);
-        healthy_gauge.set(1);
-        let breaker = CircuitBreaker::new(config.circuit_breaker.breaker(), clock)
-            .with_listener(transition_listener(service, &spec.name));
-        let sni = config
-            .sni
-            .clone()
-            .unwrap_or_else(|| super::upstream_host(&spec.name));
-        let mut peer = HttpPeer::new(spec.addr, config.tls, sni);
-        let t = &config.timeouts;
-        peer.options.connection_timeout = Some(t.connect);
-        peer.options.total_connection_timeout = Some(t.connect);
-        peer.options.read_timeout = Some(t.read);
-        peer.options.write_timeout = Some(t.write);
-        peer.options.idle_timeout = Some(t.idle);
-        if config.tls {
-            peer.options.verify_cert = config.tls_verify;
-            peer.options.verify_hostname = config.tls_verify;
+impl<'de> Deserialize<'de> for UpstreamSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Read as a plain value first, so a typo in the long form gets a precise message
+        // rather than serde's "did not match any variant".
+        let (name, weight) = match serde_yaml::Value::deserialize(d)? {
+            serde_yaml::Value::String(addr) => (addr, 1),
+            serde_yaml::Value::Mapping(map) => {
+                let mut addr = None;
+                let mut weight = 1;
+                for (k, v) in map {
+                    match (k.as_str(), v) {
+                        (Some("addr"), serde_yaml::Value::String(a)) => addr = Some(a),
+                        (Some("weight"), serde_yaml::Value::Number(n)) => {
+                            weight = n.as_u64().map_or(0, |w| w as usize)
+                        }
+                        (Some("addr" | "weight"), other) => {
+                            return Err(de::Error::custom(format!(
+                                "invalid value {other:?} for an upstream's addr or weight"
+                            )))
+                        }
+                        (key, _) => {
+                            return Err(de::Error::custom(format!(
+                                "unknown field `{}` in upstream, expected `addr` or `weight`",
+                                key.unwrap_or("?")
+                            )))
+                        }
+                    }
+                }
+                let addr =
+                    addr.ok_or_else(|| de::Error::custom("upstream is missing its `addr` field"))?;
+                (addr, weight)
+            }
+            _ => {
+                return Err(de::Error::custom(
+                    "an upstream is \"host:port\" or {addr: \"host:port\", weight: N}",
+                ))
+            }
+        };
+        if !(1..=1000).contains(&weight) {
+            return Err(de::Error::custom(format!(
+                "weight {weight} of upstream {name:?} is out of range 1..=1000"
+            )));
         }
-        Upstream {
-            name: spec.name.clone(),
-            addr: spec.addr,
-            in_flight: AtomicU32::new(0),
-            breaker: Arc::new(breaker),
-            peer,
-            healthy: AtomicBool::new(true),
-            healthy_gauge,
-        }
-    }
-
-    fn on_health_change(&self, service: &str, healthy: bool) {
-        self.healthy_gauge.set(i64::from(healthy));
-        self.healthy.store(healthy, Ordering::Relaxed);
-        if healthy {
-            log::info!(
-                "upstream {} of service {service} passes its health check again",
-                self.name
-            );
-        } else {
-            log::warn!(
-                "upstream {} of service {service} fails its health check: no traffic until it passes",
-                self.name
-            );
-            self.breaker.on_health_check(false);
-        }
+        // An address that does not resolve is reported by `PoolConfig::compile`, which can
+        // name the list entry and its line; serde_yaml would only point at the start of the
+        // list.
+        let (addr, addr_error) = match resolve_host_port(&name) {
+            Ok(addr) => (addr, None),
+            Err(e) => (SocketAddr::from(([0, 0, 0, 0], 0)), Some(e)),
+        };
+        Ok(UpstreamSpec {
+            name,
+            addr,
+            weight,
+            addr_error,
+        })
     }
 }
 
-/// Keeps the breaker's metrics and log in step with its transitions.
-fn transition_listener(
-    service: &str,
-    upstream: &str,
-) -> crate::upstream::breaker::TransitionListener {
-    let m = &*METRICS;
-    let state_gauge = m.circuit_state.with_label_values(&[service, upstream]);
-    state_gauge.set(State::Closed as i64);
-    let to_counter = |to: State| {
-        m.circuit_transitions_total
-            .with_label_values(&[service, upstream, to.as_str()])
-    };
-    let counters = [
-        to_counter(State::Closed),
-        to_counter(State::HalfOpen),
-        to_counter(State::Open),
-    ];
-    let (service, upstream) = (service.to_string(), upstream.to_string());
-    Arc::new(move |from: State, to: State| {
-        state_gauge.set(to as i64);
-        counters[to as usize].inc();
-        if to == State::Open {
-            log::warn!("circuit breaker of {service} upstream {upstream}: {from} -> {to}");
-        } else {
-            log::info!("circuit breaker of {service} upstream {upstream}: {from} -> {to}");
+/// Parses `host:port` (or `ip:port`, `[v6]:port`) and resolves it once.
+fn resolve_host_port(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let bad = || format!("invalid upstream address {s:?}: expected host:port");
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if host.is_empty() || host.contains('/') || host.contains(' ') {
+        return Err(bad());
+    }
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve upstream {s:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("upstream {s:?} resolves to no address"))
+}
+
+/// The fields of a service that say how its pool is built.
+pub struct PoolConfig<'a> {
+    pub upstreams: &'a [UpstreamSpec],
+    pub load_balancing: Algorithm,
+    pub hash_key: &'a HashKey,
+    pub tls: &'a UpstreamTls,
+    pub timeouts: &'a Timeouts,
+    pub health_check: Option<&'a HealthCheckConfig>,
+    pub circuit_breaker: &'a BreakerConfig,
+}
+
+/// A service's compiled pool: what [`PoolPlan::start`] builds the running pool from.
+pub struct PoolPlan {
+    service: String,
+    upstreams: Vec<UpstreamPlan>,
+    algorithm: Algorithm,
+    hash_key: HashKey,
+    breaker: BreakerConfig,
+    health_check: Option<HealthCheckPlan>,
+}
+
+impl PoolConfig<'_> {
+    /// Checks the upstreams (each resolves, none twice), the health check and the breaker
+    /// settings, and prepares each upstream's peer. Errors name the field below the service.
+    pub fn compile(&self, service: &str) -> std::result::Result<PoolPlan, FieldError> {
+        let mut seen = HashSet::new();
+        let mut upstreams = Vec::with_capacity(self.upstreams.len());
+        for (i, u) in self.upstreams.iter().enumerate() {
+            let field = format!(".upstreams[{i}]");
+            if let Some(e) = &u.addr_error {
+                return Err(FieldError::new(field, e.clone()).at_value(&u.name));
+            }
+            if !seen.insert(u.addr) {
+                let message = format!("upstream {} is listed twice", u.name);
+                return Err(FieldError::new(field, message).at(&u.name));
+            }
+            upstreams.push(UpstreamPlan {
+                name: u.name.clone(),
+                addr: u.addr,
+                weight: u.weight,
+                peer: peer::prepare(u.addr, &u.name, self.tls, self.timeouts),
+            });
         }
-    })
+        let health_check = match (self.health_check, upstreams.first()) {
+            (Some(hc), Some(first)) => Some(
+                hc.compile(&first.name, self.tls)
+                    .map_err(|e| FieldError::new(".health_check", e))?,
+            ),
+            _ => None,
+        };
+        self.circuit_breaker.check()?;
+        Ok(PoolPlan {
+            service: service.to_string(),
+            upstreams,
+            algorithm: self.load_balancing,
+            hash_key: self.hash_key.clone(),
+            breaker: self.circuit_breaker.clone(),
+            health_check,
+        })
+    }
 }
 
 /// The load balancer, one variant per algorithm (the selection type is a type parameter).
@@ -142,60 +241,119 @@ pub struct Pool {
     balancer: Balancer,
     /// Same order as the config's `upstreams`.
     pub upstreams: Vec<Arc<Upstream>>,
+    hash_key: Option<HashKey>,
+    /// Used for `Retry-After` when no breaker says when it half-opens (all unhealthy).
+    health_check_interval: Option<Duration>,
 }
 
 /// Upper bound on candidates examined per pick; enough to walk every upstream of any
 /// realistic pool (weights expand round robin's list) without an unbounded loop.
 const MAX_ITERATIONS: usize = 256;
 
-impl Pool {
-    /// Builds the pool, and the background service that runs its health checks when the
-    /// service has `health_check` configured.
-    pub fn new(
-        service: &str,
-        config: &ServiceConfig,
-        clock: Arc<dyn Clock>,
-    ) -> Result<(Pool, Option<BackgroundTask>)> {
-        let upstreams: Vec<Arc<Upstream>> = config
+impl PoolPlan {
+    /// Starts the pool: each upstream's state and breaker, the load balancer, and the
+    /// background service that runs its health checks when the service has `health_check`.
+    pub fn start(self, clock: Arc<dyn Clock>) -> Result<(Pool, Option<BackgroundTask>)> {
+        let service = self.service;
+        let backends: BTreeSet<Backend> = self
             .upstreams
             .iter()
-            .map(|spec| Arc::new(Upstream::new(service, spec, config, Arc::clone(&clock))))
+            .map(|u| Backend {
+                addr: PingoraAddr::Inet(u.addr),
+                weight: u.weight,
+                ext: Default::default(),
+            })
             .collect();
-        let health_check = config
+        let breaker = &self.breaker;
+        let upstreams: Vec<Arc<Upstream>> = self
+            .upstreams
+            .into_iter()
+            .map(|plan| Arc::new(Upstream::start(&service, plan, breaker, Arc::clone(&clock))))
+            .collect();
+        let health_check_interval = self.health_check.as_ref().map(|hc| hc.interval);
+        let health_check = self
             .health_check
-            .as_ref()
-            .map(|hc| observed_health_check(service, hc, config, &upstreams))
-            .transpose()?;
-        let (balancer, background) = match config.load_balancing {
+            .map(|hc| (hc.interval, hc.observe(&service, &upstreams)));
+        let (balancer, background) = match self.algorithm {
             Algorithm::RoundRobin => {
-                let (lb, bg) = build_lb::<RoundRobin>(service, config, health_check)?;
+                let (lb, bg) = build_lb::<RoundRobin>(&service, backends, health_check)?;
                 (Balancer::RoundRobin(lb), bg)
             }
             Algorithm::Random => {
-                let (lb, bg) = build_lb::<Random>(service, config, health_check)?;
+                let (lb, bg) = build_lb::<Random>(&service, backends, health_check)?;
                 (Balancer::Random(lb), bg)
             }
             Algorithm::ConsistentHash => {
-                let (lb, bg) = build_lb::<Consistent>(service, config, health_check)?;
+                let (lb, bg) = build_lb::<Consistent>(&service, backends, health_check)?;
                 (Balancer::Consistent(lb), bg)
             }
             Algorithm::LeastRequest => {
-                let (lb, bg) = build_lb::<Random>(service, config, health_check)?;
+                let (lb, bg) = build_lb::<Random>(&service, backends, health_check)?;
                 (Balancer::LeastRequest(lb), bg)
             }
         };
+        let hash_key = (self.algorithm == Algorithm::ConsistentHash).then_some(self.hash_key);
         Ok((
             Pool {
                 balancer,
                 upstreams,
+                hash_key,
+                health_check_interval,
             },
             background,
         ))
     }
+}
+
+impl Pool {
+    /// What consistent hashing hashes for this request; empty for the other algorithms, which
+    /// ignore it. `client_ip` is only asked for when the key needs it.
+    pub fn hash_key(&self, req: &RequestHeader, client_ip: impl FnOnce() -> String) -> Vec<u8> {
+        match &self.hash_key {
+            None => Vec::new(),
+            Some(HashKey::Path) => req.uri.path().as_bytes().to_vec(),
+            Some(HashKey::Header(name)) => match req.headers.get(name.as_str()) {
+                Some(v) => v.as_bytes().to_vec(),
+                None => client_ip().into_bytes(),
+            },
+            Some(HashKey::Ip) => client_ip().into_bytes(),
+        }
+    }
+
+    /// Picks an upstream whose health check passes and whose breaker admits the request, and
+    /// takes the breaker's permit. `accept` narrows the candidates (e.g. not yet tried).
+    pub fn admit(&self, key: &[u8], accept: impl Fn(usize) -> bool) -> Option<(usize, Permit)> {
+        let upstreams = &self.upstreams;
+        // A candidate can lose its half-open probe slot between the check and the acquire;
+        // then the next one is tried, a bounded number of times.
+        let mut refused: Vec<usize> = Vec::new();
+        for _ in 0..upstreams.len() {
+            let index = self.select(key, |i| {
+                accept(i) && !refused.contains(&i) && upstreams[i].breaker.would_admit()
+            })?;
+            match upstreams[index].breaker.try_acquire() {
+                Some(permit) => return Some((index, permit)),
+                None => refused.push(index),
+            }
+        }
+        None
+    }
+
+    /// Seconds until some upstream may admit requests again, for `Retry-After`.
+    pub fn retry_after_secs(&self) -> u64 {
+        let soonest = self
+            .upstreams
+            .iter()
+            .filter_map(|u| u.breaker.retry_after())
+            .min()
+            .or(self.health_check_interval)
+            .unwrap_or(Duration::from_secs(1));
+        soonest.as_secs_f64().ceil().max(1.0) as u64
+    }
 
     /// Picks an upstream by the pool's algorithm among the healthy ones for which `accept`
     /// returns true (its index in `upstreams` is passed). `key` feeds consistent hashing.
-    pub fn select(&self, key: &[u8], accept: impl Fn(usize) -> bool) -> Option<usize> {
+    fn select(&self, key: &[u8], accept: impl Fn(usize) -> bool) -> Option<usize> {
         let filter =
             |b: &Backend, healthy: bool| healthy && self.index_of(&b.addr).is_some_and(&accept);
         let backend = match &self.balancer {
@@ -223,13 +381,6 @@ impl Pool {
         self.upstreams[index].in_flight.load(Ordering::Relaxed)
     }
 
-    /// Whether the health check currently counts the upstream as healthy.
-    pub fn is_healthy(&self, index: usize) -> bool {
-        self.upstreams
-            .get(index)
-            .is_some_and(|u| u.healthy.load(Ordering::Relaxed))
-    }
-
     fn index_of(&self, addr: &PingoraAddr) -> Option<usize> {
         let PingoraAddr::Inet(addr) = addr else {
             return None;
@@ -240,25 +391,16 @@ impl Pool {
 
 fn build_lb<S>(
     service: &str,
-    config: &ServiceConfig,
-    health_check: Option<ObservedHealthCheck>,
+    backends: BTreeSet<Backend>,
+    health_check: Option<(Duration, ObservedHealthCheck)>,
 ) -> Result<(Arc<LoadBalancer<S>>, Option<BackgroundTask>)>
 where
     S: BackendSelection + Send + Sync + 'static,
     S::Iter: BackendIter,
 {
-    let backends: BTreeSet<Backend> = config
-        .upstreams
-        .iter()
-        .map(|u| Backend {
-            addr: PingoraAddr::Inet(u.addr),
-            weight: u.weight,
-            ext: Default::default(),
-        })
-        .collect();
     let mut backends = Backends::new(Static::new(backends));
-    let interval = config.health_check.as_ref().map(|hc| hc.interval);
-    if let Some(hc) = health_check {
+    let interval = health_check.as_ref().map(|(interval, _)| *interval);
+    if let Some((_, hc)) = health_check {
         backends.set_health_check(Box::new(hc));
     }
     let mut lb = LoadBalancer::<S>::from_backends(backends);
@@ -287,113 +429,5 @@ fn futures_now<F: std::future::Future<Output = Result<()>>>(f: F) -> Result<()> 
             ErrorType::InternalError,
             "static upstream discovery did not complete at once",
         ),
-    }
-}
-
-/// Pingora's HTTP health check, observed so that results reach the upstream's state
-/// (metrics now, the circuit breaker too) on every check, not only on a health flip.
-struct ObservedHealthCheck {
-    service: String,
-    inner: HttpHealthCheck,
-    upstreams: Vec<Arc<Upstream>>,
-}
-
-fn observed_health_check(
-    service: &str,
-    hc: &HealthCheckConfig,
-    config: &ServiceConfig,
-    upstreams: &[Arc<Upstream>],
-) -> Result<ObservedHealthCheck> {
-    let host = hc
-        .host
-        .clone()
-        .unwrap_or_else(|| config.upstreams[0].name.clone());
-    let mut check = HttpHealthCheck::new(&host, config.tls);
-    let mut req = RequestHeader::build("GET", hc.path.0.as_bytes(), None)?;
-    req.insert_header("Host", host.as_str())?;
-    req.insert_header("User-Agent", "breakwater-health-check")?;
-    check.req = req;
-    check.peer_template.options.connection_timeout = Some(hc.timeout);
-    check.peer_template.options.read_timeout = Some(hc.timeout);
-    check.peer_template.options.total_connection_timeout = Some(hc.timeout);
-    if config.tls {
-        check.peer_template.sni = config
-            .sni
-            .clone()
-            .unwrap_or_else(|| super::upstream_host(&host));
-        check.peer_template.options.verify_cert = config.tls_verify;
-        check.peer_template.options.verify_hostname = config.tls_verify;
-    }
-    check.consecutive_success = hc.healthy_threshold;
-    check.consecutive_failure = hc.unhealthy_threshold;
-    check.validator = Some(Box::new(|resp| {
-        if resp.status.is_success() {
-            Ok(())
-        } else {
-            Error::e_explain(
-                ErrorType::CustomCode("health check status", resp.status.as_u16()),
-                "non-2xx health check response",
-            )
-        }
-    }));
-    Ok(ObservedHealthCheck {
-        service: service.to_string(),
-        inner: check,
-        upstreams: upstreams.to_vec(),
-    })
-}
-
-impl ObservedHealthCheck {
-    fn upstream(&self, target: &Backend) -> Option<&Arc<Upstream>> {
-        let PingoraAddr::Inet(addr) = &target.addr else {
-            return None;
-        };
-        self.upstreams.iter().find(|u| u.addr == *addr)
-    }
-}
-
-#[async_trait]
-impl HealthCheck for ObservedHealthCheck {
-    async fn check(&self, target: &Backend) -> Result<()> {
-        let result = self.inner.check(target).await;
-        if let Some(upstream) = self.upstream(target) {
-            // A passing check lets real traffic probe an open breaker now, rather than after
-            // the reset timeout. The first failures open it through `health_status_change`,
-            // which honours `unhealthy_threshold`; later ones keep it open, so an upstream
-            // that stays down never shows as half-open.
-            if result.is_ok() {
-                upstream.breaker.on_health_check(true);
-            } else if !upstream.healthy.load(Ordering::Relaxed) {
-                upstream.breaker.on_health_check(false);
-            }
-        }
-        result
-    }
-
-    async fn health_status_change(&self, target: &Backend, healthy: bool) {
-        if let Some(upstream) = self.upstream(target) {
-            upstream.on_health_change(&self.service, healthy);
-        }
-    }
-
-    fn health_threshold(&self, success: bool) -> usize {
-        self.inner.health_threshold(success)
-    }
-}
-
-/// Counts the request as in flight on the upstream until dropped (least-request balancing
-/// and the admin API read it).
-pub struct InFlight(Arc<Upstream>);
-
-impl InFlight {
-    pub fn new(upstream: Arc<Upstream>) -> InFlight {
-        upstream.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(upstream)
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }

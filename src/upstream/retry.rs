@@ -1,25 +1,40 @@
-//! Retry budget, after Envoy's: owns the decision whether a failed request may be retried, so
-//! that retries stay a bounded fraction of traffic and cannot multiply load on an upstream that
-//! is already failing. Over the last second, retries may reach `percent`% of original requests,
-//! with a floor of `min_per_second` so quiet routes can still retry.
+//! Retries: a service's `retries` count and its retry budget. The budget, after Envoy's, owns
+//! the decision whether a failed request may be retried, so that retries stay a bounded
+//! fraction of traffic and cannot multiply load on an upstream that is already failing. Over
+//! the last second, retries may reach `percent`% of original requests, with a floor of
+//! `min_per_second` so quiet services can still retry.
 //!
 //! Counts live in a lock-free one-second rolling window of ten 100 ms buckets. A retry is
 //! admitted by a compare-and-swap on the current bucket that re-checks the budget, so concurrent
 //! callers cannot overshoot it together.
 
+use crate::clock::Clock;
+use serde::Deserialize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::clock::Clock;
+/// Most retries a service may configure.
+pub const MAX_RETRIES: u32 = 10;
 
-/// Runtime form of a route's `retry_budget` config section.
-#[derive(Clone, Debug)]
+/// A service's `retries`: how many times a failed attempt may be tried again.
+pub fn check_retries(retries: u32) -> Result<(), String> {
+    if retries > MAX_RETRIES {
+        return Err(format!("at most {MAX_RETRIES} retries, got {retries}"));
+    }
+    Ok(())
+}
+
+/// A service's `retry_budget:` section, like Envoy's: retries in the last second may be at
+/// most `percent` of the requests in it, but `min_per_second` are always allowed. Any values
+/// are accepted.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RetryBudgetConfig {
     /// Retries allowed per second, in percent of original requests in the same second.
-    /// Default 20.
+    /// Default: 20.
     pub percent: u32,
-    /// Retries allowed per second regardless of traffic, so low-volume routes can retry at all.
-    /// Default 3.
+    /// Retries allowed per second regardless of traffic, so low-volume services can retry
+    /// at all. Default: 3.
     pub min_per_second: u32,
 }
 
@@ -59,10 +74,6 @@ impl RetryBudget {
             clock,
             buckets: Default::default(),
         }
-    }
-
-    pub fn config(&self) -> &RetryBudgetConfig {
-        &self.config
     }
 
     /// Counts an original (non-retry) request; this is what earns retry budget.
@@ -111,8 +122,9 @@ impl RetryBudget {
         }
     }
 
-    /// (requests, retries) in the last second, for the admin API and metrics.
-    pub fn window_counts(&self) -> (u64, u64) {
+    /// (requests, retries) in the last second.
+    #[cfg(test)]
+    fn window_counts(&self) -> (u64, u64) {
         let epoch = self.clock.now_millis() / BUCKET_MS;
         let others = self.totals_except_current(epoch);
         let current = decode(self.bucket(epoch).load(Ordering::Relaxed), epoch);

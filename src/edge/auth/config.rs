@@ -21,16 +21,6 @@ pub struct AuthConfig {
     pub jwt: Option<JwtConfig>,
 }
 
-impl AuthConfig {
-    /// Cross-field checks; see [`JwtConfig::validate`].
-    pub fn validate(&self) -> Result<(), String> {
-        match &self.jwt {
-            Some(jwt) => jwt.validate().map_err(|e| format!("jwt: {e}")),
-            None => Ok(()),
-        }
-    }
-}
-
 /// A service's `auth:` mode.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -142,10 +132,17 @@ const RESERVED_HEADERS: &[&str] = &[
     "cookie",
 ];
 
+/// What checking `auth.jwt` yields for loading its keys: the `forward_claims` as header names,
+/// and the parsed `jwks_url`.
+pub(super) struct CheckedJwt {
+    pub(super) forwarded: Vec<(String, HeaderName)>,
+    pub(super) jwks_url: Option<HttpUrl>,
+}
+
 impl JwtConfig {
-    /// Cross-field checks that serde cannot do: one key source, one algorithm family that
-    /// fits it, valid forward header names.
-    pub fn validate(&self) -> Result<(), String> {
+    /// The checks serde cannot do: one key source, one algorithm family that fits it, valid
+    /// forward header names.
+    pub(super) fn check(&self) -> Result<CheckedJwt, String> {
         if self.algorithms.is_empty() {
             return Err("algorithms: list at least one algorithm".into());
         }
@@ -203,9 +200,12 @@ impl JwtConfig {
                 ));
             }
         }
-        if let Some(url) = &self.jwks_url {
-            HttpUrl::parse(url).map_err(|e| format!("jwks_url: {e}"))?;
-        }
+        let jwks_url = self
+            .jwks_url
+            .as_deref()
+            .map(HttpUrl::parse)
+            .transpose()
+            .map_err(|e| format!("jwks_url: {e}"))?;
         if let Some(var) = &self.secret_env {
             if var.is_empty() {
                 return Err("secret_env: name an environment variable".into());
@@ -217,8 +217,10 @@ impl JwtConfig {
         if self.audience.iter().any(String::is_empty) {
             return Err("audience: values must not be empty".into());
         }
-        forward_headers(&self.forward_claims)?;
-        Ok(())
+        Ok(CheckedJwt {
+            forwarded: forward_headers(&self.forward_claims)?,
+            jwks_url,
+        })
     }
 }
 
@@ -231,9 +233,7 @@ fn alg_list(algs: &[Algorithm]) -> String {
     format!("[{}]", names.join(", "))
 }
 
-pub(super) fn forward_headers(
-    claims: &BTreeMap<String, String>,
-) -> Result<Vec<(String, HeaderName)>, String> {
+fn forward_headers(claims: &BTreeMap<String, String>) -> Result<Vec<(String, HeaderName)>, String> {
     claims
         .iter()
         .map(|(claim, header)| {
@@ -253,9 +253,28 @@ pub(super) fn forward_headers(
         .collect()
 }
 
+/// A service's authentication: its `auth` mode and the `required_scopes` its tokens must
+/// grant.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceAuth {
+    pub mode: AuthMode,
+    pub required_scopes: Vec<String>,
+}
+
+impl ServiceAuth {
+    /// Compiles a service's `auth` and `required_scopes`; the error is about the scopes.
+    pub fn compile(mode: AuthMode, required_scopes: &[String]) -> Result<ServiceAuth, String> {
+        validate_scopes(required_scopes)?;
+        Ok(ServiceAuth {
+            mode,
+            required_scopes: required_scopes.to_vec(),
+        })
+    }
+}
+
 /// Checks a service's `required_scopes`: each must be a valid OAuth scope token (printable
 /// ASCII without space, `"` or `\`), so it can be named in a `WWW-Authenticate` header.
-pub fn validate_scopes(scopes: &[String]) -> Result<(), String> {
+pub(super) fn validate_scopes(scopes: &[String]) -> Result<(), String> {
     for s in scopes {
         let ok = !s.is_empty()
             && s.bytes()

@@ -51,7 +51,11 @@ pub(super) struct JwksKey {
 
 /// Reads the secret or keys the config names (environment, files, or a blocking fetch of
 /// `jwks_url`). Errors name the field or file at fault.
-pub(super) fn load(cfg: &JwtConfig, clock: Arc<dyn Clock>) -> Result<Keys, String> {
+pub(super) fn load(
+    cfg: &JwtConfig,
+    jwks_url: Option<HttpUrl>,
+    clock: Arc<dyn Clock>,
+) -> Result<Keys, String> {
     let keys = if let Some(var) = &cfg.secret_env {
         let secret = std::env::var_os(var)
             .ok_or_else(|| format!("secret_env: environment variable {var} is not set"))?;
@@ -80,8 +84,7 @@ pub(super) fn load(cfg: &JwtConfig, clock: Arc<dyn Clock>) -> Result<Keys, Strin
         let set = parse_jwks(&read_file(path, "jwks_file")?)
             .map_err(|e| format!("jwks_file {}: {e}", path.display()))?;
         Keys::Jwks(Jwks::new(source, set, cfg, clock))
-    } else if let Some(url) = &cfg.jwks_url {
-        let url = HttpUrl::parse(url).map_err(|e| format!("jwks_url: {e}"))?;
+    } else if let Some(url) = jwks_url {
         let body = url
             .get_blocking(cfg.jwks_fetch_timeout)
             .map_err(|e| format!("jwks_url {}: {e}", url.raw))?;

@@ -16,10 +16,10 @@ mod identity;
 mod keys;
 mod verify;
 
-pub use config::{validate_scopes, AuthConfig, AuthMode, JwtConfig};
+pub use config::{AuthConfig, AuthMode, JwtConfig, ServiceAuth};
 pub use error::{count_failure, register_metrics, AuthError};
 pub use identity::{check_scopes, Identity};
-pub use verify::Authenticator;
+pub use verify::{AuthCompileError, Authenticator};
 
 #[cfg(test)]
 mod tests;

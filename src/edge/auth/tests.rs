@@ -1,6 +1,6 @@
 //! Unit tests of token verification, key sources, the JWKS refetch and the config checks.
 
-use super::config::default_forward_claims;
+use super::config::{default_forward_claims, validate_scopes};
 use super::fetch::{find, parse_response, HttpUrl};
 use super::*;
 use crate::clock::ManualClock;
@@ -403,14 +403,14 @@ fn config_defaults_and_cross_field_checks() {
     assert_eq!(cfg.jwks_refetch_interval, Duration::from_secs(10));
     assert_eq!(cfg.forward_claims, default_forward_claims());
     assert!(cfg.audience.is_empty());
-    assert_eq!(cfg.validate(), Ok(()));
+    assert_eq!(cfg.check().map(|_| ()), Ok(()));
     let cfg = config("algorithms: [RS256]\njwks_file: k.json\naudience: [a, b]\nleeway: 1m");
     assert_eq!(cfg.audience, ["a", "b"]);
     assert_eq!(cfg.leeway, Duration::from_secs(60));
-    assert_eq!(cfg.validate(), Ok(()));
+    assert_eq!(cfg.check().map(|_| ()), Ok(()));
 
     let refused = |yaml: &str, needle: &str| {
-        let err = config(yaml).validate().unwrap_err();
+        let err = config(yaml).check().map(|_| ()).unwrap_err();
         assert!(err.contains(needle), "{yaml:?}: {err}");
     };
     refused(

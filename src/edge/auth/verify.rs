@@ -2,9 +2,9 @@
 //! token's algorithm against the allowlist before touching any key, then its signature and
 //! claims (`exp` always, `iss` and `aud` when configured).
 
-use super::config::{forward_headers, JwtConfig};
+use super::config::{AuthConfig, AuthMode, CheckedJwt, JwtConfig, ServiceAuth};
 use super::error::AuthError;
-use super::identity::{self, Identity};
+use super::identity::{self, check_scopes, Identity};
 use super::keys::{self, Keys, Lookup};
 use crate::clock::{Clock, MonotonicClock};
 use base64::Engine;
@@ -28,17 +28,72 @@ pub struct Authenticator {
     forwarded: Vec<(String, HeaderName)>,
 }
 
+/// Why `auth:` does not compile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthCompileError {
+    /// A setting is wrong (the config points at `auth`).
+    Invalid(String),
+    /// The keys it names cannot be loaded: a variable, file or URL is at fault, not a line.
+    Keys(String),
+}
+
+impl AuthConfig {
+    /// Compiles `auth.jwt` into the authenticator: checks the section, then loads the keys it
+    /// names (environment, files, or a blocking fetch of `jwks_url`). `None` without `jwt`.
+    pub fn compile(&self) -> Result<Option<Authenticator>, AuthCompileError> {
+        let Some(jwt) = &self.jwt else {
+            return Ok(None);
+        };
+        let checked = jwt
+            .check()
+            .map_err(|e| AuthCompileError::Invalid(format!("jwt: {e}")))?;
+        Authenticator::load(jwt, checked, Arc::new(MonotonicClock::new()))
+            .map(Some)
+            .map_err(AuthCompileError::Keys)
+    }
+}
+
+impl ServiceAuth {
+    /// Checks the request's `Authorization` header as this service asks: `Ok(None)` when its
+    /// mode lets the request on without looking (`none`, or `optional` with no token and no
+    /// required scopes), the identity of a valid token with every required scope, or why not.
+    pub async fn verify(
+        &self,
+        authenticator: &Authenticator,
+        authorization: Option<&HeaderValue>,
+    ) -> Result<Option<Identity>, AuthError> {
+        match (self.mode, authorization) {
+            (AuthMode::None, _) => return Ok(None),
+            (AuthMode::Optional, None) if self.required_scopes.is_empty() => return Ok(None),
+            _ => {}
+        }
+        let identity = authenticator.authenticate(authorization).await?;
+        check_scopes(&identity, &self.required_scopes)?;
+        Ok(Some(identity))
+    }
+}
+
 impl Authenticator {
-    /// Reads the secret or keys (environment, files, or a blocking fetch of `jwks_url`).
-    /// Errors name the field or file at fault.
+    /// Checks `cfg` and loads its keys, like [`AuthConfig::compile`].
+    #[cfg(test)]
     pub fn new(cfg: &JwtConfig) -> Result<Authenticator, String> {
         Authenticator::with_clock(cfg, Arc::new(MonotonicClock::new()))
     }
 
     /// Like [`Authenticator::new`] with the clock that paces JWKS refetches.
+    #[cfg(test)]
     pub fn with_clock(cfg: &JwtConfig, clock: Arc<dyn Clock>) -> Result<Authenticator, String> {
-        cfg.validate()?;
-        let keys = keys::load(cfg, clock)?;
+        let checked = cfg.check()?;
+        Authenticator::load(cfg, checked, clock)
+    }
+
+    /// Loads the keys of a checked `cfg` and prepares one validation per allowed algorithm.
+    fn load(
+        cfg: &JwtConfig,
+        checked: CheckedJwt,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Authenticator, String> {
+        let keys = keys::load(cfg, checked.jwks_url, clock)?;
 
         let mut validation = Validation::new(cfg.algorithms[0]);
         validation.leeway = cfg.leeway.as_secs();
@@ -70,7 +125,7 @@ impl Authenticator {
         Ok(Authenticator {
             validations,
             keys,
-            forwarded: forward_headers(&cfg.forward_claims)?,
+            forwarded: checked.forwarded,
         })
     }
 

@@ -1,0 +1,125 @@
+//! The runtime: a compiled config installed in this process, which the proxy and the admin
+//! listener read, shared by all worker threads.
+//!
+//! A config becomes a runtime in two steps. [`compile`] checks every section and builds what
+//! needs no running server (route table, peers, CORS policies, header sets, fallbacks, the JWT
+//! keys, the unconnected Redis pool); `check` stops there. [`Compiled::install`] then creates
+//! the per-process state from it: breakers, health flags, retry budgets, rate-limit counts,
+//! metric handles and the health-check background services.
+
+mod compile;
+
+pub use compile::{compile, prepare, Compiled};
+
+use crate::cache::{ResponseCache, ServiceCache};
+use crate::clock::{Clock, MonotonicClock};
+use crate::edge::auth::{self, Authenticator, ServiceAuth};
+use crate::edge::cors::Cors;
+use crate::edge::limits::Limits;
+use crate::edge::rate_limit::RateLimiter;
+use crate::edge::security_headers::SecurityHeaders;
+use crate::ops::metrics::ServiceMetrics;
+use crate::redis::{self, Redis};
+use crate::routing::Router;
+use crate::upstream::fallback::Fallback;
+use crate::upstream::peer::Timeouts;
+use crate::upstream::pool::{BackgroundTask, Pool};
+use crate::upstream::retry::RetryBudget;
+use compile::CompiledService;
+use pingora::Result;
+use std::sync::Arc;
+
+/// Everything the proxy needs per request, shared by all worker threads.
+pub struct Runtime {
+    pub router: Router,
+    /// In the order the router's indices refer to.
+    pub services: Vec<Arc<Service>>,
+    pub access_log: bool,
+    /// Verifies tokens for services with `auth`; `None` without `auth.jwt`.
+    pub authenticator: Option<Arc<Authenticator>>,
+    /// The response cache, when some service caches (the admin API purges it).
+    pub cache: Option<Arc<ResponseCache>>,
+    /// The shared Redis connection, when configured.
+    pub redis: Option<Redis>,
+    /// Top-level security headers, for answers to requests no route matched.
+    pub security_headers: Arc<SecurityHeaders>,
+}
+
+/// One service at run time.
+pub struct Service {
+    pub name: String,
+    pub pool: Pool,
+    pub timeouts: Timeouts,
+    /// Retries a failed request may make (each on an upstream not yet tried).
+    pub retries: u32,
+    pub retry_budget: RetryBudget,
+    pub fallback: Fallback,
+    pub limits: Limits,
+    pub auth: ServiceAuth,
+    pub security_headers: Arc<SecurityHeaders>,
+    pub cors: Option<Cors>,
+    pub rate_limit: Option<RateLimiter>,
+    pub cache: Option<ServiceCache>,
+    pub metrics: ServiceMetrics,
+}
+
+impl Compiled {
+    /// Installs the compiled config in this process and returns the background services
+    /// (health checks) the server must run. Fails only where Pingora refuses (it should not:
+    /// static upstream discovery cannot fail).
+    pub fn install(self) -> Result<(Runtime, Vec<BackgroundTask>)> {
+        auth::register_metrics();
+        if self.redis.is_some() {
+            redis::register_metrics();
+        }
+        let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
+        let mut services = Vec::with_capacity(self.services.len());
+        let mut background = Vec::new();
+        for compiled in self.services {
+            let (service, health_check) = install_service(compiled, self.cache.as_ref(), &clock)?;
+            services.push(Arc::new(service));
+            background.extend(health_check);
+        }
+        Ok((
+            Runtime {
+                router: self.router,
+                services,
+                access_log: self.access_log,
+                authenticator: self.authenticator,
+                cache: self.cache,
+                redis: self.redis,
+                security_headers: self.security_headers,
+            },
+            background,
+        ))
+    }
+}
+
+fn install_service(
+    s: CompiledService,
+    cache: Option<&Arc<ResponseCache>>,
+    clock: &Arc<dyn Clock>,
+) -> Result<(Service, Option<BackgroundTask>)> {
+    let (pool, health_check) = s.pool.start(Arc::clone(clock))?;
+    let service = Service {
+        pool,
+        timeouts: s.timeouts,
+        retries: s.retries,
+        retry_budget: RetryBudget::new(s.retry_budget, Arc::clone(clock)),
+        fallback: s.fallback,
+        limits: s.limits,
+        auth: s.auth,
+        security_headers: s.security_headers,
+        cors: s.cors,
+        rate_limit: s
+            .rate_limit
+            .map(|policy| RateLimiter::new(policy, Arc::clone(clock))),
+        cache: s
+            .cache
+            .zip(cache)
+            .map(|(policy, cache)| ServiceCache::new(&s.name, policy, Arc::clone(cache))),
+        metrics: ServiceMetrics::new(&s.name),
+        name: s.name,
+    };
+    Ok((service, health_check))
+}
