@@ -1,12 +1,141 @@
-//! Responses the gateway writes itself (errors, preflights, fallbacks): JSON bodies with the
-//! request id, so a client always gets a machine-readable reason and never a bare page.
+//! The answers the gateway writes itself, without an upstream: JSON errors, CORS preflights,
+//! refused tokens, cached copies and the service's fallback. Every one carries the request id
+//! and the headers every answer of its service gets; errors have a JSON body, so a client
+//! always gets a machine-readable reason and never a bare page.
 
+use super::context::RequestCtx;
+use super::request_id::REQUEST_ID;
+use crate::cache::Served;
+use crate::edge::auth::AuthError;
+use crate::edge::forwarded::is_tls;
+use crate::runtime::Service;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
-use pingora::http::ResponseHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::Session;
 use pingora::Result;
 use serde::Serialize;
+
+/// What the gateway answers itself, without an upstream.
+pub enum Answer {
+    /// A JSON error: status, the access log's reason, the body, extra headers.
+    Error(
+        StatusCode,
+        &'static str,
+        ErrorBody,
+        Vec<(HeaderName, HeaderValue)>,
+    ),
+    /// A CORS preflight, allowed, with its headers.
+    Preflight(Vec<(HeaderName, HeaderValue)>),
+    /// A CORS preflight for an origin, method or header the policy does not allow.
+    PreflightRejected,
+    Unauthorized(AuthError),
+    /// From the cache: fresh, or stale while the upstream is down.
+    Cached(Served),
+    /// The service's fallback: no upstream admits the request.
+    Fallback,
+}
+
+impl Answer {
+    /// `404` for a request no route matches.
+    pub fn no_route(req: &RequestHeader) -> Answer {
+        let path = req.uri.path();
+        let body = ErrorBody::new("no route").detail(format!("no service is routed for {path}"));
+        Answer::Error(StatusCode::NOT_FOUND, "no route", body, Vec::new())
+    }
+
+    /// A JSON error whose body is just the reason.
+    pub fn error(status: StatusCode, reason: &'static str) -> Answer {
+        Answer::Error(status, reason, ErrorBody::new(reason), Vec::new())
+    }
+
+    /// Writes the answer and records why the gateway answered; `Ok(true)` tells Pingora the
+    /// request is done.
+    pub async fn send(self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        ctx.error = match &self {
+            Answer::Error(_, reason, ..) => Some(reason),
+            Answer::Preflight(_) => Some("cors preflight"),
+            Answer::PreflightRejected => Some("cors preflight rejected"),
+            Answer::Unauthorized(e) => Some(e.reason()),
+            // Keeps the reason of a stale answer (the upstream's failure).
+            Answer::Cached(_) => ctx.error,
+            Answer::Fallback => Some("fallback"),
+        };
+        let ctx = &*ctx;
+        let id = &ctx.request_id;
+        let tls = is_tls(session);
+        // A preflight carries its own CORS headers (none when refused); every answer gets
+        // the rest.
+        let with_cors = !matches!(self, Answer::Preflight(_) | Answer::PreflightRejected);
+        let finish = |h: &mut ResponseHeader| ctx.decorate(h, tls, with_cors);
+        match self {
+            Answer::Error(status, _, mut body, headers) => {
+                if let Some(service) = &ctx.service {
+                    body = body.service(&service.name);
+                }
+                send_json(session, status, &body, id, &headers, &finish).await?;
+            }
+            Answer::Preflight(headers) => {
+                let (status, empty) = (StatusCode::NO_CONTENT, Bytes::new());
+                send(session, status, "text/plain", empty, id, &headers, &finish).await?;
+            }
+            Answer::PreflightRejected => {
+                let body = ErrorBody::new("cors preflight rejected").service(ctx.service_name());
+                let status = StatusCode::FORBIDDEN;
+                send_json(session, status, &body, id, &[], &finish).await?;
+            }
+            Answer::Unauthorized(e) => {
+                let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
+                let challenge = [(http::header::WWW_AUTHENTICATE, e.www_authenticate_value())];
+                let json = "application/json";
+                send(session, status, json, e.body(), id, &challenge, &finish).await?;
+            }
+            Answer::Cached(served) => {
+                let mut header = served.header;
+                header.insert_header(REQUEST_ID, id.clone())?;
+                finish(&mut header);
+                let head_only = served.body.is_empty();
+                session.write_response_header(header, head_only).await?;
+                if !head_only {
+                    session.write_response_body(Some(served.body), true).await?;
+                }
+            }
+            Answer::Fallback => {
+                if let Some(service) = &ctx.service {
+                    send_fallback(session, service, id, &finish).await?;
+                }
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Answers with the service's fallback, with `Retry-After` unless the config sets one.
+async fn send_fallback(
+    session: &mut Session,
+    service: &Service,
+    request_id: &HeaderValue,
+    finish: &Decorate<'_>,
+) -> Result<()> {
+    let fallback = &service.fallback;
+    let mut headers = fallback.headers.clone();
+    if !fallback.has_retry_after {
+        headers.push((
+            http::header::RETRY_AFTER,
+            HeaderValue::from(service.pool.retry_after_secs()),
+        ));
+    }
+    send(
+        session,
+        fallback.status,
+        &fallback.content_type,
+        fallback.body.clone(),
+        request_id,
+        &headers,
+        finish,
+    )
+    .await
+}
 
 /// Adds the headers every answer of a service carries (security headers, CORS, ...).
 pub type Decorate<'a> = dyn Fn(&mut ResponseHeader) + Send + Sync + 'a;
@@ -96,7 +225,7 @@ pub async fn send(
     header.insert_header(http::header::CONTENT_TYPE, content_type)?;
     header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
     header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
-    header.insert_header(super::request_id::REQUEST_ID, request_id.clone())?;
+    header.insert_header(REQUEST_ID, request_id.clone())?;
     for (name, value) in extra_headers {
         header.insert_header(name.clone(), value.clone())?;
     }
