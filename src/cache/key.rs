@@ -75,15 +75,6 @@ impl CacheKey {
         &self.key
     }
 
-    pub fn service(&self) -> &str {
-        &self.service
-    }
-
-    /// The request path, unescaped.
-    pub fn path(&self) -> &str {
-        &self.path
-    }
-
     /// Whether a purge of `prefix` (optionally only in `service`) covers this key.
     pub fn matches_purge(&self, prefix: &str, service: Option<&str>) -> bool {
         service.is_none_or(|s| s == &*self.service) && self.path.starts_with(prefix)

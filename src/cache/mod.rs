@@ -120,11 +120,6 @@ impl ResponseCache {
         self.backend.purge(prefix, service).await
     }
 
-    /// Bytes held by the memory backend; `None` for Redis.
-    pub fn bytes(&self) -> Option<u64> {
-        self.backend.bytes()
-    }
-
     /// Brings `breakwater_cache_bytes` up to date; called when metrics are scraped.
     pub fn refresh_metrics(&self) {
         if let Some(bytes) = self.backend.bytes() {

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::clock::ManualClock;
+use crate::redis::tests::TestRedis;
 use crate::values::ByteSize;
 use async_trait::async_trait;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -828,95 +829,27 @@ async fn memory_backend_round_trip_and_replace() {
 
 // ----- Redis, against a real redis-server ----------------------------------------------------
 
-struct RedisServer {
-    port: u16,
-    child: Option<std::process::Child>,
-    _dir: tempfile::TempDir,
-}
-
-impl RedisServer {
-    fn start() -> RedisServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut s = RedisServer {
-            port,
-            child: None,
-            _dir: tempfile::tempdir().unwrap(),
-        };
-        s.spawn();
-        s
-    }
-
-    fn spawn(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let child = std::process::Command::new("/usr/bin/redis-server")
-                .args([
-                    "--port",
-                    &self.port.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ])
-                .current_dir(self._dir.path())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("redis-server is installed");
-            self.child = Some(child);
-            while Instant::now() < deadline {
-                if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                    return;
-                }
-                if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
-                    break; // port still held by the previous instance: spawn again
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            assert!(Instant::now() < deadline, "redis-server did not start");
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    async fn pool(&self) -> fred::clients::Pool {
-        use fred::prelude::*;
-        let config = Config::from_url(&format!("redis://127.0.0.1:{}", self.port)).unwrap();
-        let pool = Builder::from_config(config)
-            .with_connection_config(|c| {
-                c.connection_timeout = Duration::from_millis(500);
-                c.internal_command_timeout = Duration::from_millis(500);
-            })
-            .set_policy(ReconnectPolicy::new_constant(0, 50))
-            .build_pool(2)
-            .unwrap();
-        pool.init().await.unwrap();
-        pool
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// A pool on a test Redis, connected, that retries quickly while the server is down.
+async fn connected_pool(server: &TestRedis) -> fred::clients::Pool {
+    use fred::prelude::*;
+    let config = Config::from_url(&server.url()).unwrap();
+    let pool = Builder::from_config(config)
+        .with_connection_config(|c| {
+            c.connection_timeout = Duration::from_millis(500);
+            c.internal_command_timeout = Duration::from_millis(500);
+        })
+        .set_policy(ReconnectPolicy::new_constant(0, 50))
+        .build_pool(2)
+        .unwrap();
+    pool.init().await.unwrap();
+    pool
 }
 
 #[tokio::test]
 async fn redis_backend_round_trip_expiry_and_purge() {
     use fred::prelude::*;
-    let server = RedisServer::start();
-    let pool = server.pool().await;
+    let server = TestRedis::start();
+    let pool = connected_pool(&server).await;
     let r = RedisBackend::new(pool.clone());
     let k = CacheKey::new(
         &Arc::from("users"),
@@ -970,8 +903,8 @@ async fn redis_backend_round_trip_expiry_and_purge() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_every_request_still_forwarded_then_caching_resumes() {
-    let mut server = RedisServer::start();
-    let pool = server.pool().await;
+    let mut server = TestRedis::start();
+    let pool = connected_pool(&server).await;
     let f = fixture_with(CacheConfig::default(), Arc::new(RedisBackend::new(pool)));
     let svc = f.service("t_redis_down", "{}", false);
     let get = req("GET", "/users/1", &[]);
@@ -996,7 +929,7 @@ async fn redis_down_every_request_still_forwarded_then_caching_resumes() {
         f.settle().await;
     }
 
-    server.spawn();
+    server.restart();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let mut s = match svc.lookup(&get, None).await {

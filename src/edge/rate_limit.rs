@@ -98,6 +98,7 @@ fn de_burst<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
 
 impl RateLimitConfig {
     /// A config with this rate and everything else defaulted.
+    #[cfg(test)]
     pub fn per_second(requests_per_second: f64) -> RateLimitConfig {
         RateLimitConfig {
             requests_per_second,
@@ -347,18 +348,24 @@ enum Store {
 
 /// A service's compiled rate limit: the numbers worked out once, and where the counts live.
 pub struct RateLimitPolicy {
-    service: String,
-    key: RateKey,
-    failure_mode: FailureMode,
-    limit: u64,
-    interval_us: u64,
-    tolerance_us: u64,
+    rule: Rule,
     store: StoreKind,
 }
 
 enum StoreKind {
     Local { max_keys: usize },
     Redis { redis: Redis, prefix: String },
+}
+
+/// The numbers of a limit, as the policy compiled them and the limiter applies them.
+struct Rule {
+    service: String,
+    key: RateKey,
+    failure_mode: FailureMode,
+    limit: u64,
+    interval_us: u64,
+    tolerance_us: u64,
+    limit_header: HeaderValue,
 }
 
 impl RateLimitConfig {
@@ -384,27 +391,22 @@ impl RateLimitConfig {
                 prefix: format!("bw:rl:{service}:"),
             },
         };
-        Ok(RateLimitPolicy {
+        let rule = Rule {
             service: service.to_string(),
             key: self.key.clone(),
             failure_mode: self.failure_mode,
             limit: u64::from(burst),
             interval_us,
             tolerance_us: interval_us * u64::from(burst),
-            store,
-        })
+            limit_header: HeaderValue::from(burst),
+        };
+        Ok(RateLimitPolicy { rule, store })
     }
 }
 
 /// One service's rate limiter; shared by all worker threads.
 pub struct RateLimiter {
-    service: String,
-    key: RateKey,
-    failure_mode: FailureMode,
-    limit: u64,
-    interval_us: u64,
-    tolerance_us: u64,
-    limit_header: HeaderValue,
+    rule: Rule,
     rejected: IntCounter,
     store: Store,
 }
@@ -412,10 +414,10 @@ pub struct RateLimiter {
 impl fmt::Debug for RateLimiter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RateLimiter")
-            .field("service", &self.service)
-            .field("key", &self.key)
-            .field("limit", &self.limit)
-            .field("interval_us", &self.interval_us)
+            .field("service", &self.rule.service)
+            .field("key", &self.rule.key)
+            .field("limit", &self.rule.limit)
+            .field("interval_us", &self.rule.interval_us)
             .field(
                 "backend",
                 &match self.store {
@@ -448,14 +450,8 @@ impl RateLimiter {
             StoreKind::Redis { redis, prefix } => Store::Redis { redis, prefix },
         };
         RateLimiter {
-            rejected: REJECTED.with_label_values(&[&policy.service]),
-            limit_header: HeaderValue::from(policy.limit),
-            service: policy.service,
-            key: policy.key,
-            failure_mode: policy.failure_mode,
-            limit: policy.limit,
-            interval_us: policy.interval_us,
-            tolerance_us: policy.tolerance_us,
+            rejected: REJECTED.with_label_values(&[&policy.rule.service]),
+            rule: policy.rule,
             store,
         }
     }
@@ -470,7 +466,7 @@ impl RateLimiter {
         subject: Option<&'a str>,
         headers: &HeaderMap,
     ) -> Cow<'a, str> {
-        match &self.key {
+        match &self.rule.key {
             RateKey::Ip => Cow::Borrowed(client_ip),
             RateKey::User => match subject {
                 Some(sub) if !sub.is_empty() => Cow::Owned(format!("sub:{sub}")),
@@ -505,7 +501,7 @@ impl RateLimiter {
     pub fn headers(&self, d: &Decision) -> Vec<(HeaderName, HeaderValue)> {
         let mut headers = Vec::with_capacity(4);
         if !d.degraded {
-            headers.push((RATELIMIT_LIMIT.clone(), self.limit_header.clone()));
+            headers.push((RATELIMIT_LIMIT.clone(), self.rule.limit_header.clone()));
             headers.push((RATELIMIT_REMAINING.clone(), HeaderValue::from(d.remaining)));
             headers.push((
                 RATELIMIT_RESET.clone(),
@@ -536,13 +532,13 @@ impl RateLimiter {
 
     fn decision(&self, allowed: bool, reset_after_us: u64, retry_after_us: u64) -> Decision {
         let remaining = if allowed {
-            self.tolerance_us.saturating_sub(reset_after_us) / self.interval_us
+            self.rule.tolerance_us.saturating_sub(reset_after_us) / self.rule.interval_us
         } else {
             0
         };
         Decision {
             allowed,
-            limit: self.limit,
+            limit: self.rule.limit,
             remaining,
             reset_after: Duration::from_micros(reset_after_us),
             retry_after: (!allowed).then(|| Duration::from_micros(retry_after_us)),
@@ -551,10 +547,10 @@ impl RateLimiter {
     }
 
     fn degraded(&self) -> Decision {
-        let allowed = self.failure_mode == FailureMode::Open;
+        let allowed = self.rule.failure_mode == FailureMode::Open;
         Decision {
             allowed,
-            limit: self.limit,
+            limit: self.rule.limit,
             remaining: 0,
             reset_after: Duration::ZERO,
             retry_after: (!allowed).then_some(DEGRADED_RETRY_AFTER),
@@ -580,12 +576,12 @@ impl RateLimiter {
         }
         let outcome = match shard.tats.get_mut(key) {
             Some(tat) => {
-                let outcome = gcra(now, *tat, self.interval_us, self.tolerance_us);
+                let outcome = gcra(now, *tat, self.rule.interval_us, self.rule.tolerance_us);
                 *tat = outcome.tat;
                 outcome
             }
             None => {
-                let outcome = gcra(now, now, self.interval_us, self.tolerance_us);
+                let outcome = gcra(now, now, self.rule.interval_us, self.rule.tolerance_us);
                 if outcome.allowed {
                     shard.insert(key, outcome.tat, now, local.shard_cap);
                 }
@@ -628,8 +624,8 @@ impl RateLimiter {
                 Value::from_static_str(script),
                 Value::Integer(1),
                 Value::from(key),
-                Value::Integer(self.interval_us as i64),
-                Value::Integer(self.tolerance_us as i64),
+                Value::Integer(self.rule.interval_us as i64),
+                Value::Integer(self.rule.tolerance_us as i64),
             ]
         };
         // Offset 2 is KEYS[1]: a cluster routes the call to the node owning the key.

@@ -201,13 +201,9 @@ impl ProxyHttp for Gateway {
         mut e: Box<Error>,
     ) -> Box<Error> {
         let Some((service, forwarding)) = ctx.forwarding() else {
-            e.set_retry(false);
-            return e;
+            return no_retry(e);
         };
-        forwarding.end_attempt(AttemptEnd::UpstreamFailed);
-        service
-            .metrics
-            .upstream_error(errors::error_kind(e.etype()));
+        upstream_failed(&service, forwarding, &e);
         // Nothing was sent, so any method may go to another upstream.
         let retry = forwarding.plan_retry(&service, || hash_key(session, &service));
         e.set_retry(retry);
@@ -224,20 +220,15 @@ impl ProxyHttp for Gateway {
     ) -> Box<Error> {
         let mut e = e.more_context(format!("upstream {peer}"));
         let Some((service, forwarding)) = ctx.forwarding() else {
-            e.set_retry(false);
-            return e;
+            return no_retry(e);
         };
         let responded = forwarding.responded();
         if e.esource() != &ErrorSource::Upstream {
             // The client went away or sent garbage: not the upstream's fault.
             forwarding.end_attempt(AttemptEnd::Abandoned);
-            e.set_retry(false);
-            return e;
+            return no_retry(e);
         }
-        forwarding.end_attempt(AttemptEnd::UpstreamFailed);
-        service
-            .metrics
-            .upstream_error(errors::error_kind(e.etype()));
+        upstream_failed(&service, forwarding, &e);
         // The request was sent: only an idempotent one may be replayed, only before any
         // response byte arrived, and only while its body is still fully buffered.
         let replayable = session.req_header().method.is_idempotent()
@@ -471,6 +462,20 @@ fn admit(session: &Session, service: &Service, ctx: &mut RequestCtx) -> Option<A
             })
         }
     }
+}
+
+/// The current attempt failed on the upstream's side: its breaker and the error metric
+/// hear of it.
+fn upstream_failed(service: &Service, forwarding: &mut Forwarding, e: &Error) {
+    forwarding.end_attempt(AttemptEnd::UpstreamFailed);
+    service
+        .metrics
+        .upstream_error(errors::error_kind(e.etype()));
+}
+
+fn no_retry(mut e: Box<Error>) -> Box<Error> {
+    e.set_retry(false);
+    e
 }
 
 /// What consistent hashing hashes for this request (empty for the other algorithms).
