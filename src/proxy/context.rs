@@ -68,6 +68,11 @@ impl RequestCtx {
         self.service.as_ref().map_or("none", |s| s.name.as_str())
     }
 
+    /// The upstream of the latest attempt, if one started.
+    pub(super) fn last_upstream(&self) -> Option<&Upstream> {
+        self.forwarding.as_ref()?.upstream.as_deref()
+    }
+
     /// The service and the forwarding state, for the phases after admission.
     pub(super) fn forwarding(&mut self) -> Option<(Arc<Service>, &mut Forwarding)> {
         Some((
@@ -123,8 +128,24 @@ impl Forwarding {
         }
     }
 
-    /// Starts the planned attempt: Pingora is about to connect to its upstream.
-    pub(super) fn start_attempt(&mut self, mut attempt: Attempt) -> &Attempt {
+    /// Starts the next attempt, as Pingora is about to connect: the planned one, or a new
+    /// pick when Pingora retries a stale pooled connection on its own (`key` gives what
+    /// consistent hashing hashes). `None` when no upstream admits it.
+    pub(super) fn start_attempt(
+        &mut self,
+        service: &Service,
+        key: impl FnOnce() -> Vec<u8>,
+    ) -> Option<&Attempt> {
+        let mut attempt = match self.attempt.take() {
+            Some(planned) if planned.started.is_none() => planned,
+            previous => {
+                if let Some(previous) = previous {
+                    previous.finish(AttemptEnd::Abandoned);
+                }
+                let (index, permit) = service.pool.admit(&key(), |_| true)?;
+                Attempt::planned(service, index, permit)
+            }
+        };
         let now = Instant::now();
         self.tried.push(attempt.index);
         self.first_attempt_at.get_or_insert(now);
@@ -133,7 +154,7 @@ impl Forwarding {
             at: now,
             _in_flight: InFlight::new(Arc::clone(&attempt.upstream)),
         });
-        self.attempt.insert(attempt)
+        Some(self.attempt.insert(attempt))
     }
 
     /// Ends the current attempt, if any, as `end` says.
@@ -208,10 +229,6 @@ impl Attempt {
             started: None,
             status: None,
         }
-    }
-
-    pub(super) fn is_started(&self) -> bool {
-        self.started.is_some()
     }
 
     /// The one place a breaker hears how an attempt went. An attempt never started (a retry

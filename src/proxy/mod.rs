@@ -98,22 +98,11 @@ impl ProxyHttp for Gateway {
         let Some((service, forwarding)) = ctx.forwarding() else {
             return Error::e_explain(ErrorType::InternalError, "no upstream admitted");
         };
-        let attempt = match forwarding.attempt.take() {
-            Some(planned) if !planned.is_started() => planned,
-            previous => {
-                if let Some(previous) = previous {
-                    previous.finish(AttemptEnd::Abandoned);
-                }
-                // Pingora retries a stale pooled connection on its own: pick again.
-                let key = hash_key(session, &service);
-                let (index, permit) = service.pool.admit(&key, |_| true).ok_or_else(|| {
-                    Error::explain(ErrorType::ConnectNoRoute, "no upstream admits the retry")
-                })?;
-                Attempt::planned(&service, index, permit)
-            }
-        };
         let deadline = forwarding.deadline;
-        let attempt = forwarding.start_attempt(attempt);
+        let key = || hash_key(session, &service);
+        let Some(attempt) = forwarding.start_attempt(&service, key) else {
+            return Error::e_explain(ErrorType::ConnectNoRoute, "no upstream admits the retry");
+        };
         let peer = peer::for_attempt(&attempt.upstream.peer, &service.timeouts, deadline)?;
         Ok(Box::new(peer))
     }
@@ -273,9 +262,7 @@ impl ProxyHttp for Gateway {
                 }
                 None => {
                     let mut body = ErrorBody::new(message);
-                    if let Some(upstream) =
-                        ctx.forwarding.as_ref().and_then(|f| f.upstream.as_ref())
-                    {
+                    if let Some(upstream) = ctx.last_upstream() {
                         body = body.upstream(&upstream.name);
                     }
                     Answer::Error(status, message, body, Vec::new())
@@ -295,41 +282,24 @@ impl ProxyHttp for Gateway {
         if let Some(forwarding) = &mut ctx.forwarding {
             forwarding.end_attempt(AttemptEnd::Done(e));
         }
-        let status = session
-            .response_written()
-            .map(|r| r.status.as_u16())
-            .unwrap_or(0);
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.start.elapsed();
-        let method = session.req_header().method.as_str();
-        match &ctx.service {
-            Some(service) => {
-                service.metrics.count_request(method, status);
-                let metrics = &service.metrics;
-                metrics.request_duration.observe(elapsed.as_secs_f64());
-                if let Some(t) = ctx.forwarding.as_ref().and_then(|f| f.first_attempt_at) {
-                    metrics.upstream_duration.observe(t.elapsed().as_secs_f64());
-                }
-            }
-            None => metrics::count_request("none", method, status),
-        }
-        // Releases the service's in-flight count.
-        let forwarding = ctx.forwarding.take();
+        count_request(session, ctx, status, elapsed);
         if self.runtime.access_log {
             access_log::write(&access_log::Entry {
                 session,
                 request_id: ctx.request_id.to_str().unwrap_or_default(),
                 status,
                 service: ctx.service_name(),
-                upstream: forwarding
-                    .as_ref()
-                    .and_then(|f| f.upstream.as_ref())
-                    .map(|u| u.name.as_str()),
-                attempts: forwarding.as_ref().map_or(0, |f| f.tried.len()),
+                upstream: ctx.last_upstream().map(|u| u.name.as_str()),
+                attempts: ctx.forwarding.as_ref().map_or(0, |f| f.tried.len()),
                 duration: elapsed,
                 error: ctx.error.or(e.map(|e| e.etype().as_str())),
                 cache: ctx.cache.as_ref().and_then(|c| c.x_cache()),
             });
         }
+        // Releases the service's in-flight count.
+        ctx.forwarding = None;
     }
 }
 
@@ -461,6 +431,21 @@ fn admit(session: &Session, service: &Service, ctx: &mut RequestCtx) -> Option<A
                 None => Answer::Fallback,
             })
         }
+    }
+}
+
+/// Counts the answered request and its durations in the service's metrics (`none` when no
+/// route matched).
+fn count_request(session: &Session, ctx: &RequestCtx, status: u16, elapsed: Duration) {
+    let method = session.req_header().method.as_str();
+    let Some(service) = &ctx.service else {
+        return metrics::count_request("none", method, status);
+    };
+    let m = &service.metrics;
+    m.count_request(method, status);
+    m.request_duration.observe(elapsed.as_secs_f64());
+    if let Some(t) = ctx.forwarding.as_ref().and_then(|f| f.first_attempt_at) {
+        m.upstream_duration.observe(t.elapsed().as_secs_f64());
     }
 }
 
