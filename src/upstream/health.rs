@@ -82,6 +82,10 @@ impl HealthCheckConfig {
             return Err("healthy_threshold and unhealthy_threshold must be at least 1".into());
         }
         let host = self.host.as_deref().unwrap_or(first_upstream);
+        // Checked before Pingora builds its probe, which unwraps the header it adds.
+        if http::HeaderValue::from_str(host).is_err() {
+            return Err(format!("host {host:?} is not a valid Host header value"));
+        }
         let mut check = HttpHealthCheck::new(host, tls.enabled);
         let invalid = |e: Box<Error>| format!("cannot build the health check request: {e}");
         let mut req = RequestHeader::build("GET", self.path.0.as_bytes(), None).map_err(invalid)?;
@@ -170,5 +174,47 @@ impl HealthCheck for ObservedHealthCheck {
 
     fn health_threshold(&self, success: bool) -> usize {
         self.inner.health_threshold(success)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(yaml: &str) -> HealthCheckConfig {
+        serde_yaml::from_str(yaml).expect("health_check yaml")
+    }
+
+    fn plain() -> UpstreamTls {
+        UpstreamTls {
+            enabled: false,
+            sni: None,
+            verify: true,
+        }
+    }
+
+    #[test]
+    fn the_probe_asks_the_first_upstream_unless_a_host_is_set() {
+        let plan = config("{path: /ready}")
+            .compile("10.0.0.1:80", &plain())
+            .unwrap();
+        assert_eq!(plan.check.req.uri.path(), "/ready");
+        assert_eq!(plan.check.req.headers["host"], "10.0.0.1:80");
+        let plan = config("{host: api.internal}")
+            .compile("10.0.0.1:80", &plain())
+            .unwrap();
+        assert_eq!(plan.check.req.headers["host"], "api.internal");
+    }
+
+    #[test]
+    fn bad_settings_are_refused_when_compiled() {
+        let refused = |yaml: &str, needle: &str| {
+            let err = config(yaml).compile("10.0.0.1:80", &plain()).err().unwrap();
+            assert!(err.contains(needle), "{yaml}: {err}");
+        };
+        refused("{interval: 0s}", "greater than zero");
+        refused("{healthy_threshold: 0}", "at least 1");
+        // Pingora would panic building its probe with this Host header.
+        refused("{host: \"a\\u0001b\"}", "not a valid Host header value");
     }
 }
