@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Every metric name the gateway exports, without the `_bucket`/`_sum`/`_count` series suffixes
-/// of histograms. It must follow `src/metrics.rs` (and the README's metrics table): when a
+/// of histograms. It must follow `src/ops/metrics.rs` (and the README's metrics table): when a
 /// metric is added, renamed or removed there, change it here too, so that the alerts and the
 /// dashboard cannot silently query a metric that does not exist.
 const KNOWN_METRICS: &[&str] = &[
@@ -154,7 +154,8 @@ fn seconds(text: &str) -> f64 {
 // ---------------------------------------------------------------------------------------------
 // Gateway configs
 
-/// What the deployment files must agree on in a gateway config. Defaults as in src/config.rs.
+/// What the deployment files must agree on in a gateway config. Defaults as in
+/// src/config/schema.rs and the feature sections it composes.
 #[derive(Debug)]
 struct GatewayFacts {
     /// Ports of `server.listen` (default 8080).
@@ -353,7 +354,7 @@ fn assert_known_metrics(names: &BTreeSet<String>, what: &str) {
     assert!(
         unknown.is_empty(),
         "{what} names metrics the gateway does not export: {unknown:?} (known: KNOWN_METRICS, \
-         which follows src/metrics.rs)"
+         which follows src/ops/metrics.rs)"
     );
 }
 
@@ -507,7 +508,7 @@ fn kubernetes_probes_ports_and_config_match_the_configmap() {
         })
         .unwrap_or_else(|| panic!("nothing is mounted at {}", config_path.display()));
     // The gateway hot-reloads a changed config file by starting a new process and letting the
-    // old one exit (src/reload.rs). In a container the old one is PID 1, so an in-place
+    // old one exit (src/ops/reload.rs). In a container the old one is PID 1, so an in-place
     // ConfigMap update would restart every replica at once: the file is mounted with subPath,
     // which Kubernetes never updates, and changes roll out as a rolling restart.
     let config_key = mount["subPath"].as_str().unwrap_or_else(|| {
@@ -974,7 +975,7 @@ fn systemd_unit_checks_runs_and_reloads_the_config_it_ships_with() {
     );
     assert_eq!(values("Restart"), ["on-failure"]);
     // A reload starts a new gateway process that reports itself with sd_notify (MAINPID=,
-    // READY=1; src/reload.rs) before the old main process exits: Type=simple would take that
+    // READY=1; src/ops/reload.rs) before the old main process exits: Type=simple would take that
     // exit for the end of the service.
     assert_eq!(
         values("Type"),
