@@ -98,11 +98,23 @@ impl Limits {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, Source};
-    use std::path::Path;
+    use std::collections::BTreeMap;
 
-    fn parse(text: &str) -> Config {
-        Config::parse(&Source::new(text, Path::new("test.yaml"))).unwrap()
+    /// The top-level `limits` and each service's, from a config file's text.
+    #[derive(Deserialize)]
+    struct File {
+        limits: LimitsConfig,
+        services: BTreeMap<String, Service>,
+    }
+
+    #[derive(Deserialize)]
+    struct Service {
+        #[serde(default)]
+        limits: LimitsConfig,
+    }
+
+    fn parse(text: &str) -> File {
+        serde_yaml::from_str(text).unwrap()
     }
 
     #[test]
