@@ -2,8 +2,10 @@
 //! responses are stored and for how long, request coalescing, and the two backends (in-process
 //! memory by default, Redis when several gateways share it).
 //!
-//! One [`ResponseCache`] per process holds the backend, the coalescer and the global settings;
-//! each service with a `cache:` section gets a [`ServiceCache`] built at load. Per request the
+//! The top-level `cache:` section compiles into the one [`ResponseCache`] per process (the
+//! backend, the coalescer and the global settings); a service's `cache:` section compiles into
+//! a [`ServiceCachePolicy`], which start-up turns into its [`ServiceCache`] with its metric
+//! handles. Both sections are declared in [`config`](CacheConfig). Per request the
 //! proxy calls [`ServiceCache::lookup`] in `request_filter`, and for a forwarded request keeps
 //! the returned [`CacheState`] in its context: `start_fill` on the upstream response header,
 //! `push_body` on each body chunk, `take_stale` when the upstream fails. Dropping the state

@@ -1,6 +1,6 @@
-//! The configuration file: its schema ([`schema`], composed of the sections each feature
-//! declares in its own module), the rules that span several fields or sections ([`rules`]),
-//! and errors that name the file, line and field ([`source`]).
+//! The configuration file: its schema (`schema`, composed of the sections each feature
+//! declares in its own module), the rules that span several fields or sections (`rules`),
+//! and errors that name the file, line and field (`source`).
 //!
 //! Parsing happens in two steps. serde_yaml checks shapes, types and unknown fields, and the
 //! field types (durations, addresses, route prefixes) check their own values while they are

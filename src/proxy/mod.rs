@@ -7,8 +7,8 @@
 //! the cache and tag the answer, the failure hooks decide on retries and turn errors into
 //! JSON, and `logging` settles the attempt and records metrics and the access log. Each phase
 //! is a few calls into the module that owns the concern; [`RequestCtx`] carries the state
-//! between phases ([`context`]), [`answer`] writes what the gateway answers itself, and
-//! [`errors`] says what a failure means for the client.
+//! between phases (`context`), `answer` writes what the gateway answers itself, and
+//! `errors` says what a failure means for the client.
 
 mod answer;
 mod context;

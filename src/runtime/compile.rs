@@ -96,18 +96,16 @@ pub fn compile(config: &Config, source: &Source) -> Result<Compiled, ConfigError
     } else {
         None
     };
+    let shared = Shared {
+        config,
+        security_headers: &security_headers,
+        redis: redis.as_ref(),
+        source,
+    };
     let services = config
         .services
         .iter()
-        .map(|(name, svc)| {
-            let shared = Shared {
-                config,
-                security_headers: &security_headers,
-                redis: redis.as_ref(),
-                source,
-            };
-            compile_service(name, svc, &shared)
-        })
+        .map(|(name, svc)| compile_service(name, svc, &shared))
         .collect::<Result<Vec<_>, _>>()?;
     let router = Router::compile(
         config

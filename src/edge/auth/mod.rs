@@ -1,8 +1,8 @@
 //! JWT authentication at the edge: the `auth:` config section and the per-service `auth` mode
-//! ([`config`]), the verification keys and the JWKS refetch ([`keys`], over the small HTTP
-//! client in [`fetch`]), token validation ([`verify`]), the [`Identity`] a valid token yields
-//! and the identity headers forwarded upstream ([`identity`]), and the client-facing answer
-//! and metric for a refused token ([`error`]).
+//! (`config`), the verification keys and the JWKS refetch (`keys`, over the small HTTP
+//! client in `fetch`), token validation (`verify`), the [`Identity`] a valid token yields
+//! and the identity headers forwarded upstream (`identity`), and the client-facing answer
+//! and metric for a refused token (`error`).
 //!
 //! Security decisions live here and nowhere else: the algorithm allowlist is checked against
 //! the token header before any key is touched, HMAC and public-key algorithms never share one

@@ -129,8 +129,8 @@ impl Authenticator {
         })
     }
 
-    /// Sets the `forward_claims` headers of the upstream request from `identity`; see
-    /// [`identity::forward`].
+    /// Sets the `forward_claims` headers of the upstream request from `identity`, after
+    /// removing whatever the client sent under those names.
     pub fn forward_identity(
         &self,
         identity: Option<&Identity>,
