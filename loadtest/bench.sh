@@ -6,11 +6,12 @@
 # against bare Pingora and nginx and writes it to loadtest/results/bench-latest.md.
 #
 #   loadtest/bench.sh [--duration 5s] [--warmup 1s] [--connections 64] [--threads 1]
-#                     [--only T1,T2,...] [--list] [--scale] [--flamegraphs]
+#                     [--rounds 1] [--only T1,T2,...] [--list] [--scale] [--flamegraphs]
 #                     [--flame-duration 4] [--flame-freq 299] [--flame-no-inline]
 #                     [--nginx-access-log on|off] [--no-pin]
 #                     [--client-cpu 1] [--proxy-cpu 0] [--upstream-cpu 0] [--scale-cpus 0,1]
 #
+# --rounds N runs every target N times, round-robin, and reports the medians (CPU min-max too).
 # --scale adds nginx, bare Pingora and Breakwater with 1 and then 2 workers on --scale-cpus.
 # --flamegraphs records each proxy with perf (DWARF call graphs) during an extra wrk run and
 # writes loadtest/results/flame-<target>.svg (needs perf and `cargo install inferno`).
@@ -20,7 +21,7 @@ source "$(dirname "$0")/lib.sh"
 
 ALL_TARGETS=(direct nginx pingora breakwater breakwater-jwt-hs256 breakwater-jwt-rs256
   breakwater-jwt-es256 breakwater-cache-hit breakwater-ratelimit)
-DURATION=5s CONNECTIONS=64 THREADS=1 WARMUP=1s NGINX_ACCESS_LOG=on PIN=1 ONLY=""
+DURATION=5s CONNECTIONS=64 THREADS=1 WARMUP=1s NGINX_ACCESS_LOG=on PIN=1 ONLY="" ROUNDS=1
 CLIENT_CPU=1 PROXY_CPU=0 UPSTREAM_CPU=0 SCALE=0 SCALE_CPUS=0,1
 FLAMEGRAPHS=0 FLAME_DURATION=4 FLAME_FREQ=299 FLAME_INLINE=1
 while (($#)); do
@@ -30,6 +31,7 @@ while (($#)); do
     --connections) CONNECTIONS=$2; shift 2 ;;
     --threads) THREADS=$2; shift 2 ;;
     --only) ONLY=",$2,"; shift 2 ;;
+    --rounds) ROUNDS=$2; shift 2 ;;
     --list) printf '%s\n' "${ALL_TARGETS[@]}"; exit 0 ;;
     --scale) SCALE=1; shift ;;
     --scale-cpus) SCALE_CPUS=$2; shift 2 ;;
@@ -42,12 +44,13 @@ while (($#)); do
     --client-cpu) CLIENT_CPU=$2; shift 2 ;;
     --proxy-cpu) PROXY_CPU=$2; shift 2 ;;
     --upstream-cpu) UPSTREAM_CPU=$2; shift 2 ;;
-    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
 done
 [[ $NGINX_ACCESS_LOG == on || $NGINX_ACCESS_LOG == off ]] || die "--nginx-access-log on|off"
 [[ $FLAME_DURATION =~ ^[0-9]+$ ]] || die "--flame-duration takes whole seconds"
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "--rounds takes a number >= 1"
 if [[ -n $ONLY ]]; then
   for t in ${ONLY//,/ }; do [[ " ${ALL_TARGETS[*]} " == *" $t "* ]] || die "unknown target $t (see --list)"; done
 fi
@@ -162,9 +165,9 @@ start_target() {
   fi
 }
 
-# measure KEY PID URL [HEADER ARGS...]: warm-up, then the measured wrk run; stores the figures
-# in the arrays below under KEY.
-declare -A RPS P50 P99 MAXL ERRS CPU
+# measure KEY PID URL [HEADER ARGS...]: warm-up, then the measured wrk run; appends the figures
+# to the lists below under KEY (one value per round).
+declare -A L_RPS L_P50 L_P99 L_MAXL L_ERRS L_CPU
 measure() {
   local key=$1 pid=$2 url=$3 out="$LT_TMP/wrk-$1.txt" t0 t1
   shift 3
@@ -175,11 +178,24 @@ measure() {
   "${ON[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$@" "$url" >"$out"
   t1=$(cpu_ticks "$pid")
   parse_wrk "$out"
-  RPS[$key]=$WRK_RPS P50[$key]=$WRK_P50 P99[$key]=$WRK_P99 MAXL[$key]=$WRK_MAX
-  ERRS[$key]=$((WRK_SOCKET_ERRORS + WRK_NON2XX)) CPU[$key]=n/a
-  ((WRK_REQS > 0)) && CPU[$key]=$(awk -v t=$((t1 - t0)) -v hz="$TICK_HZ" -v n="$WRK_REQS" \
-    'BEGIN{printf "%.1f", t / hz * 1e6 / n}')
+  L_RPS[$key]+="$WRK_RPS " L_P50[$key]+="$WRK_P50 " L_P99[$key]+="$WRK_P99 "
+  L_MAXL[$key]+="$WRK_MAX " L_ERRS[$key]+="$((WRK_SOCKET_ERRORS + WRK_NON2XX)) "
+  ((WRK_REQS > 0)) && L_CPU[$key]+="$(awk -v t=$((t1 - t0)) -v hz="$TICK_HZ" -v n="$WRK_REQS" \
+    'BEGIN{printf "%.1f", t / hz * 1e6 / n}') "
   return 0
+}
+
+# stat FUNC FORMAT LIST: the median (med), smallest (min), largest (max) or sum of the numbers
+# in LIST, or n/a when it has none.
+stat() {
+  tr ' ' '\n' <<<"$3" | awk '$1 ~ /^[0-9.]+$/' | sort -g | awk -v f="$1" -v fmt="$2" '
+    { a[NR] = $1; s += $1 }
+    END {
+      if (NR == 0) { print "n/a"; exit }
+      if (f == "min") v = a[1]; else if (f == "max") v = a[NR]; else if (f == "sum") v = s
+      else v = (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2
+      printf fmt "\n", v
+    }'
 }
 
 # flamegraph NAME PID URL [HEADER ARGS...]: perf records PID during an extra wrk run (not the
@@ -224,21 +240,27 @@ describe() {
   esac
 }
 
-# --- the runs: one target at a time, each proxy started just before its run ---
+# --- the runs: one target at a time, each proxy started just before its run; with --rounds,
+# round-robin (every target once, then again) so that a noisy minute hits every target ---
 RUN_TARGETS=()
 for t in "${ALL_TARGETS[@]}"; do
   selected "$t" || continue
   [[ $t == nginx && -z $NGINX ]] && { log "nginx is not installed: no nginx row"; continue; }
   RUN_TARGETS+=("$t")
-  if [[ $t == direct ]]; then
-    measure direct "$UP_PID" "http://$UPSTREAM/users/1"
-    continue
-  fi
-  start_target "$t" 1
-  measure "$t" "$T_PID" "$T_URL" "${T_HDR[@]}"
-  ((FLAMEGRAPHS)) && flamegraph "$t" "$T_PID" "$T_URL" "${T_HDR[@]}"
-  [[ $t == breakwater ]] && ACCESS_LINES=$(wc -l <"$LT_TMP/breakwater-1w/access.log")
-  stop_pid "$T_PID" "$T_SIG"
+done
+for round in $(seq "$ROUNDS"); do
+  ((ROUNDS > 1)) && log "round $round of $ROUNDS"
+  for t in "${RUN_TARGETS[@]}"; do
+    if [[ $t == direct ]]; then
+      measure direct "$UP_PID" "http://$UPSTREAM/users/1"
+      continue
+    fi
+    start_target "$t" 1
+    measure "$t" "$T_PID" "$T_URL" "${T_HDR[@]}"
+    ((FLAMEGRAPHS && round == 1)) && flamegraph "$t" "$T_PID" "$T_URL" "${T_HDR[@]}"
+    [[ $t == breakwater ]] && ACCESS_LINES=$(wc -l <"$LT_TMP/breakwater-1w/access.log")
+    stop_pid "$T_PID" "$T_SIG"
+  done
 done
 
 # --- scale: 1 and 2 workers on SCALE_CPUS; wrk and the upstream may run on any CPU ---
@@ -247,18 +269,28 @@ if ((SCALE)); then
   ((PIN)) && taskset -a -p -c "0-$(($(nproc) - 1))" "$UP_PID" >/dev/null
   SAVED_CLIENT_CPU=$CLIENT_CPU CLIENT_CPU="0-$(($(nproc) - 1))"
   for t in nginx pingora breakwater; do
-    [[ $t == nginx && -z $NGINX ]] && continue
-    SCALE_TARGETS+=("$t")
-    for w in 1 2; do
-      start_target "$t" "$w" "$SCALE_CPUS"
-      measure "$t@${w}w" "$T_PID" "$T_URL"
-      stop_pid "$T_PID" "$T_SIG"
+    [[ $t == nginx && -z $NGINX ]] || SCALE_TARGETS+=("$t")
+  done
+  for round in $(seq "$ROUNDS"); do
+    for t in "${SCALE_TARGETS[@]}"; do
+      for w in 1 2; do
+        start_target "$t" "$w" "$SCALE_CPUS"
+        measure "$t@${w}w" "$T_PID" "$T_URL"
+        stop_pid "$T_PID" "$T_SIG"
+      done
     done
   done
   CLIENT_CPU=$SAVED_CLIENT_CPU
 fi
 
-# --- the report ---
+# --- the report: medians over the rounds ---
+declare -A RPS P50 P99 MAXL ERRS CPU CPUR
+for k in "${!L_RPS[@]}"; do
+  RPS[$k]=$(stat med "%.0f" "${L_RPS[$k]}") P50[$k]=$(stat med "%.2f" "${L_P50[$k]}")
+  P99[$k]=$(stat med "%.2f" "${L_P99[$k]}") MAXL[$k]=$(stat max "%.2f" "${L_MAXL[$k]}")
+  ERRS[$k]=$(stat sum "%d" "${L_ERRS[$k]}") CPU[$k]=$(stat med "%.1f" "${L_CPU[$k]:-}") CPUR[$k]=""
+  ((ROUNDS > 1)) && CPUR[$k]=" ($(stat min "%.1f" "${L_CPU[$k]:-}")–$(stat max "%.1f" "${L_CPU[$k]:-}"))"
+done
 # ratio A B: A/B as "0.62x" (n/a when either is missing).
 ratio() { awk -v a="${1:-}" -v b="${2:-}" 'BEGIN{ if (a+0 > 0 && b+0 > 0) printf "%.2fx", a / b; else print "n/a" }'; }
 pct() { awk -v a="${1:-}" -v b="${2:-}" 'BEGIN{ if (a+0 > 0 && b+0 > 0) printf "%+.0f%%", 100 * (a / b - 1); else print "n/a" }'; }
@@ -281,6 +313,7 @@ REPORT="$LT_DIR/results/bench-latest.md"
   echo "- machine: $(machine_line)"
   echo "- tree: $REV, release build; Pingora $PINGORA_VERSION"
   echo "- load: wrk $(wrk -v 2>&1 | awk 'NR == 1 {print $2}') \`-t$THREADS -c$CONNECTIONS -d$DURATION --latency\` per target, after a $WARMUP warm-up, \`GET /users/1\`, keep-alive; one target at a time"
+  ((ROUNDS > 1)) && echo "- $ROUNDS rounds, round-robin over the targets; each figure is the median of the rounds (max ms: the largest; errors: the sum; CPU: median (min–max))"
   echo "- upstream: $UPSTREAM_DESC"
   echo "- every server under test: 1 worker (thread or process); placement: $PINNING"
   echo
@@ -290,7 +323,7 @@ REPORT="$LT_DIR/results/bench-latest.md"
     if [[ $t == direct ]]; then r1="—" r2="—" r3="—"; else
       r1=$(ratio "${RPS[$t]}" "$NX_RPS") r2=$(ratio "${RPS[$t]}" "$PG_RPS") r3=$(ratio "${CPU[$t]}" "$PG_CPU")
     fi
-    echo "| $t | $(printf "%d" "${RPS[$t]}") | ${P50[$t]} | ${P99[$t]} | ${MAXL[$t]} | ${ERRS[$t]} | ${CPU[$t]} | $r1 | $r2 | $r3 |"
+    echo "| $t | ${RPS[$t]} | ${P50[$t]} | ${P99[$t]} | ${MAXL[$t]} | ${ERRS[$t]} | ${CPU[$t]}${CPUR[$t]} | $r1 | $r2 | $r3 |"
   done
   echo
   for t in "${RUN_TARGETS[@]}"; do echo "- **$t**: $(describe "$t")"; done
@@ -328,7 +361,7 @@ REPORT="$LT_DIR/results/bench-latest.md"
     for t in "${SCALE_TARGETS[@]}"; do
       for w in 1 2; do
         k="$t@${w}w"
-        echo "| $t | $w | $(printf "%d" "${RPS[$k]}") | ${P50[$k]} | ${P99[$k]} | ${ERRS[$k]} | ${CPU[$k]} | $(ratio "${RPS[$k]}" "${RPS[$t@1w]}") |"
+        echo "| $t | $w | ${RPS[$k]} | ${P50[$k]} | ${P99[$k]} | ${ERRS[$k]} | ${CPU[$k]}${CPUR[$k]} | $(ratio "${RPS[$k]}" "${RPS[$t@1w]}") |"
       done
     done
   fi
@@ -342,7 +375,9 @@ REPORT="$LT_DIR/results/bench-latest.md"
     echo
     folded=()
     for t in "${FLAMES[@]}"; do folded+=("$LT_DIR/results/flame-$t.folded"); done
-    python3 "$LT_DIR/flame_top.py" --top 12 "${folded[@]}"
+    us=()
+    for t in "${FLAMES[@]}"; do [[ ${CPU[$t]} != n/a ]] && us+=(--us "$t=${CPU[$t]}"); done
+    python3 "$LT_DIR/flame_top.py" --top 12 "${us[@]}" "${folded[@]}"
     if [[ " ${FLAMES[*]} " == *" pingora "* && " ${FLAMES[*]} " == *" breakwater "* ]]; then
       inferno-diff-folded --normalize "$LT_DIR/results/flame-pingora.folded" "$LT_DIR/results/flame-breakwater.folded" |
         inferno-flamegraph --title "breakwater against bare Pingora (red: more in breakwater, normalised)" \
