@@ -115,6 +115,9 @@ TOKEN[es256]=$(python3 "$LT_DIR/mint_jwt.py" ES256 "$FIX/jwt_ec_private.pem")
 # upstream) and sets T_PID, T_URL, T_SIG (its fast-shutdown signal) and T_HDR (wrk/curl headers).
 start_target() {
   local name=$1 workers=${2:-1} cpus=${3:-$PROXY_CPU} dir port
+  # wrk and perf stop cleanly on Ctrl-C, so bash carries on after them; the upstream, which
+  # Ctrl-C ends too, is what tells the run to stop.
+  kill -0 "$UP_PID" 2>/dev/null || die "the upstream has exited (interrupted?)"
   dir="$LT_TMP/$name-${workers}w"
   mkdir -p "$dir"
   port=$(free_port)
@@ -202,7 +205,7 @@ stat() {
 # measured one: perf's own cost would skew it); writes results/flame-NAME.{svg,folded}.
 FLAMES=()
 flamegraph() {
-  local name=$1 pid=$2 url=$3 data="$LT_TMP/perf-$1.data" wpid
+  local name=$1 pid=$2 url=$3 data="$LT_TMP/perf-$1.data" wpid ppid
   local folded="$LT_DIR/results/flame-$1.folded" svg="$LT_DIR/results/flame-$1.svg"
   shift 3
   on "$CLIENT_CPU"
@@ -211,9 +214,14 @@ flamegraph() {
   wpid=$!
   track "$wpid"
   sleep 1
+  # In the background and waited for: perf stops cleanly on Ctrl-C, and bash would then carry on
+  # after a foreground child that survived SIGINT; `wait` lets the INT trap run at once.
   "${ON[@]}" perf record -q --call-graph dwarf,65528 -F "$FLAME_FREQ" -p "$pid" -o "$data" \
-    -- sleep "$FLAME_DURATION" >/dev/null 2>"$LT_TMP/perf-$name.err" ||
-    die "perf record failed: $(tail -3 "$LT_TMP/perf-$name.err")"
+    -- sleep "$FLAME_DURATION" >/dev/null 2>"$LT_TMP/perf-$name.err" &
+  ppid=$!
+  track "$ppid"
+  wait "$ppid" || die "perf record failed: $(tail -3 "$LT_TMP/perf-$name.err")"
+  untrack "$ppid"
   wait "$wpid" || true
   untrack "$wpid"
   local inline=(--no-inline)

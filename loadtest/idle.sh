@@ -58,10 +58,12 @@ if [[ -n $NGINX ]]; then
     location / { default_type application/json; return 200 '$BODY'; }
   }"
   start_nginx "$LT_TMP/upstream"
+  UP_PID=$NGINX_PID
   UPSTREAM="127.0.0.1:$UP_PORT"
   UPSTREAM_DESC="nginx $("$NGINX" -v 2>&1 | sed 's/.*nginx\///'), \`return 200\` of a ${#BODY}-byte JSON body"
 else
   start_sample users 0
+  UP_PID=$SAMPLE_PID
   UPSTREAM=$SAMPLE_ADDR
   UPSTREAM_DESC="sample-service"
 fi
@@ -139,10 +141,11 @@ for t in ${TARGETS//,/ }; do
     NOTES+=("HAProxy: skipped, it reserves 2 files per connection: at most $(((HARD - 100) / 2 - 50)) connections under the hard limit of $HARD")
     continue
   fi
+  kill -0 "$UP_PID" 2>/dev/null || die "the upstream has exited (interrupted?)"
   start_target "$t"
   log "$t: $N idle keep-alive clients (checkpoints $((N / 4)), $N)"
   out="$LT_TMP/$t/idle.json"
-  timeout --signal=TERM --kill-after=5 180 python3 "$LT_DIR/idle_clients.py" --port "$T_PORT" --pid "$T_PID" \
+  timeout --foreground --signal=TERM --kill-after=5 180 python3 "$LT_DIR/idle_clients.py" --port "$T_PORT" --pid "$T_PID" \
     --connections "$N" --checkpoints "$((N / 4)),$N" --concurrency "$CONCURRENCY" \
     --settle "$SETTLE" --hold "$HOLD" --timeout 150 >"$out" 2>"$LT_TMP/$t/idle.err" ||
     die "$t: idle clients failed: $(tail -5 "$LT_TMP/$t/idle.err")"
