@@ -23,14 +23,15 @@ use serde_json::Value;
 pub const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_breakwater");
 
 /// The `sample-service` binary: a workspace member of its own (`tools/sample-service`), built
-/// into the same target directory as the gateway by `cargo test` at the repository root. Cargo
-/// only passes the path of its own package's binaries, hence the lookup next to the gateway.
+/// into the same target directory as the gateway by `scripts/test` (`cargo test --all-targets`
+/// alone builds that package only as a test harness). Cargo only passes the path of its own
+/// package's binaries, hence the lookup next to the gateway.
 pub fn sample_service_bin() -> PathBuf {
     let bin = Path::new(GATEWAY_BIN).with_file_name("sample-service");
     assert!(
         bin.exists(),
-        "{} is missing: run the tests from the repository root with `cargo test --all-targets` \
-         (or build it with `cargo build -p sample-service` in the same profile)",
+        "{} is missing: run the tests with `scripts/test` (or build it first with \
+         `cargo build -p sample-service` in the same profile as the tests)",
         bin.display()
     );
     bin
