@@ -1,45 +1,61 @@
-//! Hot reload: watches the config file (and `SIGHUP`), validates a changed file, and hands the
-//! listening sockets to a new process of ourselves through Pingora's graceful upgrade.
+//! Hot reload: watches the config file (and `SIGHUP`), and hands the listening sockets and the
+//! state worth keeping to a new process of ourselves that runs the new config.
 //!
-//! Pingora asks a `ShutdownSignalWatch` when to stop; ours also answers "upgrade" when a
-//! valid new config appears. The sequence on a change:
+//! Pingora asks a `ShutdownSignalWatch` when to stop; ours starts a successor when the file
+//! changes or `SIGHUP` arrives, and answers "terminate gracefully" once the successor holds the
+//! sockets and is ready to accept (see [`handover`] for the sequence). Pingora then stops this
+//! process's accept loops at once, so the switch is atomic: no new connection reaches the old
+//! config once the new one accepts. In-flight requests finish; idle keep-alive connections are
+//! closed while idle, busy ones get `Connection: close` on their response (the connection
+//! [`front`](crate::server::front)). The successor resumes breakers, health verdicts and local
+//! rate-limit buckets ([`carry`]).
 //!
-//! 1. the new file is loaded and validated in this (old) process; an invalid file is logged
-//!    with file, line and field, counted as `breakwater_config_reloads_total{result="error"}`,
-//!    and the old config keeps serving;
-//! 2. a valid file starts `breakwater -c FILE --upgrade` (plus `-d` when daemonised), which
-//!    waits on `server.upgrade_sock` for the listening sockets;
-//! 3. this process returns `GracefulUpgrade` to Pingora, which sends the sockets, keeps
-//!    accepting for a few seconds while the new process starts, then stops accepting and
-//!    drains in-flight requests for `server.grace_period` before exiting.
-//!
-//! Nothing is dropped: the listening sockets are never closed, so connections queue in the
-//! kernel until one of the two processes accepts them. The new process starts with fresh
-//! in-memory state (breakers, health, local rate limits, memory cache, metric counters);
-//! state kept in Redis survives.
+//! Every outcome is logged, counted in `breakwater_config_reloads_total` (`error` here,
+//! `success` by the successor) and written to the reload status file next to the pid file,
+//! which `breakwater reload` waits on.
 
-use crate::ops::lifecycle::LIFECYCLE;
+pub mod carry;
+pub mod command;
+pub mod handover;
+
+use crate::ops::lifecycle::{notify_systemd, LIFECYCLE};
 use crate::ops::metrics::METRICS;
+use crate::runtime::Runtime;
+use crate::server::front::AcceptStopped;
 use crate::server::StartOptions;
 use async_trait::async_trait;
 use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
+use serde::{Deserialize, Serialize};
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::sync::Mutex;
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::signal::unix::{signal, SignalKind};
 
 /// How often the config file is read to look for changes.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// Set in the environment of a process started by a reload, so it counts the success.
 const RELOADED_ENV: &str = "BREAKWATER_RELOADED";
+/// Longest wait for this process's accept loops to stop before the successor is let go.
+const STOP_ACCEPTING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What this process serves, for starting a successor.
+pub struct Serving {
+    pub runtime: Arc<Runtime>,
+    pub accept_stopped: Arc<AcceptStopped>,
+    /// Every listener it holds: proxy, TLS and admin.
+    pub listeners: Vec<SocketAddr>,
+    pub upgrade_sock: PathBuf,
+    pub pid_file: PathBuf,
+}
 
 /// Pingora's shutdown-signal source, extended with config reloads.
 pub struct ReloadWatch {
     config_path: PathBuf,
     start: StartOptions,
+    serving: Serving,
     state: Mutex<WatchState>,
 }
 
@@ -51,16 +67,56 @@ struct WatchState {
     last_seen: u64,
 }
 
-fn hash_file(path: &PathBuf) -> Option<u64> {
+fn hash_file(path: &Path) -> Option<u64> {
     let bytes = std::fs::read(path).ok()?;
     let mut h = DefaultHasher::new();
     bytes.hash(&mut h);
     Some(h.finish())
 }
 
+/// The outcome of the last reload, as `breakwater reload` reads it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadStatus {
+    /// `applied`, or `refused` (the new config is invalid), or `failed` (it is valid but the
+    /// new process could not take over).
+    pub outcome: String,
+    pub message: String,
+    /// The process serving now.
+    pub pid: u32,
+    /// When, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+}
+
+/// Where the outcome of reloads is written: next to the pid file.
+pub fn status_path(pid_file: &Path) -> PathBuf {
+    let mut name = pid_file.as_os_str().to_owned();
+    name.push(".reload");
+    PathBuf::from(name)
+}
+
+fn write_status(pid_file: &Path, outcome: &str, message: &str, pid: u32) {
+    let status = ReloadStatus {
+        outcome: outcome.to_string(),
+        message: message.to_string(),
+        pid,
+        at_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+    };
+    let path = status_path(pid_file);
+    let tmp = path.with_extension("reload.tmp");
+    let written = serde_json::to_vec(&status)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| std::fs::write(&tmp, bytes))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        log::warn!("cannot write the reload status {}: {e}", path.display());
+    }
+}
+
 impl ReloadWatch {
     /// `config_path` is the file this process loaded.
-    pub fn new(config_path: PathBuf, start: StartOptions) -> ReloadWatch {
+    pub fn new(config_path: PathBuf, start: StartOptions, serving: Serving) -> ReloadWatch {
         // Absolute, but symlinks kept: a Kubernetes ConfigMap directory swaps its target on
         // update, and the link is what must be read again.
         let config_path = std::path::absolute(&config_path).unwrap_or(config_path);
@@ -68,6 +124,7 @@ impl ReloadWatch {
         ReloadWatch {
             config_path,
             start,
+            serving,
             state: Mutex::new(WatchState {
                 settled: hash,
                 last_seen: hash,
@@ -96,67 +153,66 @@ impl ReloadWatch {
         }
     }
 
-    /// Validates the file and starts the process that takes over. True when it started.
-    fn try_reload(&self, trigger: &str) -> bool {
+    /// Starts a successor with the current file and takes it to where it can accept. On
+    /// failure this process keeps serving; the reason is logged, counted and written down.
+    fn try_handover(&self, trigger: &str) -> Option<handover::Handover> {
         // Whatever the outcome, this content has been dealt with.
         self.settle();
-        let errors = METRICS.config_reloads_total.with_label_values(&["error"]);
-        if let Err(e) = crate::runtime::prepare(&self.config_path) {
-            errors.inc();
-            log::error!(
-                "config reload ({trigger}) refused, still serving the previous config: {e}"
-            );
-            return false;
-        }
-        let exe = match std::env::current_exe() {
-            // After a package upgrade replaced the binary, Linux reports the old inode's path
-            // with this suffix; the file now at that path is the one to start.
-            Ok(exe) => match exe.to_str().and_then(|p| p.strip_suffix(" (deleted)")) {
-                Some(path) => PathBuf::from(path),
-                None => exe,
-            },
-            Err(e) => {
-                errors.inc();
-                log::error!("config reload ({trigger}) failed: cannot find own executable: {e}");
-                return false;
-            }
+        let launch = handover::Launch {
+            config_path: &self.config_path,
+            daemon: self.start.daemon,
+            listeners: &self.serving.listeners,
+            upgrade_sock: &self.serving.upgrade_sock,
+            env: &[(RELOADED_ENV, "1")],
         };
-        let mut cmd = Command::new(exe);
-        cmd.arg("-c").arg(&self.config_path).arg("--upgrade");
-        if self.start.daemon {
-            cmd.arg("--daemon");
-        }
-        cmd.env(RELOADED_ENV, "1").stdin(Stdio::null());
-        match cmd.spawn() {
-            Ok(mut child) => {
-                // A new process that dies at once (e.g. cannot bind the upgrade socket) must
-                // not make us hand over our sockets to nobody.
-                std::thread::sleep(Duration::from_millis(100));
-                if let Ok(Some(status)) = child.try_wait() {
-                    if !(self.start.daemon && status.success()) {
-                        errors.inc();
-                        log::error!(
-                            "config reload ({trigger}) failed: the new process exited at once ({status})"
-                        );
-                        return false;
-                    }
-                }
-                log::info!(
-                    "config reload ({trigger}): process {} takes over the listeners; this one drains",
-                    child.id()
+        match handover::launch(&launch) {
+            Ok(handover) => Some(handover),
+            Err(not_taken) => {
+                METRICS
+                    .config_reloads_total
+                    .with_label_values(&["error"])
+                    .inc();
+                let outcome = match &not_taken {
+                    handover::NotTakenOver::Refused(_) => "refused",
+                    handover::NotTakenOver::Failed(_) => "failed",
+                };
+                log::error!(
+                    "config reload ({trigger}) {outcome}, still serving the previous config: {not_taken}"
                 );
-                crate::ops::lifecycle::notify_systemd(&format!(
-                    "RELOADING=1\nMAINPID={}",
-                    child.id()
-                ));
-                true
-            }
-            Err(e) => {
-                errors.inc();
-                log::error!("config reload ({trigger}) failed: cannot start a new process: {e}");
-                false
+                write_status(
+                    &self.serving.pid_file,
+                    outcome,
+                    &not_taken.to_string(),
+                    std::process::id(),
+                );
+                None
             }
         }
+    }
+
+    /// Once this process stopped accepting, hands the state over and lets the successor go.
+    fn let_go(&self, handover: handover::Handover, trigger: String) {
+        let runtime = Arc::clone(&self.serving.runtime);
+        let stopped = Arc::clone(&self.serving.accept_stopped);
+        let pid_file = self.serving.pid_file.clone();
+        std::thread::spawn(move || {
+            if !stopped.wait(STOP_ACCEPTING_TIMEOUT) {
+                log::warn!("reload: the listeners did not report stopping; letting go anyway");
+            }
+            let carried = carry::capture(&runtime);
+            let pid = handover.pid;
+            let (upstreams, limits) = (carried.upstreams.len(), carried.rate_limits.len());
+            match handover.go(carried) {
+                Ok(()) => {
+                    log::info!(
+                        "config reload ({trigger}) applied: process {pid} accepts now, with the \
+                         state of {upstreams} upstreams and {limits} rate limits; this one drains"
+                    );
+                    write_status(&pid_file, "applied", "", pid);
+                }
+                Err(e) => log::error!("config reload ({trigger}): {e}"),
+            }
+        });
     }
 }
 
@@ -186,26 +242,38 @@ impl ShutdownSignalWatch for ReloadWatch {
         };
         let mut poll = tokio::time::interval(POLL_INTERVAL);
         loop {
-            let signal = tokio::select! {
-                _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
-                _ = term.recv() => ShutdownSignal::GracefulTerminate,
-                _ = int.recv() => return ShutdownSignal::FastShutdown,
-                _ = hup.recv() => {
-                    if !self.try_reload("SIGHUP") {
-                        continue;
-                    }
-                    ShutdownSignal::GracefulUpgrade
+            let trigger = tokio::select! {
+                // A successor started by hand (`breakwater -u`) takes the sockets the way
+                // Pingora does it.
+                _ = quit.recv() => {
+                    LIFECYCLE.start_draining();
+                    notify_systemd("STOPPING=1");
+                    return ShutdownSignal::GracefulUpgrade;
                 }
+                _ = term.recv() => {
+                    LIFECYCLE.start_draining();
+                    notify_systemd("STOPPING=1");
+                    return ShutdownSignal::GracefulTerminate;
+                }
+                _ = int.recv() => return ShutdownSignal::FastShutdown,
+                _ = hup.recv() => "SIGHUP",
                 _ = poll.tick() => {
-                    if !(self.changed_and_stable() && self.try_reload("file changed")) {
+                    if !self.changed_and_stable() {
                         continue;
                     }
-                    ShutdownSignal::GracefulUpgrade
+                    "file changed"
                 }
             };
+            // The handover blocks on the successor; it must not hold up this runtime's timers.
+            let attempt = tokio::task::block_in_place(|| self.try_handover(trigger));
+            let Some(handover) = attempt else {
+                continue;
+            };
+            notify_systemd(&format!("RELOADING=1\nMAINPID={}", handover.pid));
             LIFECYCLE.start_draining();
-            crate::ops::lifecycle::notify_systemd("STOPPING=1");
-            return signal;
+            self.let_go(handover, trigger.to_string());
+            // Stops the accept loops now; in-flight requests get `server.grace_period`.
+            return ShutdownSignal::GracefulTerminate;
         }
     }
 }
