@@ -247,8 +247,9 @@ fn bodies_split_headers_and_pipelined_requests_are_handled_safely() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains(r#""path":"/users/7""#), "{answer}");
     // Two requests in one write (pipelining): Pingora refuses the batch (`400`, "sent data
-    // after end of body") rather than guess where the second begins, and closes; neither
-    // reaches the upstream. Safe against smuggling, and no client in common use pipelines.
+    // after end of body", noticed once the first request went upstream) rather than guess
+    // where the second begins, and closes; the second never reaches the upstream. Safe
+    // against smuggling, and no client in common use pipelines.
     let before = up.requests();
     conn.write_all(
         b"GET /users/1 HTTP/1.1\r\nHost: a\r\n\r\nGET /users/2 HTTP/1.1\r\nHost: a\r\n\r\n",
@@ -258,7 +259,7 @@ fn bodies_split_headers_and_pipelined_requests_are_handled_safely() {
     assert!(answered.starts_with("HTTP/1.1 400"), "{answered}");
     assert!(answered.contains("application/json"), "{answered}");
     assert_eq!(answered.matches("HTTP/1.1 ").count(), 1, "{answered}");
-    assert_eq!(up.requests(), before);
+    assert!(up.requests() - before <= 1, "only the first may have gone upstream");
 }
 
 /// Resident memory of a process, from `/proc/PID/status`.
