@@ -1,88 +1,83 @@
 #!/usr/bin/env bash
-# Throughput and latency of Breakwater against the same upstream reached directly and through
-# nginx as a plain reverse proxy, with the same wrk load, in one run. Prints a Markdown table
-# and writes it to loadtest/results/bench-latest.md.
+# Throughput, latency and CPU per request of Breakwater beside the same upstream reached
+# directly, nginx as a plain reverse proxy and a bare Pingora proxy (examples/bare_pingora.rs),
+# then Breakwater with one feature more per row (JWT HS256/RS256/ES256, a memory-cache hit, a
+# local rate limit), with the same wrk load, in one run. Prints a Markdown table with ratios
+# against bare Pingora and nginx and writes it to loadtest/results/bench-latest.md.
 #
-#   loadtest/bench.sh [--duration 10s] [--connections 64] [--threads 1] [--warmup 2s]
+#   loadtest/bench.sh [--duration 5s] [--warmup 1s] [--connections 64] [--threads 1]
+#                     [--rounds 1] [--only T1,T2,...] [--list] [--scale] [--flamegraphs]
+#                     [--flame-duration 4] [--flame-freq 299] [--flame-no-inline]
 #                     [--nginx-access-log on|off] [--no-pin]
-#                     [--client-cpu 1] [--proxy-cpu 0] [--upstream-cpu 0]
+#                     [--client-cpu 1] [--proxy-cpu 0] [--upstream-cpu 0] [--scale-cpus 0,1]
 #
+# --rounds N runs every target N times, round-robin, and reports the medians (CPU min-max too).
+# --scale adds nginx, bare Pingora and Breakwater with 1 and then 2 workers on --scale-cpus.
+# --flamegraphs records each proxy with perf (DWARF call graphs) during an extra wrk run and
+# writes loadtest/results/flame-<target>.svg (needs perf and `cargo install inferno`).
 # Everything listens on ephemeral loopback ports and is stopped on exit (also on Ctrl-C).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-DURATION=10s CONNECTIONS=64 THREADS=1 WARMUP=2s NGINX_ACCESS_LOG=on PIN=1
-CLIENT_CPU=1 PROXY_CPU=0 UPSTREAM_CPU=0
+ALL_TARGETS=(direct nginx pingora breakwater breakwater-jwt-hs256 breakwater-jwt-rs256
+  breakwater-jwt-es256 breakwater-cache-hit breakwater-ratelimit)
+DURATION=5s CONNECTIONS=64 THREADS=1 WARMUP=1s NGINX_ACCESS_LOG=on PIN=1 ONLY="" ROUNDS=1
+CLIENT_CPU=1 PROXY_CPU=0 UPSTREAM_CPU=0 SCALE=0 SCALE_CPUS=0,1
+FLAMEGRAPHS=0 FLAME_DURATION=4 FLAME_FREQ=299 FLAME_INLINE=1
 while (($#)); do
   case $1 in
     --duration) DURATION=$2; shift 2 ;;
+    --warmup) WARMUP=$2; shift 2 ;;
     --connections) CONNECTIONS=$2; shift 2 ;;
     --threads) THREADS=$2; shift 2 ;;
-    --warmup) WARMUP=$2; shift 2 ;;
+    --only) ONLY=",$2,"; shift 2 ;;
+    --rounds) ROUNDS=$2; shift 2 ;;
+    --list) printf '%s\n' "${ALL_TARGETS[@]}"; exit 0 ;;
+    --scale) SCALE=1; shift ;;
+    --scale-cpus) SCALE_CPUS=$2; shift 2 ;;
+    --flamegraphs) FLAMEGRAPHS=1; shift ;;
+    --flame-duration) FLAME_DURATION=${2%s}; shift 2 ;;
+    --flame-freq) FLAME_FREQ=$2; shift 2 ;;
+    --flame-no-inline) FLAME_INLINE=0; shift ;;
     --nginx-access-log) NGINX_ACCESS_LOG=$2; shift 2 ;;
     --no-pin) PIN=0; shift ;;
     --client-cpu) CLIENT_CPU=$2; shift 2 ;;
     --proxy-cpu) PROXY_CPU=$2; shift 2 ;;
     --upstream-cpu) UPSTREAM_CPU=$2; shift 2 ;;
-    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
 done
 [[ $NGINX_ACCESS_LOG == on || $NGINX_ACCESS_LOG == off ]] || die "--nginx-access-log on|off"
+[[ $FLAME_DURATION =~ ^[0-9]+$ ]] || die "--flame-duration takes whole seconds"
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "--rounds takes a number >= 1"
+if [[ -n $ONLY ]]; then
+  for t in ${ONLY//,/ }; do [[ " ${ALL_TARGETS[*]} " == *" $t "* ]] || die "unknown target $t (see --list)"; done
+fi
+selected() { [[ -z $ONLY || $ONLY == *",$1,"* ]]; }
 command -v wrk >/dev/null || die "wrk is not installed (apt-get install -y wrk)"
-NGINX="$(command -v nginx || true)"
-[[ -z $NGINX && -x /usr/sbin/nginx ]] && NGINX=/usr/sbin/nginx
+NGINX="$(find_nginx)"
 if ((PIN)) && { ! command -v taskset >/dev/null || (($(nproc) < 2)); }; then
   log "taskset missing or a single CPU: not pinning"
   PIN=0
 fi
+if ((FLAMEGRAPHS)); then
+  command -v perf >/dev/null || die "perf is not installed (apt-get install -y linux-perf)"
+  PATH="$PATH:$HOME/.cargo/bin"
+  command -v inferno-collapse-perf >/dev/null && command -v inferno-flamegraph >/dev/null ||
+    die "inferno is not installed (cargo install inferno)"
+fi
 
 lt_init
-lt_build
+lt_build examples
+((FLAMEGRAPHS)) && { perf record -q -o "$LT_TMP/perf-check.data" -- true >/dev/null 2>&1 ||
+  die "perf record does not work here (perf_event_paranoid? $(cat /proc/sys/kernel/perf_event_paranoid))"; }
 
-# on CPU: sets ON to the command prefix that runs a command on CPU (empty when not pinning).
+# on CPUS: sets ON to the command prefix that runs a command on CPUS (empty when not pinning).
 # A prefix, not a wrapper function: a backgrounded function runs in a subshell, and $! would
 # be that subshell's pid instead of the server's.
 on() { ON=(); if ((PIN)); then ON=(taskset -c "$1"); fi; }
-
-# Process CPU time (utime + stime, in clock ticks) of a pid.
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 TICK_HZ=$(getconf CLK_TCK)
-
-# nginx_conf DIR SERVER_BLOCK_BODY [HTTP_EXTRA]: a self-contained nginx config in DIR
-# (foreground, one worker process, no master, every path under DIR).
-nginx_conf() {
-  local dir=$1
-  mkdir -p "$dir/tmp"
-  cat >"$dir/nginx.conf" <<EOF
-daemon off;
-master_process off;
-worker_processes 1;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-events { worker_connections 4096; }
-http {
-  client_body_temp_path $dir/tmp/body;
-  proxy_temp_path $dir/tmp/proxy;
-  fastcgi_temp_path $dir/tmp/fastcgi;
-  uwsgi_temp_path $dir/tmp/uwsgi;
-  scgi_temp_path $dir/tmp/scgi;
-  keepalive_requests 10000000;
-  keepalive_timeout 60s;
-  ${3:-}
-  $2
-}
-EOF
-}
-
-start_nginx() { # DIR CPU -> NGINX_PID
-  local dir=$1 cpu=$2
-  on "$cpu"
-  "${ON[@]}" "$NGINX" -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" >"$dir/stdout" 2>&1 &
-  NGINX_PID=$!
-  track "$NGINX_PID"
-}
-
 BODY='{"id":1,"name":"Ada Lovelace","email":"ada.1@example.com","service":"users"}'
 
 # --- upstream: nginx returning a small static JSON body (or sample-service without nginx) ---
@@ -93,10 +88,12 @@ if [[ -n $NGINX ]]; then
     access_log off;
     location / { default_type application/json; return 200 '$BODY'; }
   }"
-  start_nginx "$LT_TMP/upstream" "$UPSTREAM_CPU"
+  on "$UPSTREAM_CPU"
+  start_nginx "$LT_TMP/upstream" "${ON[@]}"
   UP_PID=$NGINX_PID
   UPSTREAM="127.0.0.1:$UP_PORT"
-  UPSTREAM_DESC="nginx $("$NGINX" -v 2>&1 | sed 's/.*nginx\///'), 1 worker, \`return 200\` of a ${#BODY}-byte JSON body, access_log off"
+  NGINX_VERSION="$("$NGINX" -v 2>&1 | sed 's/.*nginx\///')"
+  UPSTREAM_DESC="nginx $NGINX_VERSION, 1 worker, \`return 200\` of a ${#BODY}-byte JSON body, access_log off"
 else
   start_sample users 0
   UP_PID=$SAMPLE_PID
@@ -106,109 +103,298 @@ else
 fi
 wait_http "http://$UPSTREAM/users/1"
 
-# --- Breakwater: routing, circuit breaker, health checks, metrics, access log to a file ---
-BW_PORT=$(free_port) BW_ADMIN=$(free_port)
-cat >"$LT_TMP/breakwater.yaml" <<EOF
-server:
-  listen: ["127.0.0.1:$BW_PORT"]
-  threads: 1
-  upgrade_sock: $LT_TMP/breakwater-upgrade.sock
-  pid_file: $LT_TMP/breakwater.pid
-  grace_period: 1s
-admin: {listen: "127.0.0.1:$BW_ADMIN"}
-access_log: true
-services:
-  users:
-    routes: [{path_prefix: /users}]
-    upstreams: ["$UPSTREAM"]
-    timeouts: {connect: 1s, read: 3s, total: 5s}
-    health_check: {path: /health, interval: 5s, timeout: 1s}
-    circuit_breaker: {failure_threshold: 5, reset_timeout: 5s}
-  orders:
-    routes: [{path_prefix: /orders}]
-    upstreams: ["$UPSTREAM"]
-EOF
-"$LT_BIN/breakwater" -c "$LT_TMP/breakwater.yaml" check >/dev/null
-on "$PROXY_CPU"
-"${ON[@]}" "$LT_BIN/breakwater" -c "$LT_TMP/breakwater.yaml" \
-  >"$LT_TMP/breakwater-access.log" 2>"$LT_TMP/breakwater.err" &
-BW_PID=$!
-track "$BW_PID"
-wait_http "http://127.0.0.1:$BW_ADMIN/ready"
+# --- JWT keys and tokens (one token per algorithm, reused by every request, exp in 2100) ---
+FIX="$LT_ROOT/tests/fixtures"
+head -c 48 /dev/urandom | base64 | tr -d '/+=\n' >"$LT_TMP/jwt.secret"
+declare -A TOKEN
+TOKEN[hs256]=$(python3 "$LT_DIR/mint_jwt.py" HS256 "$LT_TMP/jwt.secret")
+TOKEN[rs256]=$(python3 "$LT_DIR/mint_jwt.py" RS256 "$FIX/jwt_rsa_private.pem")
+TOKEN[es256]=$(python3 "$LT_DIR/mint_jwt.py" ES256 "$FIX/jwt_ec_private.pem")
 
-# --- nginx as a plain reverse proxy with upstream keep-alive ---
-if [[ -n $NGINX ]]; then
-  NX_PORT=$(free_port)
-  if [[ $NGINX_ACCESS_LOG == on ]]; then NX_LOG="access_log $LT_TMP/proxy/access.log;"; else NX_LOG="access_log off;"; fi
-  nginx_conf "$LT_TMP/proxy" "server {
-    listen 127.0.0.1:$NX_PORT;
-    $NX_LOG
-    location / {
-      proxy_pass http://backend;
-      proxy_http_version 1.1;
-      proxy_set_header Connection \"\";
-    }
-  }" "upstream backend { server $UPSTREAM; keepalive 64; keepalive_requests 10000000; }"
-  start_nginx "$LT_TMP/proxy" "$PROXY_CPU"
-  NX_PID=$NGINX_PID
-  wait_http "http://127.0.0.1:$NX_PORT/users/1"
-fi
-
-# --- the runs ---
-ROWS=()
-declare -A RPS
-run() { # NAME URL PID
-  local name=$1 url=$2 pid=$3 out="$LT_TMP/wrk-$1.txt"
-  curl -sf -o /dev/null "$url" || die "$name: $url does not answer 2xx"
-  log "$name: warm-up $WARMUP"
-  on "$CLIENT_CPU"
-  "${ON[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$WARMUP" "$url" >/dev/null
-  log "$name: wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency $url"
-  local t0; t0=$(cpu_ticks "$pid")
-  "${ON[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$url" >"$out"
-  local t1; t1=$(cpu_ticks "$pid")
-  parse_wrk "$out"
-  local cpu_us="n/a"
-  ((WRK_REQS > 0)) && cpu_us=$(awk -v t=$((t1 - t0)) -v hz="$TICK_HZ" -v n="$WRK_REQS" 'BEGIN{printf "%.1f", t / hz * 1e6 / n}')
-  RPS[$name]=$WRK_RPS
-  ROWS+=("| $name | $(printf "%'d" "$WRK_RPS") | $WRK_P50 | $WRK_P99 | $WRK_MAX | $((WRK_SOCKET_ERRORS + WRK_NON2XX)) | $cpu_us |")
+# start_target NAME [WORKERS] [CPUS]: starts the server of a target (not `direct`, which is the
+# upstream) and sets T_PID, T_URL, T_SIG (its fast-shutdown signal) and T_HDR (wrk/curl headers).
+start_target() {
+  local name=$1 workers=${2:-1} cpus=${3:-$PROXY_CPU} dir port
+  # wrk and perf stop cleanly on Ctrl-C, so bash carries on after them; the upstream, which
+  # Ctrl-C ends too, is what tells the run to stop.
+  kill -0 "$UP_PID" 2>/dev/null || die "the upstream has exited (interrupted?)"
+  dir="$LT_TMP/$name-${workers}w"
+  mkdir -p "$dir"
+  port=$(free_port)
+  T_URL="http://127.0.0.1:$port/users/1" T_HDR=() T_SIG=INT
+  on "$cpus"
+  case $name in
+    nginx)
+      nginx_proxy_conf "$dir" "$port" "$UPSTREAM" "$NGINX_ACCESS_LOG" "$workers"
+      start_nginx "$dir" "${ON[@]}"
+      T_PID=$NGINX_PID T_SIG=TERM
+      ;;
+    pingora)
+      "${ON[@]}" "$LT_BIN/examples/bare_pingora" "127.0.0.1:$port" "$UPSTREAM" "$workers" \
+        >"$dir/stdout" 2>"$dir/stderr" &
+      T_PID=$!
+      track "$T_PID"
+      ;;
+    breakwater*)
+      local top="" users="" admin
+      admin=$(free_port)
+      case $name in
+        breakwater-jwt-hs256) top="auth: {jwt: {algorithms: [HS256], secret_file: $LT_TMP/jwt.secret}}" ;;
+        breakwater-jwt-rs256) top="auth: {jwt: {algorithms: [RS256], public_key_file: $FIX/jwt_rsa_public.pem}}" ;;
+        breakwater-jwt-es256) top="auth: {jwt: {algorithms: [ES256], public_key_file: $FIX/jwt_ec_public.pem}}" ;;
+        breakwater-cache-hit) top="cache: {backend: memory}" users="    cache: {ttl: 1h}" ;;
+        breakwater-ratelimit)
+          users="    rate_limit: {requests_per_second: 1000000, burst: 1000000, key: ip, backend: local}" ;;
+      esac
+      if [[ $name == breakwater-jwt-* ]]; then
+        users="    auth: required"
+        T_HDR=(-H "Authorization: Bearer ${TOKEN[${name#breakwater-jwt-}]}")
+      fi
+      breakwater_conf "$dir/breakwater.yaml" "$port" "$admin" "$UPSTREAM" "$workers" "$top" "$users"
+      "${ON[@]}" "$LT_BIN/breakwater" -c "$dir/breakwater.yaml" \
+        >"$dir/access.log" 2>"$dir/breakwater.err" &
+      T_PID=$!
+      track "$T_PID"
+      wait_http "http://127.0.0.1:$admin/ready"
+      ;;
+    *) die "no server for target $name" ;;
+  esac
+  wait_http "$T_URL"
+  curl -sf -o /dev/null "${T_HDR[@]}" "$T_URL" || die "$name: $T_URL does not answer 2xx"
+  if [[ $name == breakwater-cache-hit ]]; then
+    local headers
+    headers=$(curl -s -D - -o /dev/null "$T_URL")
+    [[ ${headers,,} == *$'\nx-cache: hit'* ]] || die "$name: second request is not a cache hit"
+  fi
 }
 
-run direct "http://$UPSTREAM/users/1" "$UP_PID"
-run breakwater "http://127.0.0.1:$BW_PORT/users/1" "$BW_PID"
-[[ -n $NGINX ]] && run nginx "http://127.0.0.1:$NX_PORT/users/1" "$NX_PID"
+# measure KEY PID URL [HEADER ARGS...]: warm-up, then the measured wrk run; appends the figures
+# to the lists below under KEY (one value per round).
+declare -A L_RPS L_P50 L_P99 L_MAXL L_ERRS L_CPU
+measure() {
+  local key=$1 pid=$2 url=$3 out="$LT_TMP/wrk-$1.txt" t0 t1
+  shift 3
+  on "$CLIENT_CPU"
+  log "$key: warm-up $WARMUP, then wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency $url"
+  "${ON[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$WARMUP" "$@" "$url" >/dev/null
+  t0=$(cpu_ticks "$pid")
+  "${ON[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$@" "$url" >"$out"
+  t1=$(cpu_ticks "$pid")
+  parse_wrk "$out"
+  L_RPS[$key]+="$WRK_RPS " L_P50[$key]+="$WRK_P50 " L_P99[$key]+="$WRK_P99 "
+  L_MAXL[$key]+="$WRK_MAX " L_ERRS[$key]+="$((WRK_SOCKET_ERRORS + WRK_NON2XX)) "
+  ((WRK_REQS > 0)) && L_CPU[$key]+="$(awk -v t=$((t1 - t0)) -v hz="$TICK_HZ" -v n="$WRK_REQS" \
+    'BEGIN{printf "%.1f", t / hz * 1e6 / n}') "
+  return 0
+}
 
-ACCESS_LINES=$(wc -l <"$LT_TMP/breakwater-access.log")
+# stat FUNC FORMAT LIST: the median (med), smallest (min), largest (max) or sum of the numbers
+# in LIST, or n/a when it has none.
+stat() {
+  tr ' ' '\n' <<<"$3" | awk '$1 ~ /^[0-9.]+$/' | sort -g | awk -v f="$1" -v fmt="$2" '
+    { a[NR] = $1; s += $1 }
+    END {
+      if (NR == 0) { print "n/a"; exit }
+      if (f == "min") v = a[1]; else if (f == "max") v = a[NR]; else if (f == "sum") v = s
+      else v = (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2
+      printf fmt "\n", v
+    }'
+}
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b > 0) printf "%.0f%%", 100 * a / b; else print "n/a" }'; }
-BW=${RPS[breakwater]} DIRECT=${RPS[direct]} NX=${RPS[nginx]:-0}
-verdict() { awk -v bw="$BW" -v nx="$NX" 'BEGIN{
-  a = (nx > 0 && bw >= 0.6 * nx) ? "met" : "NOT met"; b = (bw >= 20000) ? "met" : "NOT met";
-  printf "target Breakwater >= 60%% of nginx: %s; >= 20,000 req/s: %s", a, b }'; }
+# flamegraph NAME PID URL [HEADER ARGS...]: perf records PID during an extra wrk run (not the
+# measured one: perf's own cost would skew it); writes results/flame-NAME.{svg,folded}.
+FLAMES=()
+flamegraph() {
+  local name=$1 pid=$2 url=$3 data="$LT_TMP/perf-$1.data" wpid ppid
+  local folded="$LT_DIR/results/flame-$1.folded" svg="$LT_DIR/results/flame-$1.svg"
+  shift 3
+  on "$CLIENT_CPU"
+  log "$name: perf record ${FLAME_DURATION}s (DWARF call graphs, ${FLAME_FREQ} Hz) under wrk"
+  "${ON[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$((FLAME_DURATION + 2))s" "$@" "$url" >/dev/null &
+  wpid=$!
+  track "$wpid"
+  sleep 1
+  # In the background and waited for: perf stops cleanly on Ctrl-C, and bash would then carry on
+  # after a foreground child that survived SIGINT; `wait` lets the INT trap run at once.
+  "${ON[@]}" perf record -q --call-graph dwarf,65528 -F "$FLAME_FREQ" -p "$pid" -o "$data" \
+    -- sleep "$FLAME_DURATION" >/dev/null 2>"$LT_TMP/perf-$name.err" &
+  ppid=$!
+  track "$ppid"
+  wait "$ppid" || die "perf record failed: $(tail -3 "$LT_TMP/perf-$name.err")"
+  untrack "$ppid"
+  wait "$wpid" || true
+  untrack "$wpid"
+  local inline=(--no-inline)
+  ((FLAME_INLINE)) && inline=(--inline)
+  perf script "${inline[@]}" -i "$data" 2>/dev/null | inferno-collapse-perf --all >"$folded"
+  inferno-flamegraph --title "$name: $(describe "$name")" \
+    --subtitle "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, wrk -c$CONNECTIONS, perf ${FLAME_FREQ} Hz x ${FLAME_DURATION}s" \
+    <"$folded" >"$svg"
+  rm -f "$data"
+  FLAMES+=("$name")
+}
+
+describe() {
+  case $1 in
+    direct) echo "the upstream itself (nginx \`return 200\`)" ;;
+    nginx) echo "nginx reverse proxy, keep-alive upstream block, access_log $NGINX_ACCESS_LOG" ;;
+    pingora) echo "bare Pingora: examples/bare_pingora.rs (only \`upstream_peer\`, mimalloc)" ;;
+    breakwater) echo "routing (2 services), breaker, health checks, metrics, JSON access log to a file" ;;
+    breakwater-jwt-hs256) echo "+ \`auth: required\`, JWT HS256 (secret_file), the same token on every request" ;;
+    breakwater-jwt-rs256) echo "+ \`auth: required\`, JWT RS256 (2048-bit public_key_file), the same token on every request" ;;
+    breakwater-jwt-es256) echo "+ \`auth: required\`, JWT ES256 (P-256 public_key_file), the same token on every request" ;;
+    breakwater-cache-hit) echo "+ memory cache (ttl 1h); every measured request is a hit, the upstream is not contacted" ;;
+    breakwater-ratelimit) echo "+ local rate limit by client IP, 1,000,000/s (never refuses)" ;;
+  esac
+}
+
+# --- the runs: one target at a time, each proxy started just before its run; with --rounds,
+# round-robin (every target once, then again) so that a noisy minute hits every target ---
+RUN_TARGETS=()
+for t in "${ALL_TARGETS[@]}"; do
+  selected "$t" || continue
+  [[ $t == nginx && -z $NGINX ]] && { log "nginx is not installed: no nginx row"; continue; }
+  RUN_TARGETS+=("$t")
+done
+for round in $(seq "$ROUNDS"); do
+  ((ROUNDS > 1)) && log "round $round of $ROUNDS"
+  for t in "${RUN_TARGETS[@]}"; do
+    if [[ $t == direct ]]; then
+      measure direct "$UP_PID" "http://$UPSTREAM/users/1"
+      continue
+    fi
+    start_target "$t" 1
+    measure "$t" "$T_PID" "$T_URL" "${T_HDR[@]}"
+    ((FLAMEGRAPHS && round == 1)) && flamegraph "$t" "$T_PID" "$T_URL" "${T_HDR[@]}"
+    [[ $t == breakwater ]] && ACCESS_LINES=$(wc -l <"$LT_TMP/breakwater-1w/access.log")
+    stop_pid "$T_PID" "$T_SIG"
+  done
+done
+
+# --- scale: 1 and 2 workers on SCALE_CPUS; wrk and the upstream may run on any CPU ---
+SCALE_TARGETS=()
+if ((SCALE)); then
+  ((PIN)) && taskset -a -p -c "0-$(($(nproc) - 1))" "$UP_PID" >/dev/null
+  SAVED_CLIENT_CPU=$CLIENT_CPU CLIENT_CPU="0-$(($(nproc) - 1))"
+  for t in nginx pingora breakwater; do
+    [[ $t == nginx && -z $NGINX ]] || SCALE_TARGETS+=("$t")
+  done
+  for round in $(seq "$ROUNDS"); do
+    for t in "${SCALE_TARGETS[@]}"; do
+      for w in 1 2; do
+        start_target "$t" "$w" "$SCALE_CPUS"
+        measure "$t@${w}w" "$T_PID" "$T_URL"
+        stop_pid "$T_PID" "$T_SIG"
+      done
+    done
+  done
+  CLIENT_CPU=$SAVED_CLIENT_CPU
+fi
+
+# --- the report: medians over the rounds ---
+declare -A RPS P50 P99 MAXL ERRS CPU CPUR
+for k in "${!L_RPS[@]}"; do
+  RPS[$k]=$(stat med "%.0f" "${L_RPS[$k]}") P50[$k]=$(stat med "%.2f" "${L_P50[$k]}")
+  P99[$k]=$(stat med "%.2f" "${L_P99[$k]}") MAXL[$k]=$(stat max "%.2f" "${L_MAXL[$k]}")
+  ERRS[$k]=$(stat sum "%d" "${L_ERRS[$k]}") CPU[$k]=$(stat med "%.1f" "${L_CPU[$k]:-}") CPUR[$k]=""
+  ((ROUNDS > 1)) && CPUR[$k]=" ($(stat min "%.1f" "${L_CPU[$k]:-}")–$(stat max "%.1f" "${L_CPU[$k]:-}"))"
+done
+# ratio A B: A/B as "0.62x" (n/a when either is missing).
+ratio() { awk -v a="${1:-}" -v b="${2:-}" 'BEGIN{ if (a+0 > 0 && b+0 > 0) printf "%.2fx", a / b; else print "n/a" }'; }
+pct() { awk -v a="${1:-}" -v b="${2:-}" 'BEGIN{ if (a+0 > 0 && b+0 > 0) printf "%+.0f%%", 100 * (a / b - 1); else print "n/a" }'; }
+diff_us() { awk -v a="${1:-}" -v b="${2:-}" 'BEGIN{ if (a+0 > 0 && b+0 > 0) printf "%+.1f µs", a - b; else print "n/a" }'; }
+NX_RPS=${RPS[nginx]:-} PG_RPS=${RPS[pingora]:-} PG_CPU=${CPU[pingora]:-} NX_CPU=${CPU[nginx]:-}
+BW_RPS=${RPS[breakwater]:-} BW_CPU=${CPU[breakwater]:-}
 
 if ((PIN)); then
-  PINNING="wrk on CPU $CLIENT_CPU; the proxy under test (Breakwater or nginx) on CPU $PROXY_CPU; the upstream on CPU $UPSTREAM_CPU (taskset)"
+  PINNING="wrk on CPU $CLIENT_CPU; the server under test on CPU $PROXY_CPU; the upstream on CPU $UPSTREAM_CPU (taskset)"
 else
   PINNING="not pinned"
 fi
+REV="$(git -C "$LT_ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+[[ -n "$(git -C "$LT_ROOT" status --porcelain -- src Cargo.toml Cargo.lock examples 2>/dev/null)" ]] && REV+=" (with uncommitted changes)"
+PINGORA_VERSION="$(awk '/^name = "pingora"$/{getline; gsub(/"/, "", $3); print $3; exit}' "$LT_ROOT/Cargo.lock")"
 REPORT="$LT_DIR/results/bench-latest.md"
 {
   echo "## Breakwater benchmark"
   echo
   echo "- machine: $(machine_line)"
-  echo "- load: wrk $(wrk -v 2>&1 | head -1 | awk '{print $2}') \`-t$THREADS -c$CONNECTIONS -d$DURATION --latency\`, after a $WARMUP warm-up, \`GET /users/1\`, keep-alive"
+  echo "- tree: $REV, release build; Pingora $PINGORA_VERSION"
+  echo "- load: wrk $(wrk -v 2>&1 | awk 'NR == 1 {print $2}') \`-t$THREADS -c$CONNECTIONS -d$DURATION --latency\` per target, after a $WARMUP warm-up, \`GET /users/1\`, keep-alive; one target at a time"
+  ((ROUNDS > 1)) && echo "- $ROUNDS rounds, round-robin over the targets; each figure is the median of the rounds (max ms: the largest; errors: the sum; CPU: median (min–max))"
   echo "- upstream: $UPSTREAM_DESC"
-  echo "- Breakwater: 1 worker thread, routing (2 services), circuit breaker, health checks, Prometheus metrics, JSON access log to a file ($ACCESS_LINES lines written)"
-  [[ -n $NGINX ]] && echo "- nginx proxy: worker_processes 1, \`proxy_pass\` to an upstream block with \`keepalive 64\`, HTTP/1.1 to the upstream, access_log $NGINX_ACCESS_LOG"
-  echo "- placement: $PINNING"
+  echo "- every server under test: 1 worker (thread or process); placement: $PINNING"
   echo
-  echo "| target | req/s | p50 ms | p99 ms | max ms | errors | server CPU µs/req |"
-  echo "|---|---:|---:|---:|---:|---:|---:|"
-  printf '%s\n' "${ROWS[@]}"
+  echo "| target | req/s | p50 ms | p99 ms | max ms | errors | CPU µs/req | req/s ÷ nginx | req/s ÷ pingora | CPU ÷ pingora |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+  for t in "${RUN_TARGETS[@]}"; do
+    if [[ $t == direct ]]; then r1="—" r2="—" r3="—"; else
+      r1=$(ratio "${RPS[$t]}" "$NX_RPS") r2=$(ratio "${RPS[$t]}" "$PG_RPS") r3=$(ratio "${CPU[$t]}" "$PG_CPU")
+    fi
+    echo "| $t | ${RPS[$t]} | ${P50[$t]} | ${P99[$t]} | ${MAXL[$t]} | ${ERRS[$t]} | ${CPU[$t]}${CPUR[$t]} | $r1 | $r2 | $r3 |"
+  done
   echo
-  echo "Breakwater/direct: $(ratio "$BW" "$DIRECT"); Breakwater/nginx: $(ratio "$BW" "$NX"); $(verdict)."
+  for t in "${RUN_TARGETS[@]}"; do echo "- **$t**: $(describe "$t")"; done
   echo
-  echo "errors = wrk socket errors + non-2xx responses. server CPU µs/req = CPU time of the process"
-  echo "answering wrk (the upstream for \`direct\`, else the proxy, not counting the upstream) per request."
-} | tee "$REPORT"
-log "written to ${REPORT#$LT_ROOT/}"
+  echo "errors = wrk socket errors + non-2xx responses. CPU µs/req = CPU time (user + system) of the"
+  echo "process answering wrk (the upstream for \`direct\`, else the proxy, not counting the upstream)"
+  echo "divided by the requests wrk completed. \`÷ pingora\` and \`÷ nginx\` divide by those rows of this"
+  echo "run: req/s above 1 is faster, CPU above 1 costs more per request."
+  if [[ -n $BW_RPS ]]; then
+    echo
+    echo "Breakwater: $(ratio "$BW_RPS" "$NX_RPS") nginx's req/s and $(ratio "$BW_RPS" "$PG_RPS") bare Pingora's;" \
+      "CPU per request $(pct "$BW_CPU" "$PG_CPU") over bare Pingora (issue 13 aims at <= +15%)" \
+      "and $(ratio "$BW_CPU" "$NX_CPU") nginx's. Bare Pingora: $(ratio "$PG_RPS" "$NX_RPS") nginx's req/s," \
+      "$(ratio "$PG_CPU" "$NX_CPU") its CPU per request."
+    feats=()
+    for t in jwt-hs256 jwt-rs256 jwt-es256 ratelimit; do
+      [[ -n ${CPU[breakwater-$t]:-} ]] && feats+=("$t $(diff_us "${CPU[breakwater-$t]}" "$BW_CPU") ($(pct "${CPU[breakwater-$t]}" "$BW_CPU"))")
+    done
+    [[ -n ${CPU[breakwater-cache-hit]:-} ]] &&
+      feats+=("a cache hit costs $(ratio "${CPU[breakwater-cache-hit]}" "$PG_CPU") a bare-Pingora proxied request (issue 13 aims at <= 0.6x)")
+    ((${#feats[@]})) && echo "CPU per request over plain Breakwater: $(IFS=';'; echo "${feats[*]}" | sed 's/;/; /g')."
+    [[ -n ${ACCESS_LINES:-} ]] && echo "Breakwater's access log: $ACCESS_LINES lines written in its run."
+  fi
+  if ((${#SCALE_TARGETS[@]})); then
+    echo
+    echo "### Scale: 1 and 2 workers on CPUs $SCALE_CPUS"
+    echo
+    echo "Each proxy with 1, then 2 workers (nginx: worker processes under a master; Pingora and Breakwater:"
+    echo "\`threads\`), pinned to CPUs $SCALE_CPUS; wrk and the upstream are not pinned. On a 2-CPU machine the"
+    echo "load generator and the upstream share those CPUs with the proxy, so the machine, not the proxy,"
+    echo "caps the 2-worker figures; the CPU per request still shows the cost of the second worker."
+    echo
+    echo "| target | workers | req/s | p50 ms | p99 ms | errors | CPU µs/req | req/s ÷ 1 worker |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+    for t in "${SCALE_TARGETS[@]}"; do
+      for w in 1 2; do
+        k="$t@${w}w"
+        echo "| $t | $w | ${RPS[$k]} | ${P50[$k]} | ${P99[$k]} | ${ERRS[$k]} | ${CPU[$k]}${CPUR[$k]} | $(ratio "${RPS[$k]}" "${RPS[$t@1w]}") |"
+      done
+    done
+  fi
+  if ((${#FLAMES[@]})); then
+    echo
+    echo "### Flamegraphs"
+    echo
+    echo "perf record --call-graph dwarf at $FLAME_FREQ Hz for ${FLAME_DURATION}s of a separate wrk run per"
+    echo "target (same load), folded with inferno: \`results/flame-<target>.svg\` (and \`.folded\`, for"
+    echo "\`inferno-diff-folded\`). Kernel frames end in \`_[k]\`. Top frames by self time:"
+    echo
+    folded=()
+    for t in "${FLAMES[@]}"; do folded+=("$LT_DIR/results/flame-$t.folded"); done
+    us=()
+    for t in "${FLAMES[@]}"; do [[ ${CPU[$t]} != n/a ]] && us+=(--us "$t=${CPU[$t]}"); done
+    python3 "$LT_DIR/flame_top.py" --top 12 "${us[@]}" "${folded[@]}"
+    if [[ " ${FLAMES[*]} " == *" pingora "* && " ${FLAMES[*]} " == *" breakwater "* ]]; then
+      inferno-diff-folded --normalize "$LT_DIR/results/flame-pingora.folded" "$LT_DIR/results/flame-breakwater.folded" |
+        inferno-flamegraph --title "breakwater against bare Pingora (red: more in breakwater, normalised)" \
+          >"$LT_DIR/results/flame-diff-pingora-breakwater.svg"
+      echo "Differential flamegraph (Breakwater's stacks, red where it spends a larger share than bare"
+      echo "Pingora): \`results/flame-diff-pingora-breakwater.svg\`."
+    fi
+  fi
+} >"$LT_TMP/report.md"
+cp "$LT_TMP/report.md" "$REPORT"
+cat "$REPORT"
+log "written to ${REPORT#"$LT_ROOT"/}"

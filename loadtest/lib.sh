@@ -51,13 +51,148 @@ lt_init() {
 }
 
 # Builds the gateway and sample-service unless BUILD=0 (cargo waits on the lock if another
-# build runs in the same tree).
+# build runs in the same tree). `lt_build examples` also builds examples/ (bare_pingora).
 lt_build() {
+  local what=(--bins)
+  [[ ${1:-} == examples ]] && what+=(--examples)
   if [[ "${BUILD:-1}" != 0 ]]; then
-    log "cargo build --release --bins"
-    (cd "$LT_ROOT" && cargo build --release --bins --quiet) || die "build failed"
+    log "cargo build --release ${what[*]}"
+    (cd "$LT_ROOT" && cargo build --release "${what[@]}" --quiet) || die "build failed"
   fi
   [[ -x "$LT_BIN/breakwater" && -x "$LT_BIN/sample-service" ]] || die "binaries missing in $LT_BIN"
+  if [[ ${1:-} == examples && ! -x "$LT_BIN/examples/bare_pingora" ]]; then
+    die "bare_pingora missing in $LT_BIN/examples"
+  fi
+  return 0
+}
+
+# untrack PID: forget a process stopped by hand, so that cleanup never signals a reused pid.
+untrack() {
+  local pid keep=()
+  for pid in "${LT_PIDS[@]}"; do [[ $pid == "$1" ]] || keep+=("$pid"); done
+  LT_PIDS=("${keep[@]}")
+}
+
+# stop_pid PID [SIGNAL]: signals PID (TERM by default), waits up to 5 s, then SIGKILL; reaps and
+# untracks it. Pingora's (and Breakwater's) fast shutdown is SIGINT; nginx's is TERM.
+stop_pid() {
+  local pid=$1 sig=${2:-TERM}
+  kill "-$sig" "$pid" 2>/dev/null || true
+  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  untrack "$pid"
+}
+
+# pid_tree PID: PID and its child processes (nginx's workers under its master).
+pid_tree() {
+  echo "$1"
+  ps -o pid= --ppid "$1" 2>/dev/null | tr -d ' ' || true
+}
+
+# cpu_ticks PID: CPU time (utime + stime, in clock ticks) of PID and its children, summed.
+cpu_ticks() {
+  local p t=0 v
+  for p in $(pid_tree "$1"); do
+    v=$(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || true)
+    t=$((t + ${v:-0}))
+  done
+  echo "$t"
+}
+
+# The nginx binary, or nothing when it is not installed.
+find_nginx() {
+  local n
+  n="$(command -v nginx || true)"
+  [[ -z $n && -x /usr/sbin/nginx ]] && n=/usr/sbin/nginx
+  echo "$n"
+}
+
+# nginx_conf DIR SERVER_BLOCK_BODY [HTTP_EXTRA] [WORKERS] [WORKER_CONNECTIONS]: a self-contained
+# nginx config in DIR: foreground, one process when WORKERS is 1 (no master), else a master and
+# WORKERS workers; every path under DIR.
+nginx_conf() {
+  local dir=$1 workers=${4:-1} master=off
+  ((workers > 1)) && master=on
+  mkdir -p "$dir/tmp"
+  cat >"$dir/nginx.conf" <<EOF
+daemon off;
+master_process $master;
+worker_processes $workers;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections ${5:-4096}; }
+http {
+  client_body_temp_path $dir/tmp/body;
+  proxy_temp_path $dir/tmp/proxy;
+  fastcgi_temp_path $dir/tmp/fastcgi;
+  uwsgi_temp_path $dir/tmp/uwsgi;
+  scgi_temp_path $dir/tmp/scgi;
+  keepalive_requests 10000000;
+  keepalive_timeout ${NGINX_KEEPALIVE_TIMEOUT:-60s};
+  ${3:-}
+  $2
+}
+EOF
+}
+
+# nginx_proxy_conf DIR PORT UPSTREAM ACCESS_LOG(on|off) [WORKERS] [WORKER_CONNECTIONS]: nginx as
+# a plain reverse proxy to UPSTREAM with keep-alive to it (an upstream block, HTTP/1.1).
+nginx_proxy_conf() {
+  local dir=$1 port=$2 upstream=$3 alog="access_log off;"
+  [[ $4 == on ]] && alog="access_log $dir/access.log;"
+  nginx_conf "$dir" "server {
+    listen 127.0.0.1:$port;
+    $alog
+    location / {
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection \"\";
+    }
+  }" "upstream backend { server $upstream; keepalive 64; keepalive_requests 10000000; }" \
+    "${5:-1}" "${6:-4096}"
+}
+
+# start_nginx DIR [CPU_PREFIX...]: runs the nginx of DIR/nginx.conf, prefixed by the given
+# command (e.g. taskset -c 0); sets NGINX_PID.
+start_nginx() {
+  local dir=$1
+  shift
+  "$@" "$NGINX" -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" >"$dir/stdout" 2>&1 &
+  NGINX_PID=$!
+  track "$NGINX_PID"
+}
+
+# breakwater_conf FILE PORT ADMIN UPSTREAM [THREADS] [TOP_EXTRA] [USERS_EXTRA]: the load tests'
+# Breakwater: routing over two services (users, orders), circuit breaker, health checks,
+# Prometheus metrics and the JSON access log (stdout; the scripts send it to a file). TOP_EXTRA
+# is YAML added at the top level; USERS_EXTRA, lines indented by 4, to the users service.
+breakwater_conf() {
+  local file=$1 port=$2 admin=$3 upstream=$4 threads=${5:-1}
+  cat >"$file" <<EOF
+server:
+  listen: ["127.0.0.1:$port"]
+  threads: $threads
+  upgrade_sock: $file.upgrade.sock
+  pid_file: $file.pid
+  grace_period: 1s
+admin: {listen: "127.0.0.1:$admin"}
+access_log: true
+${6:-}
+services:
+  users:
+    routes: [{path_prefix: /users}]
+    upstreams: ["$upstream"]
+    timeouts: {connect: 1s, read: 3s, total: 5s}
+    health_check: {path: /health, interval: 5s, timeout: 1s}
+    circuit_breaker: {failure_threshold: 5, reset_timeout: 5s}
+${7:-}
+  orders:
+    routes: [{path_prefix: /orders}]
+    upstreams: ["$upstream"]
+EOF
+  "$LT_BIN/breakwater" -c "$file" check >/dev/null 2>"$file.check" ||
+    die "invalid Breakwater config $file: $(cat "$file.check")"
 }
 
 # A free loopback TCP port from the kernel's ephemeral range (never 8080/9090/3001-3003).
