@@ -970,12 +970,12 @@ fn systemd_unit_checks_runs_and_reloads_the_config_it_ships_with() {
     assert!(
         values("ExecReload")
             .iter()
-            .any(|c| c.contains("kill") && c.contains("-HUP") && c.contains("$MAINPID")),
-        "ExecReload must send SIGHUP to $MAINPID"
+            .any(|c| c.contains("breakwater reload") && config_arg(c) == config_path),
+        "ExecReload must run `breakwater reload -c {config_path}`, which waits for the outcome"
     );
     assert_eq!(values("Restart"), ["on-failure"]);
     // A reload starts a new gateway process that reports itself with sd_notify (MAINPID=,
-    // READY=1; src/ops/reload.rs) before the old main process exits: Type=simple would take that
+    // READY=1; src/ops/reload/) before the old main process exits: Type=simple would take that
     // exit for the end of the service.
     assert_eq!(
         values("Type"),

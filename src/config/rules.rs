@@ -87,16 +87,13 @@ fn listeners(config: &Config, source: &Source) -> Result<(), ConfigError> {
             format!("threads must be 1..=256, got {}", server.threads),
         ));
     }
-    for (i, tls) in server.tls.iter().enumerate() {
-        for (what, file) in [("cert", &tls.cert), ("key", &tls.key)] {
-            if let Err(e) = std::fs::File::open(file) {
-                return Err(source.error(
-                    format!("server.tls[{i}].{what}"),
-                    Some(&file.display().to_string()),
-                    format!("cannot read {}: {e}", file.display()),
-                ));
-            }
-        }
+    if server.keepalive_timeout.is_zero() {
+        let message = "keepalive_timeout must be greater than zero";
+        return Err(source.error("server.keepalive_timeout", None, message));
+    }
+    if server.max_connections == Some(0) {
+        let message = "max_connections must be at least 1";
+        return Err(source.error("server.max_connections", None, message));
     }
     let mut addresses = HashSet::new();
     let all = server

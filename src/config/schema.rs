@@ -85,6 +85,22 @@ pub struct ServerConfig {
     /// PID file written when running daemonised (`-d`). Default: `/tmp/breakwater.pid`.
     #[serde(default = "default_pid_file")]
     pub pid_file: PathBuf,
+    /// Longest idle wait between two requests on a keep-alive client connection; then it is
+    /// closed. Default: 60s.
+    #[serde(
+        default = "default_keepalive_timeout",
+        deserialize_with = "crate::values::de_duration"
+    )]
+    pub keepalive_timeout: Duration,
+    /// Client connections one process keeps open at most; beyond, new ones are closed at
+    /// once (and counted in `breakwater_connections_refused_total`). Default: 80% of the
+    /// process's open-file limit, which start-up raises to its hard limit.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// Accept HTTP/2 with prior knowledge (h2c) on the plain listeners, besides HTTP/1.1.
+    /// TLS listeners always offer h2 through ALPN. Default: false.
+    #[serde(default)]
+    pub h2c: bool,
 }
 
 impl Default for ServerConfig {
@@ -96,6 +112,9 @@ impl Default for ServerConfig {
             grace_period: default_grace_period(),
             upgrade_sock: default_upgrade_sock(),
             pid_file: default_pid_file(),
+            keepalive_timeout: default_keepalive_timeout(),
+            max_connections: None,
+            h2c: false,
         }
     }
 }
@@ -238,4 +257,7 @@ fn default_upgrade_sock() -> PathBuf {
 }
 fn default_pid_file() -> PathBuf {
     PathBuf::from("/tmp/breakwater.pid")
+}
+fn default_keepalive_timeout() -> Duration {
+    Duration::from_secs(60)
 }

@@ -2,7 +2,7 @@
 //! and besides any upstream. Size limits ([`limits`]), CORS ([`cors`]), authentication
 //! ([`auth`]), per-client rate limits ([`rate_limit`]), response security headers
 //! ([`security_headers`]), and the client's address and the `X-Forwarded-*` headers that tell
-//! the upstream about it ([`forwarded`]).
+//! the upstream about it ([`forwarded`]), and the certificates of TLS listeners ([`tls`]).
 
 pub mod auth;
 pub mod cors;
@@ -10,3 +10,4 @@ pub mod forwarded;
 pub mod limits;
 pub mod rate_limit;
 pub mod security_headers;
+pub mod tls;

@@ -558,6 +558,47 @@ impl RateLimiter {
         }
     }
 
+    /// The local backend's live buckets, to hand to a reloaded process: each key with the
+    /// microseconds until its bucket is full again. Keys too long to store as they are
+    /// (kept as a per-process hash) are not carried. Empty for the `redis` backend, whose
+    /// counts outlive the process anyway.
+    pub fn carry_buckets(&self) -> Vec<(String, u64)> {
+        let Store::Local(local) = &self.store else {
+            return Vec::new();
+        };
+        let now = local.clock.now_millis().saturating_mul(1000);
+        let mut buckets = Vec::new();
+        for shard in local.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            buckets.extend(
+                shard
+                    .tats
+                    .iter()
+                    .filter(|(key, tat)| **tat > now && !key.starts_with('#'))
+                    .map(|(key, tat)| (key.to_string(), tat - now)),
+            );
+        }
+        buckets
+    }
+
+    /// Takes over buckets a previous process handed over (see [`Self::carry_buckets`]).
+    pub fn resume_buckets(&self, buckets: &[(String, u64)]) {
+        let Store::Local(local) = &self.store else {
+            return;
+        };
+        let now = local.clock.now_millis().saturating_mul(1000);
+        for (key, full_in_us) in buckets {
+            if key.len() > MAX_LOCAL_KEY_LEN {
+                continue;
+            }
+            let hash = local.hasher.hash_one(key.as_str());
+            let mut shard = local.shards[(hash % SHARDS as u64) as usize]
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            shard.insert(key, now.saturating_add(*full_in_us), now, local.shard_cap);
+        }
+    }
+
     fn check_local(&self, local: &LocalStore, key: &str) -> Decision {
         let now = local.clock.now_millis().saturating_mul(1000);
         let hash = local.hasher.hash_one(key);
@@ -1371,5 +1412,36 @@ mod tests {
                 }
             });
         }
+    }
+
+    #[test]
+    fn buckets_carried_to_a_new_limiter_keep_their_counts() {
+        let c = cfg(1.0, 3);
+        let (old, _clock) = local(&c);
+        for _ in 0..3 {
+            assert!(check(&old, "ip:10.0.0.1").allowed);
+        }
+        assert!(!check(&old, "ip:10.0.0.1").allowed);
+        assert!(check(&old, "ip:10.0.0.2").allowed);
+        let carried = old.carry_buckets();
+        assert_eq!(carried.len(), 2);
+
+        let (new, clock) = local(&c);
+        new.resume_buckets(&carried);
+        assert!(
+            !check(&new, "ip:10.0.0.1").allowed,
+            "an empty bucket stays empty"
+        );
+        assert!(check(&new, "ip:10.0.0.2").allowed);
+        assert!(check(&new, "ip:10.0.0.2").allowed);
+        assert!(
+            !check(&new, "ip:10.0.0.2").allowed,
+            "two of three were left"
+        );
+        clock.advance(ms(1000));
+        assert!(
+            check(&new, "ip:10.0.0.1").allowed,
+            "and it refills at the same rate"
+        );
     }
 }

@@ -44,6 +44,22 @@ fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGau
     g
 }
 
+/// Registers a counter owned by another module (which keeps its handle) in the gateway's
+/// registry, so `/metrics` shows it.
+pub fn register_counter(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> IntCounterVec {
+    counter(registry, name, help, labels)
+}
+
+/// Registers a gauge owned by another module, like [`register_counter`].
+pub fn register_gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    gauge(registry, name, help, labels)
+}
+
 fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
     // 0.5 ms .. ~16 s: covers a cached hit through a slow upstream.
     let buckets = exponential_buckets(0.0005, 2.0, 16).expect("valid buckets");

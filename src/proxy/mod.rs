@@ -13,7 +13,7 @@
 mod answer;
 mod context;
 mod errors;
-mod request_id;
+pub mod request_id;
 
 pub use context::RequestCtx;
 

@@ -8,12 +8,15 @@
 //! connections), so the old process of a reload can compile the new file to vet it.
 
 use crate::cache::{ResponseCache, ServiceCachePolicy};
-use crate::config::{AdminConfig, Config, ConfigError, ServerConfig, ServiceConfig, Source};
+use crate::config::{
+    AdminConfig, Config, ConfigError, ListenAddr, ServerConfig, ServiceConfig, Source,
+};
 use crate::edge::auth::{AuthCompileError, AuthMode, Authenticator, ServiceAuth};
 use crate::edge::cors::{Cors, CorsConfig};
-use crate::edge::limits::Limits;
+use crate::edge::limits::{Limits, LimitsConfig};
 use crate::edge::rate_limit::RateLimitPolicy;
 use crate::edge::security_headers::SecurityHeaders;
+use crate::edge::tls::{TlsAcceptor, TlsFile};
 use crate::redis::Redis;
 use crate::routing::Router;
 use crate::upstream::fallback::Fallback;
@@ -30,6 +33,10 @@ pub struct Compiled {
     /// Listeners and process settings, for assembling the server.
     pub server: ServerConfig,
     pub admin: AdminConfig,
+    /// Each `server.tls` listener with its certificate and key, loaded and checked.
+    pub tls: Vec<(ListenAddr, TlsAcceptor)>,
+    /// What every client connection is held to before its request is routed.
+    pub connection_limits: ConnectionLimits,
     pub(super) access_log: bool,
     pub(super) router: Router,
     /// In the order of the config's `services` (by name), which the router's indices follow.
@@ -40,6 +47,16 @@ pub struct Compiled {
     /// The top-level set, for answers to requests no route matched.
     pub(super) security_headers: Arc<SecurityHeaders>,
     route_count: usize,
+}
+
+/// Limits that apply to a client connection before a request is routed, so across services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// The top-level `limits.header_read_timeout`: the whole request header must arrive
+    /// within it.
+    pub header_timeout: std::time::Duration,
+    /// The largest `limits.max_header_size` of any service (each service then checks its own).
+    pub max_header_size: u64,
 }
 
 /// One service, compiled.
@@ -65,6 +82,17 @@ impl Compiled {
 
     pub fn route_count(&self) -> usize {
         self.route_count
+    }
+
+    /// Every address the process listens on: plain, TLS and admin.
+    pub fn listeners(&self) -> Vec<std::net::SocketAddr> {
+        self.server
+            .listen
+            .iter()
+            .chain(self.tls.iter().map(|(listen, _)| listen))
+            .chain(std::iter::once(&self.admin.listen))
+            .map(|l| l.0)
+            .collect()
     }
 }
 
@@ -114,6 +142,32 @@ pub fn compile(config: &Config, source: &Source) -> Result<Compiled, ConfigError
             .enumerate()
             .map(|(index, svc)| (index, svc.routes.as_slice())),
     );
+    let tls = config
+        .server
+        .tls
+        .iter()
+        .enumerate()
+        .map(|(i, listener)| {
+            TlsAcceptor::load(&listener.cert, &listener.key)
+                .map(|acceptor| (listener.listen, acceptor))
+                .map_err(|(file, message)| {
+                    let path = match file {
+                        TlsFile::Cert => &listener.cert,
+                        TlsFile::Key => &listener.key,
+                    };
+                    let field = format!("server.tls[{i}].{}", file.field());
+                    source.error(field, Some(&path.display().to_string()), message)
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let global_limits = config.limits.compile(&LimitsConfig::default());
+    let connection_limits = ConnectionLimits {
+        header_timeout: global_limits.header_read_timeout,
+        max_header_size: services
+            .iter()
+            .map(|s| s.limits.max_header_size)
+            .fold(global_limits.max_header_size, u64::max),
+    };
     let authenticator = config.auth.compile().map_err(|e| match e {
         AuthCompileError::Invalid(message) => source.error("auth", None, message),
         AuthCompileError::Keys(message) => source.error_without_line("auth.jwt", message),
@@ -121,6 +175,8 @@ pub fn compile(config: &Config, source: &Source) -> Result<Compiled, ConfigError
     Ok(Compiled {
         server: config.server.clone(),
         admin: config.admin.clone(),
+        tls,
+        connection_limits,
         access_log: config.access_log,
         router,
         services,

@@ -9,7 +9,7 @@
 
 mod compile;
 
-pub use compile::{compile, prepare, Compiled};
+pub use compile::{compile, prepare, Compiled, ConnectionLimits};
 
 use crate::cache::{ResponseCache, ServiceCache};
 use crate::clock::{Clock, MonotonicClock};

@@ -41,7 +41,7 @@ use std::time::Duration;
 use crate::clock::{millis, Clock};
 use crate::ops::metrics::METRICS;
 use crate::values::FieldError;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// A service's `circuit_breaker:` section: the settings of the breaker each of its upstreams
 /// has (see the state machine above). Always on; these tune it.
@@ -138,7 +138,8 @@ impl BreakerConfig {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[repr(u8)]
 pub enum State {
     Closed = 0,
@@ -212,6 +213,23 @@ pub struct Snapshot {
     pub probes_in_flight: u32,
     /// Probe successes so far in this half-open period (0 unless HalfOpen).
     pub probe_successes: u32,
+}
+
+/// What a breaker hands over to the process that takes over at a reload: enough to go on
+/// where it stopped. Probes in flight are not carried: they finish in the old process, and
+/// counting them here would hold slots nobody releases. The rolling window is not carried
+/// either (it is seconds long and refills).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CarriedBreaker {
+    pub state: State,
+    /// Reset-timeout backoff step (each failed probe doubles the open time).
+    pub step: u32,
+    /// While open: how long until it half-opens.
+    pub open_for_ms: u64,
+    /// While half-open: probe successes so far.
+    pub probe_successes: u32,
+    /// While closed: failures in a row so far.
+    pub consecutive_failures: u32,
 }
 
 // Layout of the state word, low bits first:
@@ -503,6 +521,44 @@ impl CircuitBreaker {
         }
     }
 
+    /// The state to hand to a reloaded process (see [`CarriedBreaker`]).
+    pub fn carry(&self) -> CarriedBreaker {
+        let word = self.load_effective();
+        let half_open = word.state() == State::HalfOpen;
+        CarriedBreaker {
+            state: word.state(),
+            step: word.step(),
+            open_for_ms: word.deadline().saturating_sub(self.elapsed_ms()),
+            probe_successes: if half_open { word.probe_successes() } else { 0 },
+            consecutive_failures: self.consecutive_failures.load(Ordering::Relaxed),
+        }
+        .normalized()
+    }
+
+    /// Takes over the state a previous process handed over, before this breaker admits
+    /// anything. Permits of this process's earlier generation (there are none at start-up)
+    /// go stale.
+    pub fn resume(&self, carried: &CarriedBreaker) {
+        let current = self.load();
+        let step = carried.step.min(STEP_MAX);
+        let next = match carried.state {
+            State::Closed => current.transition(State::Closed, step, 0),
+            State::Open => current.transition(
+                State::Open,
+                step,
+                self.elapsed_ms().saturating_add(carried.open_for_ms),
+            ),
+            State::HalfOpen => current
+                .transition(State::HalfOpen, step, 0)
+                .with_probes(0, carried.probe_successes),
+        };
+        self.consecutive_failures
+            .store(carried.consecutive_failures, Ordering::Relaxed);
+        if self.cas(current, next).is_ok() && current.state() != next.state() {
+            self.notify(current.state(), next.state());
+        }
+    }
+
     fn load(&self) -> Word {
         Word(self.word.load(Ordering::Acquire))
     }
@@ -643,6 +699,19 @@ impl CircuitBreaker {
                 Err(seen) => word = seen,
             }
         }
+    }
+}
+
+impl CarriedBreaker {
+    /// Only the fields that mean something in its state are kept.
+    fn normalized(mut self) -> CarriedBreaker {
+        if self.state != State::Open {
+            self.open_for_ms = 0;
+        }
+        if self.state != State::Closed {
+            self.consecutive_failures = 0;
+        }
+        self
     }
 }
 
@@ -1188,6 +1257,87 @@ mod tests {
         for worker in workers {
             worker.join().expect("worker panicked");
         }
+        assert_eq!(*seen.lock().unwrap(), vec![(State::Closed, State::Open)]);
+    }
+
+    #[test]
+    fn an_open_breaker_resumes_open_for_the_rest_of_its_timeout_with_its_backoff() {
+        let (old, old_clock, _) = breaker(config());
+        open(&old);
+        // A failed probe doubles the timeout: step 1, 60 s.
+        old_clock.advance(secs(30));
+        call(&old, Outcome::Failure);
+        old_clock.advance(secs(20));
+        let carried = old.carry();
+        assert_eq!(carried.state, State::Open);
+        assert_eq!((carried.step, carried.open_for_ms), (1, 40_000));
+
+        let (new, clock, seen) = breaker(config());
+        new.resume(&carried);
+        assert_eq!(new.state(), State::Open);
+        assert_eq!(new.retry_after(), Some(secs(40)));
+        assert!(!new.would_admit());
+        clock.advance(secs(40));
+        assert_eq!(new.state(), State::HalfOpen);
+        // The backoff went on: another failed probe opens it for 120 s, not 60.
+        call(&new, Outcome::Failure);
+        assert_eq!(new.retry_after(), Some(secs(100)));
+        assert_eq!(
+            seen.lock().unwrap()[0],
+            (State::Closed, State::Open),
+            "the metric listener hears the resumed state"
+        );
+    }
+
+    #[test]
+    fn half_open_resumes_with_its_successes_and_no_probes_in_flight() {
+        let (old, old_clock, _) = breaker(BreakerConfig {
+            success_threshold: 3,
+            half_open_requests: 2,
+            ..config()
+        });
+        open(&old);
+        old_clock.advance(secs(30));
+        call(&old, Outcome::Success);
+        let in_flight = old.try_acquire().expect("a second probe slot");
+        let carried = old.carry();
+        drop(in_flight);
+        assert_eq!(
+            (carried.state, carried.probe_successes),
+            (State::HalfOpen, 1)
+        );
+
+        let (new, _, _) = breaker(BreakerConfig {
+            success_threshold: 3,
+            half_open_requests: 2,
+            ..config()
+        });
+        new.resume(&carried);
+        let snapshot = new.snapshot();
+        assert_eq!(snapshot.state, State::HalfOpen);
+        assert_eq!(
+            (snapshot.probes_in_flight, snapshot.probe_successes),
+            (0, 1)
+        );
+        call(&new, Outcome::Success);
+        call(&new, Outcome::Success);
+        assert_eq!(new.state(), State::Closed);
+    }
+
+    #[test]
+    fn closed_resumes_with_its_failures_in_a_row() {
+        let (old, _, _) = breaker(config());
+        call(&old, Outcome::Failure);
+        call(&old, Outcome::Failure);
+        let carried = old.carry();
+        assert_eq!(
+            (carried.state, carried.consecutive_failures),
+            (State::Closed, 2)
+        );
+        let (new, _, seen) = breaker(config());
+        new.resume(&carried);
+        call(&new, Outcome::Failure);
+        assert_eq!(new.state(), State::Open);
         assert_eq!(*seen.lock().unwrap(), vec![(State::Closed, State::Open)]);
     }
 }

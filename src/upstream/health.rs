@@ -153,23 +153,12 @@ impl HealthCheck for ObservedHealthCheck {
     async fn check(&self, target: &Backend) -> Result<()> {
         let result = self.inner.check(target).await;
         if let Some(upstream) = self.upstream(target) {
-            // A passing check lets real traffic probe an open breaker now, rather than after
-            // the reset timeout. The first failures open it through `health_status_change`,
-            // which honours `unhealthy_threshold`; later ones keep it open, so an upstream
-            // that stays down never shows as half-open.
-            if result.is_ok() {
-                upstream.breaker.on_health_check(true);
-            } else if !upstream.is_healthy() {
-                upstream.breaker.on_health_check(false);
-            }
+            // The upstream keeps its own verdict (Pingora's flips are not used) so that a
+            // reloaded process can start from the verdict its predecessor reached.
+            let passed = result.is_ok();
+            upstream.observe_health(&self.service, passed, self.inner.health_threshold(passed));
         }
         result
-    }
-
-    async fn health_status_change(&self, target: &Backend, healthy: bool) {
-        if let Some(upstream) = self.upstream(target) {
-            upstream.on_health_change(&self.service, healthy);
-        }
     }
 
     fn health_threshold(&self, success: bool) -> usize {

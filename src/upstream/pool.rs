@@ -354,8 +354,11 @@ impl Pool {
     /// Picks an upstream by the pool's algorithm among the healthy ones for which `accept`
     /// returns true (its index in `upstreams` is passed). `key` feeds consistent hashing.
     fn select(&self, key: &[u8], accept: impl Fn(usize) -> bool) -> Option<usize> {
-        let filter =
-            |b: &Backend, healthy: bool| healthy && self.index_of(&b.addr).is_some_and(&accept);
+        // The upstream's own verdict, not Pingora's: it may have been carried over a reload.
+        let filter = |b: &Backend, _: bool| {
+            self.index_of(&b.addr)
+                .is_some_and(|i| self.upstreams[i].is_healthy() && accept(i))
+        };
         let backend = match &self.balancer {
             Balancer::RoundRobin(lb) => lb.select_with(key, MAX_ITERATIONS, filter),
             Balancer::Random(lb) => lb.select_with(key, MAX_ITERATIONS, filter),

@@ -8,6 +8,7 @@ use crate::clock::Clock;
 use crate::ops::metrics::METRICS;
 use pingora::prelude::HttpPeer;
 use prometheus::IntGauge;
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -33,7 +34,18 @@ pub struct Upstream {
     pub peer: HttpPeer,
     /// The health check's verdict (true without health checks).
     healthy: AtomicBool,
+    /// Results in a row that disagree with the verdict, toward flipping it.
+    health_streak: AtomicU32,
     healthy_gauge: IntGauge,
+}
+
+/// An upstream's health verdict, handed to the process that takes over at a reload, so a
+/// down upstream stays out of rotation until its health check passes again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CarriedHealth {
+    pub healthy: bool,
+    /// Results in a row toward flipping the verdict.
+    pub streak: u32,
 }
 
 impl Upstream {
@@ -56,6 +68,7 @@ impl Upstream {
             breaker: Arc::new(breaker),
             peer: plan.peer,
             healthy: AtomicBool::new(true),
+            health_streak: AtomicU32::new(0),
             healthy_gauge,
         }
     }
@@ -65,7 +78,45 @@ impl Upstream {
         self.healthy.load(Ordering::Relaxed)
     }
 
-    pub(super) fn on_health_change(&self, service: &str, healthy: bool) {
+    /// Counts one health check result; the verdict flips after `threshold` results in a row
+    /// that disagree with it (the check's `healthy_threshold` or `unhealthy_threshold`).
+    /// Every result also reaches the breaker: a pass lets real traffic probe an open breaker
+    /// now rather than after its reset timeout; a failure while unhealthy keeps it open, so an
+    /// upstream that stays down never shows as half-open.
+    pub(super) fn observe_health(&self, service: &str, passed: bool, threshold: usize) {
+        if passed == self.is_healthy() {
+            self.health_streak.store(0, Ordering::Relaxed);
+        } else {
+            let streak = self.health_streak.fetch_add(1, Ordering::Relaxed) + 1;
+            if streak as usize >= threshold {
+                self.health_streak.store(0, Ordering::Relaxed);
+                self.set_health(service, passed);
+            }
+        }
+        if passed {
+            self.breaker.on_health_check(true);
+        } else if !self.is_healthy() {
+            self.breaker.on_health_check(false);
+        }
+    }
+
+    /// The verdict to hand to a reloaded process.
+    pub fn carry_health(&self) -> CarriedHealth {
+        CarriedHealth {
+            healthy: self.is_healthy(),
+            streak: self.health_streak.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Takes over the verdict a previous process handed over.
+    pub fn resume_health(&self, service: &str, carried: &CarriedHealth) {
+        self.health_streak.store(carried.streak, Ordering::Relaxed);
+        if carried.healthy != self.is_healthy() {
+            self.set_health(service, carried.healthy);
+        }
+    }
+
+    fn set_health(&self, service: &str, healthy: bool) {
         self.healthy_gauge.set(i64::from(healthy));
         self.healthy.store(healthy, Ordering::Relaxed);
         if healthy {

@@ -1,0 +1,421 @@
+//! The connection front: Breakwater's own Pingora `ServerApp` in front of the HTTP proxy.
+//!
+//! Pingora's HTTP/1 server reads a request header with a fixed 60 s timeout per read and no
+//! bound on the whole header, and between requests it parks a connection inside the proxy's
+//! request future with a 64 KiB read buffer attached: a client trickling one header line a
+//! second holds a connection forever, and each idle keep-alive client costs about 90 KiB.
+//! The front owns each client connection between requests instead:
+//!
+//! - it counts connections and closes new ones at once beyond `server.max_connections`;
+//! - it waits for the next request with no buffer attached (a few dozen bytes on the
+//!   stack), for at most `server.keepalive_timeout` (the first request of a connection: at
+//!   most `limits.header_read_timeout`);
+//! - it reads the request line and headers under one deadline (`limits.header_read_timeout`
+//!   from their first byte) and size bound (the largest `limits.max_header_size`), answering
+//!   `408` or `431` itself;
+//! - it hands the bytes to Pingora's HTTP/1 session as a pipelined prefix, so Pingora parses
+//!   them as if it had read them, and takes the connection back when the exchange is done;
+//! - HTTP/2 (ALPN `h2` on TLS, or the h2c preface when `server.h2c` is on) goes to Pingora's
+//!   own HTTP/2 handling;
+//! - once the process drains (a reload handed the listeners over, or shutdown), a connection
+//!   that has been idle for `DRAIN_IDLE` is closed, and a request that still arrives is
+//!   answered with `Connection: close`; a fresh connection still gets its first request
+//!   answered, since the client sent it to us.
+
+use bytes::BytesMut;
+use once_cell::sync::Lazy;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::{Stream, ALPN};
+use pingora::server::ShutdownWatch;
+use prometheus::{IntCounter, IntCounterVec, IntGauge};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+
+/// How long a connection may sit idle, once the process drains, before it is closed. Long
+/// enough that a client which just got a response and is sending its next request on the
+/// same connection gets it answered (with `Connection: close`) rather than cut off.
+pub const DRAIN_IDLE: Duration = Duration::from_millis(250);
+
+/// The first read of a request goes to a buffer this size on the stack, so an idle
+/// connection holds no heap buffer; most API request headers are longer and take one more
+/// read, into the buffer that Pingora then parses from.
+const FIRST_READ: usize = 64;
+
+/// The HTTP/2 connection preface a prior-knowledge (h2c) client starts with.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Buffer capacity a request header is read into (Pingora's own starting size).
+const HEADER_BUFFER: usize = 4096;
+
+/// What the front enforces, from the config.
+#[derive(Debug, Clone)]
+pub struct FrontSettings {
+    /// Whole-header deadline, and the longest wait for a connection's first request.
+    pub header_timeout: Duration,
+    /// Longest idle wait between two requests of a keep-alive connection.
+    pub keepalive_timeout: Duration,
+    /// Largest request header block read; larger ones get `431`.
+    pub max_header_size: usize,
+    /// Open client connections allowed; beyond, new ones are closed at once.
+    pub max_connections: usize,
+    /// Accept HTTP/2 with prior knowledge (h2c) on plain listeners.
+    pub h2c: bool,
+}
+
+/// Connection counts, registered in the gateway's registry.
+struct ConnectionMetrics {
+    active: IntGauge,
+    accepted: IntCounter,
+    refused: IntCounter,
+    closed_header_timeout: IntCounter,
+    closed_header_too_large: IntCounter,
+}
+
+static CONNECTION_METRICS: Lazy<ConnectionMetrics> = Lazy::new(|| {
+    use crate::ops::metrics::{register_counter, register_gauge, METRICS};
+    let r = &METRICS.registry;
+    let closed: IntCounterVec = register_counter(
+        r,
+        "breakwater_connections_closed_total",
+        "Client connections the gateway closed before a request was complete, by reason.",
+        &["reason"],
+    );
+    ConnectionMetrics {
+        active: register_gauge(
+            r,
+            "breakwater_connections_active",
+            "Client connections open right now (HTTP/1 and HTTP/2, plain and TLS).",
+            &[],
+        )
+        .with_label_values::<&str>(&[]),
+        accepted: register_counter(
+            r,
+            "breakwater_connections_total",
+            "Client connections accepted and served (refused ones are not counted here).",
+            &[],
+        )
+        .with_label_values::<&str>(&[]),
+        refused: register_counter(
+            r,
+            "breakwater_connections_refused_total",
+            "Client connections closed at once because server.max_connections were open.",
+            &[],
+        )
+        .with_label_values::<&str>(&[]),
+        closed_header_timeout: closed.with_label_values(&["header_timeout"]),
+        closed_header_too_large: closed.with_label_values(&["header_too_large"]),
+    }
+});
+
+/// Registers the connection metrics, so `/metrics` shows them before the first connection.
+pub fn register_metrics() {
+    Lazy::force(&CONNECTION_METRICS);
+}
+
+/// The front of one listening service, in front of Pingora's HTTP application `A` (the proxy).
+pub struct Front<A> {
+    app: Arc<A>,
+    settings: FrontSettings,
+    open: AtomicUsize,
+    stopped: Arc<AcceptStopped>,
+}
+
+impl<A> Front<A> {
+    pub fn new(app: A, settings: FrontSettings) -> Front<A> {
+        register_metrics();
+        Front {
+            app: Arc::new(app),
+            settings,
+            open: AtomicUsize::new(0),
+            stopped: Arc::default(),
+        }
+    }
+
+    /// Tells when the service's listeners stopped accepting (a reload hands the listening
+    /// sockets over, then waits for this before the successor starts accepting).
+    pub fn accept_stopped(&self) -> Arc<AcceptStopped> {
+        Arc::clone(&self.stopped)
+    }
+}
+
+/// Set once every accept loop of a listening service has ended.
+#[derive(Debug, Default)]
+pub struct AcceptStopped {
+    stopped: std::sync::Mutex<bool>,
+    changed: std::sync::Condvar,
+}
+
+impl AcceptStopped {
+    fn set(&self) {
+        *self.stopped.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.changed.notify_all();
+    }
+
+    /// Waits (blocking the thread) until the accept loops stopped or `timeout` passed;
+    /// true when they stopped.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let guard = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        let (guard, _) = self
+            .changed
+            .wait_timeout_while(guard, timeout, |stopped| !*stopped)
+            .unwrap_or_else(|e| e.into_inner());
+        *guard
+    }
+}
+
+/// One open connection: counted while it lives.
+struct Open<'a>(&'a AtomicUsize);
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+        CONNECTION_METRICS.active.dec();
+    }
+}
+
+/// How waiting for a request header ended, when no header came.
+enum NoRequest {
+    /// Closed, reset, idle too long, or drained: close quietly.
+    Gone,
+    /// Part of a header arrived, the rest did not in time.
+    TimedOut,
+    /// The header grew past the limit.
+    TooLarge,
+}
+
+impl<A> Front<A>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    /// Serves HTTP/1 requests on `stream` until the connection closes.
+    async fn serve_http1(&self, mut stream: Stream, shutdown: &ShutdownWatch) {
+        let mut persistent: Option<HttpPersistentSettings> = None;
+        let mut served = 0u64;
+        loop {
+            let head = match self.read_head(&mut stream, shutdown, served > 0).await {
+                Ok(head) => head,
+                Err(NoRequest::Gone) => return,
+                Err(NoRequest::TimedOut) => {
+                    CONNECTION_METRICS.closed_header_timeout.inc();
+                    refuse(&mut stream, 408, "request header timeout").await;
+                    return;
+                }
+                Err(NoRequest::TooLarge) => {
+                    CONNECTION_METRICS.closed_header_too_large.inc();
+                    refuse(&mut stream, 431, "request header too large").await;
+                    return;
+                }
+            };
+            let mut session = ServerSession::new_http1(stream);
+            session.set_keepalive(Some(self.settings.keepalive_timeout.as_secs()));
+            if let Some(settings) = persistent.take() {
+                settings.apply_to_session(&mut session);
+            }
+            session.set_pipelined_prefix(head);
+            // `process_new_http` closes the connection itself when it cannot be reused, and
+            // answers `Connection: close` once shutdown has begun.
+            let Some(reused) = self.app.process_new_http(session, shutdown).await else {
+                return;
+            };
+            (stream, persistent) = reused.consume();
+            served += 1;
+        }
+    }
+
+    /// Waits for the next request and reads its header, under the idle and header
+    /// deadlines. The bytes may run past the header (a body, or pipelined requests);
+    /// Pingora's session takes them all.
+    async fn read_head(
+        &self,
+        stream: &mut Stream,
+        shutdown: &ShutdownWatch,
+        reused: bool,
+    ) -> Result<BytesMut, NoRequest> {
+        let (first, n) = self.first_bytes(stream, shutdown, reused).await?;
+        let deadline = Instant::now() + self.settings.header_timeout;
+        let mut head = BytesMut::with_capacity(HEADER_BUFFER.max(n));
+        head.extend_from_slice(&first[..n]);
+        let mut scanned = 0;
+        while !header_complete(&head, scanned) {
+            if head.len() >= self.settings.max_header_size {
+                return Err(NoRequest::TooLarge);
+            }
+            scanned = head.len();
+            head.reserve(1024);
+            match tokio::time::timeout_at(deadline, stream.read_buf(&mut head)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return Err(NoRequest::Gone),
+                Ok(Ok(_)) => {}
+                Err(_) => return Err(NoRequest::TimedOut),
+            }
+        }
+        Ok(head)
+    }
+
+    /// The first bytes of the next request, read into a small stack buffer: while it waits,
+    /// the connection holds no heap buffer.
+    async fn first_bytes(
+        &self,
+        stream: &mut Stream,
+        shutdown: &ShutdownWatch,
+        reused: bool,
+    ) -> Result<([u8; FIRST_READ], usize), NoRequest> {
+        let mut first = [0u8; FIRST_READ];
+        let idle_since = Instant::now();
+        let mut shutdown = shutdown.clone();
+        let mut draining = *shutdown.borrow();
+        loop {
+            // A fresh connection waits for its first request even while draining: the
+            // client chose us, and closing now would fail a request it is sending.
+            let limit = match (reused, draining) {
+                (false, _) => self.settings.header_timeout,
+                (true, false) => self.settings.keepalive_timeout,
+                (true, true) => DRAIN_IDLE,
+            };
+            tokio::select! {
+                biased;
+                read = stream.read(&mut first) => {
+                    return match read {
+                        Ok(0) | Err(_) => Err(NoRequest::Gone),
+                        Ok(n) => Ok((first, n)),
+                    };
+                }
+                changed = shutdown.changed(), if !draining => {
+                    // A closed channel means the server is going away: drain as well.
+                    let _ = changed;
+                    draining = true;
+                }
+                _ = tokio::time::sleep_until(idle_since + limit) => {
+                    // Nothing arrived: an idle keep-alive connection is simply closed; a new
+                    // one that never spoke gets no answer either (nginx does the same).
+                    return Err(NoRequest::Gone);
+                }
+            }
+        }
+    }
+}
+
+/// Whether `buf` holds a complete header block: an empty line after the request line.
+/// `from` is how much was already scanned. Bare `\n` line ends are accepted, as Pingora's
+/// parser does.
+fn header_complete(buf: &[u8], from: usize) -> bool {
+    let tail = &buf[from.saturating_sub(3)..];
+    tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n")
+}
+
+/// Whether `bytes`, the start of a connection, could be the HTTP/2 preface.
+fn may_be_h2_preface(bytes: &[u8]) -> bool {
+    let n = bytes.len().min(H2_PREFACE.len());
+    bytes[..n] == H2_PREFACE[..n]
+}
+
+/// Answers a request the front refuses before Pingora sees it, then closes.
+async fn refuse(stream: &mut Stream, status: u16, reason: &str) {
+    let request_id = crate::proxy::request_id::new();
+    let body = serde_json::json!({
+        "error": reason,
+        "request_id": request_id.to_str().unwrap_or_default(),
+    })
+    .to_string();
+    let phrase = match status {
+        408 => "Request Timeout",
+        431 => "Request Header Fields Too Large",
+        _ => "Bad Request",
+    };
+    let response = format!(
+        "HTTP/1.1 {status} {phrase}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n\
+         X-Request-Id: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len(),
+        request_id.to_str().unwrap_or_default(),
+    );
+    // The client may be gone already; there is nothing more to do either way.
+    let write = async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.flush().await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+}
+
+#[async_trait::async_trait]
+impl<A> ServerApp for Front<A>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    async fn process_new(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        if self.open.fetch_add(1, Ordering::Relaxed) >= self.settings.max_connections {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            CONNECTION_METRICS.refused.inc();
+            return None;
+        }
+        CONNECTION_METRICS.active.inc();
+        CONNECTION_METRICS.accepted.inc();
+        let _open = Open(&self.open);
+
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            return ServerApp::process_new(&self.app, stream, shutdown).await;
+        }
+        if self.settings.h2c && stream.get_ssl().is_none() {
+            // Peek at the start of the connection without consuming it: read what is there
+            // and put it back, then let Pingora's own h2c handling take a preface.
+            let mut start = [0u8; H2_PREFACE.len()];
+            let n = tokio::time::timeout(self.settings.header_timeout, stream.read(&mut start))
+                .await
+                .ok()?
+                .ok()?;
+            if n == 0 {
+                return None;
+            }
+            let mut l4 = stream.into_any().downcast::<L4Stream>().ok()?;
+            l4.rewind(&start[..n]);
+            stream = l4;
+            if may_be_h2_preface(&start[..n]) {
+                return ServerApp::process_new(&self.app, stream, shutdown).await;
+            }
+        }
+        self.serve_http1(stream, shutdown).await;
+        None
+    }
+
+    /// Pingora calls this once every accept loop of the service has ended.
+    async fn cleanup(&self) {
+        self.stopped.set();
+        self.app.http_cleanup().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_header_is_complete_at_its_empty_line_whatever_the_line_ends() {
+        assert!(header_complete(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 0));
+        assert!(header_complete(b"GET / HTTP/1.1\nHost: a\n\n", 0));
+        assert!(header_complete(b"GET / HTTP/1.1\r\nHost: a\n\r\n", 0));
+        assert!(!header_complete(b"GET / HTTP/1.1\r\nHost: a\r\n", 0));
+        assert!(!header_complete(b"GET / HTTP/1.1\r\n", 0));
+        // The terminator may straddle two reads.
+        let whole = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        for split in 1..whole.len() {
+            assert!(header_complete(whole, split), "split at {split}");
+        }
+    }
+
+    #[test]
+    fn the_h2_preface_is_recognised_from_its_first_byte() {
+        assert!(may_be_h2_preface(b"P"));
+        assert!(may_be_h2_preface(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
+        assert!(!may_be_h2_preface(b"GET / HTTP/1.1\r\n"));
+        assert!(!may_be_h2_preface(b"POST / HTTP/1.1\r\n"));
+    }
+}

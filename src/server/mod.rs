@@ -1,0 +1,169 @@
+//! Assembles the Pingora server from a compiled config: installs it in this process, then adds
+//! the proxy listeners (plain and TLS) behind the connection [`front`], the admin listener,
+//! the health-check background services, the Redis connector and the lifecycle watcher.
+
+pub mod front;
+
+use crate::ops::admin::AdminApp;
+use crate::ops::lifecycle::LifecycleWatcher;
+use crate::proxy::Gateway;
+use crate::redis::RedisConnector;
+use crate::runtime::{Compiled, Runtime};
+use front::{AcceptStopped, Front, FrontSettings};
+use pingora::apps::HttpServerOptions;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
+use pingora::prelude::{background_service, Opt};
+use pingora::proxy::HttpProxy;
+use pingora::server::configuration::ServerConf;
+use pingora::server::Server;
+use pingora::services::listening::Service as ListeningService;
+use pingora::Result;
+use std::sync::Arc;
+
+/// How the process was asked to start.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// Run in the background (`-d`).
+    pub daemon: bool,
+    /// Take the listening sockets over from a running instance (`-u`).
+    pub upgrade: bool,
+}
+
+/// A server ready to run, with the handles a reload needs.
+pub struct Assembled {
+    pub server: Server,
+    /// The installed config, shared with the request path (a reload carries state into it).
+    pub runtime: Arc<Runtime>,
+    /// Set when the proxy listeners stopped accepting.
+    pub accept_stopped: Arc<AcceptStopped>,
+}
+
+/// Plain listeners read straight into the HTTP parser's buffer: Pingora's 64 KiB read buffer
+/// per connection saves no system call there, and an idle connection would keep it. The write
+/// buffer gathers a small response's header and body into one write.
+const PLAIN_BUFFERS: L4BufferSettings = L4BufferSettings {
+    read: Some(0),
+    write: Some(1460),
+};
+
+/// Share of the open-file limit client connections may use by default; the rest is left to
+/// upstream connections, listeners and files.
+const DEFAULT_CONNECTION_SHARE: f64 = 0.8;
+
+/// Builds a ready-to-run server. `server.bootstrap()` happens here: with `start.upgrade` it
+/// takes the listening sockets of the running instance, so everything that can fail must
+/// have failed before (compiling the config did that).
+pub fn build(compiled: Compiled, start: &StartOptions) -> Result<Assembled> {
+    let open_files = raise_open_file_limit();
+    let server_config = compiled.server.clone();
+    let admin_config = compiled.admin.clone();
+    let opt = Opt {
+        upgrade: start.upgrade,
+        daemon: start.daemon,
+        nocapture: false,
+        test: false,
+        conf: None,
+    };
+    let grace_secs = server_config.grace_period.as_secs_f64().ceil() as u64;
+    let server_conf = ServerConf {
+        threads: server_config.threads,
+        daemon: start.daemon,
+        grace_period_seconds: Some(grace_secs),
+        graceful_shutdown_timeout_seconds: Some(grace_secs + 5),
+        upgrade_sock: server_config.upgrade_sock.display().to_string(),
+        pid_file: server_config.pid_file.display().to_string(),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, server_conf);
+    server.bootstrap();
+
+    let connection_limits = compiled.connection_limits;
+    let mut compiled = compiled;
+    let tls = std::mem::take(&mut compiled.tls);
+    let (runtime, health_checks) = compiled.install()?;
+    let runtime = Arc::new(runtime);
+    // Redis is connected in the background: start-up never waits for it.
+    let redis = runtime.redis.clone();
+
+    let mut http = HttpProxy::new(
+        Gateway::new(Arc::clone(&runtime)),
+        server.configuration.clone(),
+    );
+    let mut options = HttpServerOptions::default();
+    options.h2c = server_config.h2c;
+    http.server_options = Some(options);
+    http.handle_init_modules();
+    let max_connections = server_config
+        .max_connections
+        .unwrap_or_else(|| ((open_files as f64 * DEFAULT_CONNECTION_SHARE) as usize).max(64));
+    let front = Front::new(
+        http,
+        FrontSettings {
+            header_timeout: connection_limits.header_timeout,
+            keepalive_timeout: server_config.keepalive_timeout,
+            max_header_size: usize::try_from(connection_limits.max_header_size)
+                .unwrap_or(usize::MAX),
+            max_connections,
+            h2c: server_config.h2c,
+        },
+    );
+    let accept_stopped = front.accept_stopped();
+    let mut proxy = ListeningService::new("breakwater proxy".to_string(), front);
+    for listen in &server_config.listen {
+        proxy.add_listener(ListenerConfig::tcp(listen.to_string()).l4_buffer(PLAIN_BUFFERS));
+    }
+    for (listen, acceptor) in tls {
+        // OpenSSL reads whole records into its own (released when idle) buffer.
+        proxy.add_listener(
+            ListenerConfig::tcp(listen.to_string())
+                .tls(acceptor.settings)
+                .l4_buffer(PLAIN_BUFFERS),
+        );
+    }
+
+    let mut admin = ListeningService::new(
+        "breakwater admin".to_string(),
+        AdminApp::new(Arc::clone(&runtime)),
+    );
+    admin.threads = Some(1);
+    admin.add_tcp(&admin_config.listen.to_string());
+
+    let proxy = server.add_service(proxy);
+    let admin = server.add_service(admin);
+    for hc in health_checks {
+        server.add_boxed_service(hc);
+    }
+    if let Some(redis) = redis {
+        server.add_service(background_service("redis", RedisConnector(redis)));
+    }
+    let lifecycle = server.add_service(background_service(
+        "lifecycle",
+        LifecycleWatcher {
+            pid_file: (!start.daemon).then(|| server_config.pid_file.clone()),
+        },
+    ));
+    lifecycle.add_dependency(&proxy);
+    lifecycle.add_dependency(&admin);
+    log::info!("accepting at most {max_connections} client connections");
+    Ok(Assembled {
+        server,
+        runtime,
+        accept_stopped,
+    })
+}
+
+/// Raises the soft open-file limit to the hard one, as nginx's `worker_rlimit_nofile` and Go's
+/// runtime do: every client and upstream connection is a file. Returns the limit in force.
+fn raise_open_file_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+                hard
+            } else {
+                soft
+            }
+        }
+        Err(_) => 1024,
+    }
+}
