@@ -215,9 +215,10 @@ impl RequestTrace {
             Some(ts) => {
                 let _ = req.insert_header(context::TRACESTATE, ts.clone());
             }
-            None => {
+            None if req.headers.contains_key(context::TRACESTATE) => {
                 req.remove_header(context::TRACESTATE);
             }
+            None => {}
         }
     }
 
