@@ -100,6 +100,28 @@ pub struct Redis {
     /// Set by the first [`RedisConnector`] start, so a second start cannot spawn a second set
     /// of connection tasks.
     started: Arc<AtomicBool>,
+    /// What readiness needs to know (behind one pointer, so the handle stays small).
+    readiness: Arc<ReadinessState>,
+}
+
+#[derive(Debug, Default)]
+struct ReadinessState {
+    /// When the connector started: readiness waits up to `connect_timeout` from then.
+    started_at: std::sync::OnceLock<Instant>,
+    /// Latched once a connection was up: readiness never goes back to waiting.
+    ever_connected: AtomicBool,
+    connect_timeout: Duration,
+}
+
+/// What readiness makes of Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisReadiness {
+    /// No connection yet and `connect_timeout` has not passed since start: not ready.
+    Waiting,
+    Connected,
+    /// Ready without Redis (features fall back as configured), after the first connection
+    /// or `connect_timeout` since start.
+    Degraded,
 }
 
 impl std::fmt::Debug for Redis {
@@ -183,6 +205,10 @@ impl RedisConfig {
             commands,
             command_timeout: cfg.command_timeout,
             started: Arc::new(AtomicBool::new(false)),
+            readiness: Arc::new(ReadinessState {
+                connect_timeout: cfg.connect_timeout,
+                ..ReadinessState::default()
+            }),
         })
     }
 }
@@ -209,6 +235,25 @@ impl Redis {
         self.command_timeout
     }
 
+    /// Whether the process may report ready as far as Redis goes: once the first connection
+    /// is up, or once `connect_timeout` has passed since the connector started.
+    pub fn readiness(&self) -> RedisReadiness {
+        let state = &self.readiness;
+        if self.is_connected() {
+            state.ever_connected.store(true, Ordering::Release);
+            return RedisReadiness::Connected;
+        }
+        let waited_enough = state
+            .started_at
+            .get()
+            .is_some_and(|t| t.elapsed() >= state.connect_timeout);
+        if state.ever_connected.load(Ordering::Acquire) || waited_enough {
+            RedisReadiness::Degraded
+        } else {
+            RedisReadiness::Waiting
+        }
+    }
+
     /// Spawns the pool's connection tasks on the current tokio runtime without waiting for
     /// them to connect, and returns the task that ends when they all stop. `None` if it was
     /// already started.
@@ -216,6 +261,7 @@ impl Redis {
         if self.started.swap(true, Ordering::SeqCst) {
             return None;
         }
+        let _ = self.readiness.started_at.set(Instant::now());
         Some(self.pool.connect())
     }
 }

@@ -98,6 +98,11 @@ pub struct Router {
 }
 
 impl Router {
+    /// Every route, most specific first (the status page lists them).
+    pub fn routes(&self) -> &[Arc<Route>] {
+        &self.routes
+    }
+
     /// Compiles the routes of every service, given with the service's index in the
     /// runtime's service list.
     pub fn compile<'a>(services: impl IntoIterator<Item = (usize, &'a [RouteConfig])>) -> Router {

@@ -35,6 +35,10 @@ const KNOWN_METRICS: &[&str] = &[
     "breakwater_auth_failures_total",
     "breakwater_ratelimit_rejected_total",
     "breakwater_redis_errors_total",
+    "breakwater_redis_up",
+    // Tracing (ops::tracing).
+    "breakwater_trace_spans_dropped_total",
+    "breakwater_trace_spans_exported_total",
 ];
 
 /// The alerts that `deploy/prometheus/alerts.yml` must define.
@@ -276,16 +280,24 @@ fn with_loopback_upstreams(config: &Yaml) -> Yaml {
 /// loopback addresses: everything but name resolution is still validated.
 fn assert_check_passes(text: &str, what: &str) {
     let config = yaml_docs(text, what).pop().unwrap_or(Yaml::Null);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("deploy_files");
+    std::fs::create_dir_all(&dir).expect("create the temporary directory");
     let needs_copy = upstream_addrs(&config)
         .iter()
-        .any(|a| host_name(a).is_some());
+        .any(|a| host_name(a).is_some())
+        || config["admin"]["token_file"].is_string();
     let checked_text = if needs_copy {
-        serde_yaml::to_string(&with_loopback_upstreams(&config)).expect("serialise YAML")
+        let mut copy = with_loopback_upstreams(&config);
+        // The admin token is mounted from a Secret at run time: check with a stand-in file.
+        if copy["admin"]["token_file"].is_string() {
+            let token = dir.join(format!("admin-token-{}", std::process::id()));
+            std::fs::write(&token, "stand-in-admin-token-0123456789\n").expect("write token");
+            copy["admin"]["token_file"] = Yaml::String(token.display().to_string());
+        }
+        serde_yaml::to_string(&copy).expect("serialise YAML")
     } else {
         text.to_string()
     };
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("deploy_files");
-    std::fs::create_dir_all(&dir).expect("create the temporary directory");
     let file = dir.join(format!(
         "{}-{}.yaml",
         what.replace(['/', ' ', ':', '.'], "_"),
@@ -303,7 +315,7 @@ fn assert_check_passes(text: &str, what: &str) {
         out.status.success(),
         "`breakwater check` rejects {what}{} (status {:?}):\n{}{}\n--- checked text ---\n{checked_text}",
         if needs_copy {
-            " (upstream host names replaced by loopback addresses)"
+            " (upstream host names replaced by loopback addresses, admin.token_file by a stand-in)"
         } else {
             ""
         },
@@ -687,6 +699,93 @@ fn kubernetes_probes_ports_and_config_match_the_configmap() {
     assert!(
         !selects(&service["spec"]["selector"], redis_labels),
         "the gateway Service would also select the Redis pods"
+    );
+}
+
+/// The admin listener of the Kubernetes config is reachable in the cluster, so its writes
+/// must need the admin token, and the token must come from a Secret the Deployment mounts
+/// where `admin.token_file` points (or an env var from a Secret, for `token_env`). Probes and
+/// the metrics scrape use read-only paths, which need no token.
+#[test]
+fn kubernetes_admin_writes_need_a_token_from_a_secret() {
+    let objects = kubernetes_objects();
+    let configmap = object(&objects, "ConfigMap", "breakwater-config");
+    let config = yaml_docs(
+        str_of(&configmap["data"]["gateway.yaml"], "gateway.yaml"),
+        "configmap gateway.yaml",
+    )
+    .pop()
+    .unwrap();
+    let listen = str_of(&config["admin"]["listen"], "admin.listen");
+    let ip: IpAddr = listen
+        .parse::<SocketAddr>()
+        .expect("admin.listen is ip:port")
+        .ip();
+    assert!(
+        !ip.is_loopback(),
+        "the kubelet cannot probe a loopback admin listener"
+    );
+    let deployment = object(&objects, "Deployment", "breakwater");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &seq_of(&pod["containers"], "containers")[0];
+    let volumes = seq_of(&pod["volumes"], "volumes");
+    let mounts = seq_of(&container["volumeMounts"], "volumeMounts");
+    match (
+        &config["admin"]["token_file"],
+        &config["admin"]["token_env"],
+    ) {
+        (Yaml::String(file), _) => {
+            let file = Path::new(file);
+            let (dir, name) = (file.parent().unwrap(), file.file_name().unwrap());
+            let mount = mounts
+                .iter()
+                .find(|m| Path::new(str_of(&m["mountPath"], "mountPath")) == dir)
+                .unwrap_or_else(|| panic!("nothing is mounted at {}", dir.display()));
+            let volume_name = str_of(&mount["name"], "volume name");
+            let volume = volumes
+                .iter()
+                .find(|v| str_of(&v["name"], "volume name") == volume_name)
+                .unwrap_or_else(|| panic!("no volume {volume_name}"));
+            let secret = &volume["secret"];
+            assert!(
+                secret["secretName"].is_string(),
+                "the admin token volume must be a Secret: {volume:?}"
+            );
+            let items = seq_of(&secret["items"], "secret items");
+            assert!(
+                items
+                    .iter()
+                    .any(|i| Path::new(str_of(&i["path"], "item path")) == Path::new(name)),
+                "the Secret does not provide {}: {items:?}",
+                name.to_string_lossy()
+            );
+            assert_eq!(mount["readOnly"], Yaml::Bool(true));
+        }
+        (_, Yaml::String(var)) => {
+            let env = seq_of(&container["env"], "env");
+            let entry = env
+                .iter()
+                .find(|e| str_of(&e["name"], "env name") == var)
+                .unwrap_or_else(|| panic!("the container does not set {var}"));
+            assert!(
+                entry["valueFrom"]["secretKeyRef"].is_mapping(),
+                "{var} must come from a Secret: {entry:?}"
+            );
+        }
+        _ => panic!(
+            "the admin listener is on {listen} without admin.token_file or admin.token_env: \
+             its writes would be refused, and the token should come from a Secret"
+        ),
+    }
+    // What the cluster reaches without a token is read-only.
+    for probe in ["livenessProbe", "readinessProbe"] {
+        let path = str_of(&container[probe]["httpGet"]["path"], probe);
+        assert!(["/health", "/ready"].contains(&path), "{probe} {path}");
+    }
+    let annotations = &deployment["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(
+        str_of(&annotations["prometheus.io/path"], "scrape path"),
+        "/metrics"
     );
 }
 
@@ -1117,6 +1216,15 @@ fn grafana_dashboard_has_panels_over_known_metrics() {
             "the dashboard has no panel on {wanted}"
         );
     }
+
+    // The dashboard links to a gateway's live status page (the admin listener's `/status`).
+    let links = dashboard["links"].as_array().expect("links");
+    assert!(
+        links
+            .iter()
+            .any(|l| l["url"].as_str().is_some_and(|u| u.ends_with("/status"))),
+        "the dashboard has no link to the status page: {links:?}"
+    );
 
     let variables = dashboard["templating"]["list"]
         .as_array()

@@ -12,7 +12,9 @@ mod rules;
 mod schema;
 mod source;
 
-pub use schema::{AdminConfig, Config, ListenAddr, ServerConfig, ServiceConfig, TlsListener};
+pub use schema::{
+    AdminConfig, AdminToken, Config, ListenAddr, ServerConfig, ServiceConfig, TlsListener,
+};
 pub use source::{ConfigError, Source};
 
 impl Config {

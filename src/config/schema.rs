@@ -9,6 +9,8 @@ use crate::edge::cors::CorsConfig;
 use crate::edge::limits::LimitsConfig;
 use crate::edge::rate_limit::RateLimitConfig;
 use crate::edge::security_headers::SecurityHeadersConfig;
+use crate::ops::access_log::AccessLogConfig;
+use crate::ops::tracing::TracingConfig;
 use crate::redis::RedisConfig;
 use crate::routing::RouteConfig;
 use crate::upstream::breaker::BreakerConfig;
@@ -35,9 +37,13 @@ pub struct Config {
     /// The admin listener (health, readiness, metrics).
     #[serde(default)]
     pub admin: AdminConfig,
-    /// One JSON line per request on stdout. Default: true.
-    #[serde(default = "default_true")]
-    pub access_log: bool,
+    /// One line per request: `true` (JSON on stdout), `false`, or `{format, fields, output}`.
+    /// Default: true.
+    #[serde(default)]
+    pub access_log: AccessLogConfig,
+    /// W3C trace context and OpenTelemetry spans. Default: none (off).
+    #[serde(default)]
+    pub tracing: Option<TracingConfig>,
     /// Request limits for every service (a service may override them).
     #[serde(default)]
     pub limits: LimitsConfig,
@@ -138,13 +144,76 @@ pub struct AdminConfig {
     /// Admin listener `ip:port`. Default: `127.0.0.1:9090` (loopback, on purpose).
     #[serde(default = "default_admin_listen")]
     pub listen: ListenAddr,
+    /// Environment variable holding the admin token: mutating admin endpoints then require
+    /// `Authorization: Bearer <token>`. Default: none.
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// File holding the admin token (a trailing newline is ignored), e.g. a mounted Secret.
+    /// Default: none.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: default_admin_listen(),
+            token_env: None,
+            token_file: None,
         }
+    }
+}
+
+/// The admin token, read once at compile time. Its `Debug` never shows it.
+#[derive(Clone)]
+pub struct AdminToken(String);
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
+}
+
+impl AdminToken {
+    /// Whether `authorization` is `Bearer <this token>`, compared in constant time.
+    pub fn accepts(&self, authorization: Option<&[u8]>) -> bool {
+        use subtle::ConstantTimeEq;
+        let Some(presented) = authorization.and_then(|v| {
+            let (scheme, token) = v.split_at_checked(7)?;
+            scheme.eq_ignore_ascii_case(b"bearer ").then_some(token)
+        }) else {
+            return false;
+        };
+        // ct_eq answers unequal lengths at once; only the length can leak, never a prefix.
+        bool::from(presented.ct_eq(self.0.as_bytes()))
+    }
+}
+
+impl AdminConfig {
+    /// Reads the admin token from `token_env` or `token_file`; `None` when neither is set.
+    pub fn token(&self) -> Result<Option<AdminToken>, String> {
+        let token = match (&self.token_env, &self.token_file) {
+            (Some(_), Some(_)) => {
+                return Err("set token_env or token_file, not both".to_string());
+            }
+            (None, None) => return Ok(None),
+            (Some(var), None) => std::env::var(var).map_err(|_| {
+                format!("token_env: the environment variable {var} is not set (or not UTF-8)")
+            })?,
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|e| format!("token_file: cannot read {}: {e}", path.display()))?,
+        };
+        let token = token.trim_end_matches(['\r', '\n']);
+        if token.len() < 16 {
+            return Err("the admin token must be at least 16 characters".to_string());
+        }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(
+                "the admin token must be printable ASCII without spaces (it travels in a header)"
+                    .to_string(),
+            );
+        }
+        Ok(Some(AdminToken(token.to_string())))
     }
 }
 

@@ -22,7 +22,11 @@ fn minimal_service_takes_defaults() {
         "services:\n  a:\n    routes: [{path_prefix: /a}]\n    upstreams: [\"127.0.0.1:1\"]\n",
     )
     .unwrap();
-    assert!(c.access_log);
+    assert_eq!(
+        c.access_log,
+        crate::ops::access_log::AccessLogConfig::default()
+    );
+    assert!(c.tracing.is_none());
     assert_eq!(c.admin.listen.0, "127.0.0.1:9090".parse().unwrap());
     let a = &c.services["a"];
     assert_eq!(a.load_balancing, Algorithm::RoundRobin);
@@ -151,4 +155,41 @@ fn path_prefix_must_start_with_slash() {
     .unwrap_err();
     assert!(e.message.contains("must start with '/'"), "{e}");
     assert_eq!(e.line, Some(3));
+}
+
+#[test]
+fn admin_token_needs_the_exact_bearer_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, "0123456789abcdef-token\r\n").unwrap();
+    let admin = AdminConfig {
+        token_file: Some(file),
+        ..AdminConfig::default()
+    };
+    let token = admin.token().unwrap().unwrap();
+    assert!(
+        format!("{token:?}").find("0123").is_none(),
+        "Debug shows the token"
+    );
+    assert!(token.accepts(Some(b"Bearer 0123456789abcdef-token")));
+    assert!(token.accepts(Some(b"BEARER 0123456789abcdef-token")));
+    for wrong in [
+        &b""[..],
+        b"Bearer",
+        b"Bearer ",
+        b"0123456789abcdef-token",
+        b"Bearer 0123456789abcdef-toke",
+        b"Bearer 0123456789abcdef-token ",
+        b"Bearer 0123456789abcdef-token\r\n",
+        b"Basic 0123456789abcdef-token",
+        b"Bearer\t0123456789abcdef-token",
+    ] {
+        assert!(
+            !token.accepts(Some(wrong)),
+            "{:?}",
+            String::from_utf8_lossy(wrong)
+        );
+    }
+    assert!(!token.accepts(None));
+    assert!(AdminConfig::default().token().unwrap().is_none());
 }

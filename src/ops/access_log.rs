@@ -1,15 +1,23 @@
-//! The access log: one JSON line per request on stdout, for log shippers to pick up.
+//! The access log: owns the `access_log:` section and writes one line per request, as JSON
+//! (today's fields by default, or a chosen list) or in the Apache/nginx `combined` format, on
+//! stdout or to a file that `SIGUSR1` reopens (for logrotate).
 //!
 //! Request threads hand finished lines to one writer thread, which writes whatever has queued
 //! up with a single `write`: a syscall per request is a measurable share of a proxied request,
-//! and a slow stdout (a full pipe) then delays logging, not requests. Lines queued in the
-//! last moments before the process exits can be lost.
+//! and a slow output (a full pipe, a slow disk) then delays logging, not requests. Lines
+//! queued in the last moments before the process exits can be lost.
 
+use once_cell::sync::Lazy;
 use pingora::proxy::Session;
-use serde::Serialize;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+use std::fmt;
+use std::fs::File;
 use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 /// How long the writer lets lines gather before writing them.
@@ -17,9 +25,215 @@ const BATCH_INTERVAL: Duration = Duration::from_millis(20);
 /// Lines waiting beyond this are dropped rather than buffered without bound.
 const MAX_QUEUED_BYTES: usize = 8 << 20;
 
+/// `access_log:` (top level): `true` (the default: JSON lines on stdout), `false` (off), or
+/// the options below.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLogConfig(pub Option<AccessLogOptions>);
+
+impl Default for AccessLogConfig {
+    fn default() -> Self {
+        AccessLogConfig(Some(AccessLogOptions::default()))
+    }
+}
+
+/// `access_log: {format, fields, output}`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogOptions {
+    /// `json` (one object per line) or `combined` (Apache/nginx combined). Default: `json`.
+    #[serde(default)]
+    pub format: Format,
+    /// The JSON fields, in this order. Default: every field but `trace_id`, in the order of
+    /// [`Field`], and `trace_id` last when `tracing` is on. Only with `format: json`.
+    #[serde(default)]
+    pub fields: Option<Vec<Field>>,
+    /// `stdout`, or a file path (appended to, created if missing, reopened on `SIGUSR1`).
+    /// Default: `stdout`.
+    #[serde(default = "default_output")]
+    pub output: String,
+}
+
+impl Default for AccessLogOptions {
+    fn default() -> Self {
+        AccessLogOptions {
+            format: Format::Json,
+            fields: None,
+            output: default_output(),
+        }
+    }
+}
+
+fn default_output() -> String {
+    "stdout".to_string()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    #[default]
+    Json,
+    Combined,
+}
+
+/// A field of the JSON line. Optional ones are left out of a line when they have no value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Field {
+    Ts,
+    RequestId,
+    Client,
+    Method,
+    Host,
+    Path,
+    Status,
+    Service,
+    Upstream,
+    Attempts,
+    DurationMs,
+    BytesSent,
+    Error,
+    Cache,
+    TraceId,
+}
+
+/// Today's line, field for field.
+const DEFAULT_FIELDS: [Field; 14] = [
+    Field::Ts,
+    Field::RequestId,
+    Field::Client,
+    Field::Method,
+    Field::Host,
+    Field::Path,
+    Field::Status,
+    Field::Service,
+    Field::Upstream,
+    Field::Attempts,
+    Field::DurationMs,
+    Field::BytesSent,
+    Field::Error,
+    Field::Cache,
+];
+
+impl<'de> Deserialize<'de> for AccessLogConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = AccessLogConfig;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("true, false, or {format, fields, output}")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(AccessLogConfig(v.then(AccessLogOptions::default)))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                let options =
+                    AccessLogOptions::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(AccessLogConfig(Some(options)))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The section, checked.
+#[derive(Debug, Clone)]
+pub struct AccessLogPlan {
+    format: Format,
+    fields: Vec<Field>,
+    output: Option<PathBuf>,
+}
+
+impl AccessLogConfig {
+    /// Checks the section; `None` when the log is off. `tracing` says whether requests have a
+    /// trace id (the default JSON fields then end with it).
+    pub fn compile(&self, tracing: bool) -> Result<Option<AccessLogPlan>, String> {
+        let Some(o) = &self.0 else {
+            return Ok(None);
+        };
+        let fields = match (&o.fields, o.format) {
+            (Some(_), Format::Combined) => {
+                return Err("fields: only with format: json (combined has a fixed layout)".into())
+            }
+            (Some(fields), Format::Json) => {
+                if fields.is_empty() {
+                    return Err("fields: list at least one field".into());
+                }
+                for (i, f) in fields.iter().enumerate() {
+                    if fields[..i].contains(f) {
+                        return Err(format!("fields: {f:?} is listed twice"));
+                    }
+                }
+                fields.clone()
+            }
+            (None, _) => {
+                let mut fields = DEFAULT_FIELDS.to_vec();
+                if tracing {
+                    fields.push(Field::TraceId);
+                }
+                fields
+            }
+        };
+        let output = match o.output.as_str() {
+            "stdout" | "-" => None,
+            "" => return Err("output: `stdout` or a file path".into()),
+            path => Some(PathBuf::from(path)),
+        };
+        Ok(Some(AccessLogPlan {
+            format: o.format,
+            fields,
+            output,
+        }))
+    }
+}
+
+/// Where lines go, opened by [`AccessLogPlan::install`].
+enum Output {
+    Stdout,
+    File { path: PathBuf, file: File },
+}
+
+/// Set by `SIGUSR1`: the writer reopens its file before the next write.
+static REOPEN: Lazy<Arc<AtomicBool>> = Lazy::new(Arc::default);
+static OUTPUT_FILE: OnceLock<PathBuf> = OnceLock::new();
+
+/// The access log installed in this process.
+pub struct AccessLog {
+    format: Format,
+    fields: Vec<Field>,
+}
+
+impl AccessLogPlan {
+    /// Opens the output file (so a path that cannot be written stops the start, not the
+    /// first request) and, for a file, makes `SIGUSR1` reopen it. The handler is installed
+    /// here, before the server runs, so no `SIGUSR1` can find the process without it (its
+    /// default action ends the process); it only sets a flag, independent of the reload and
+    /// shutdown signals.
+    pub fn install(self) -> Result<AccessLog, String> {
+        if let Some(path) = &self.output {
+            open_append(path)?;
+            // One output per process: a second install (tests) keeps the first.
+            let _ = OUTPUT_FILE.set(path.clone());
+            signal_hook::flag::register(signal_hook::consts::SIGUSR1, Arc::clone(&REOPEN))
+                .map_err(|e| format!("cannot handle SIGUSR1 to reopen the access log: {e}"))?;
+        }
+        Ok(AccessLog {
+            format: self.format,
+            fields: self.fields,
+        })
+    }
+}
+
+fn open_append(path: &PathBuf) -> Result<File, String> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| format!("cannot open the access log {}: {e}", path.display()))
+}
+
 struct Writer {
     lines: Sender<Vec<u8>>,
-    queued: std::sync::atomic::AtomicUsize,
+    queued: AtomicUsize,
 }
 
 /// Started on first use, so after Pingora has daemonised (a fork keeps no threads).
@@ -35,12 +249,29 @@ fn writer() -> &'static Writer {
         }
         Writer {
             lines,
-            queued: std::sync::atomic::AtomicUsize::new(0),
+            queued: AtomicUsize::new(0),
         }
     })
 }
 
+fn open_output() -> Output {
+    match OUTPUT_FILE.get() {
+        None => Output::Stdout,
+        Some(path) => match open_append(path) {
+            Ok(file) => Output::File {
+                path: path.clone(),
+                file,
+            },
+            Err(e) => {
+                log::error!("{e}; access log lines go to stdout");
+                Output::Stdout
+            }
+        },
+    }
+}
+
 fn write_lines(rx: Receiver<Vec<u8>>) {
+    let mut out = open_output();
     let mut batch = Vec::with_capacity(64 << 10);
     while let Ok(first) = rx.recv() {
         // Let lines gather: one wake-up and one write per interval instead of per request.
@@ -53,13 +284,24 @@ fn write_lines(rx: Receiver<Vec<u8>>) {
                 Err(_) => break,
             }
         }
-        writer()
-            .queued
-            .fetch_sub(batch.len(), std::sync::atomic::Ordering::Relaxed);
-        // A closed or broken stdout must never take a request down: errors are dropped.
-        let mut out = std::io::stdout().lock();
-        let _ = out.write_all(&batch);
-        let _ = out.flush();
+        writer().queued.fetch_sub(batch.len(), Ordering::Relaxed);
+        if REOPEN.swap(false, Ordering::AcqRel) {
+            if let Output::File { path, .. } = &out {
+                log::info!("access log: reopening {}", path.display());
+            }
+            out = open_output();
+        }
+        // A closed or broken output must never take a request down: errors are dropped.
+        match &mut out {
+            Output::Stdout => {
+                let mut stdout = std::io::stdout().lock();
+                let _ = stdout.write_all(&batch);
+                let _ = stdout.flush();
+            }
+            Output::File { file, .. } => {
+                let _ = file.write_all(&batch);
+            }
+        }
     }
 }
 
@@ -75,92 +317,327 @@ pub struct Entry<'a> {
     pub error: Option<&'a str>,
     /// `X-Cache` result on cacheable routes.
     pub cache: Option<&'a str>,
+    /// The request's trace id (32 hex digits) when tracing is on.
+    pub trace_id: Option<&'a str>,
 }
 
-#[derive(Serialize)]
-struct Line<'a> {
-    ts: &'a str,
-    request_id: &'a str,
-    client: String,
-    method: &'a str,
-    host: &'a str,
-    path: &'a str,
-    status: u16,
-    service: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    upstream: Option<&'a str>,
-    attempts: usize,
-    duration_ms: f64,
-    bytes_sent: usize,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cache: Option<&'a str>,
-}
-
-/// The current time, RFC 3339 with milliseconds; formatted once per millisecond per thread,
-/// since many requests share one.
-fn timestamp() -> std::rc::Rc<str> {
-    thread_local! {
-        static LAST: std::cell::RefCell<(u128, std::rc::Rc<str>)> =
-            std::cell::RefCell::new((0, std::rc::Rc::from("")));
-    }
+/// The current time, formatted by `format` once per `unit` milliseconds per thread, since
+/// many requests share one.
+fn cached_time(
+    cell: &'static std::thread::LocalKey<std::cell::RefCell<(u128, std::rc::Rc<str>)>>,
+    unit: u128,
+    format: fn(SystemTime) -> String,
+) -> std::rc::Rc<str> {
     let now = SystemTime::now();
-    let ms = now
+    let tick = now
         .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    LAST.with(|last| {
+        .map_or(0, |d| d.as_millis())
+        / unit;
+    cell.with(|last| {
         let mut last = last.borrow_mut();
-        if last.0 != ms {
-            *last = (
-                ms,
-                std::rc::Rc::from(humantime::format_rfc3339_millis(now).to_string()),
-            );
+        if last.0 != tick || last.1.is_empty() {
+            *last = (tick, std::rc::Rc::from(format(now)));
         }
         std::rc::Rc::clone(&last.1)
     })
 }
 
-/// Writes the line for one finished request.
-pub fn write(entry: &Entry<'_>) {
-    let req = entry.session.req_header();
-    let ts = timestamp();
-    let line = Line {
-        ts: &ts,
-        request_id: entry.request_id,
-        client: entry
-            .session
-            .client_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default(),
-        method: req.method.as_str(),
-        host: req
-            .headers
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or_default(),
-        path: req.uri.path(),
-        status: entry.status,
-        service: entry.service,
-        upstream: entry.upstream,
-        attempts: entry.attempts,
-        duration_ms: (entry.duration.as_secs_f64() * 1e6).round() / 1e3,
-        bytes_sent: entry.session.body_bytes_sent(),
-        error: entry.error,
-        cache: entry.cache,
-    };
-    let Ok(mut buf) = serde_json::to_vec(&line) else {
-        return;
-    };
-    buf.push(b'\n');
-    let w = writer();
-    let queued = w
-        .queued
-        .fetch_add(buf.len(), std::sync::atomic::Ordering::Relaxed);
-    if queued > MAX_QUEUED_BYTES {
-        w.queued
-            .fetch_sub(buf.len(), std::sync::atomic::Ordering::Relaxed);
-        return;
+thread_local! {
+    static RFC3339_MS: std::cell::RefCell<(u128, std::rc::Rc<str>)> =
+        std::cell::RefCell::new((0, std::rc::Rc::from("")));
+    static CLF_SECOND: std::cell::RefCell<(u128, std::rc::Rc<str>)> =
+        std::cell::RefCell::new((0, std::rc::Rc::from("")));
+}
+
+/// RFC 3339 with milliseconds, UTC.
+fn timestamp() -> std::rc::Rc<str> {
+    cached_time(&RFC3339_MS, 1, |now| {
+        humantime::format_rfc3339_millis(now).to_string()
+    })
+}
+
+/// The common log format's `10/Oct/2000:13:55:36 +0000`, UTC.
+fn clf_timestamp() -> std::rc::Rc<str> {
+    cached_time(&CLF_SECOND, 1000, format_clf)
+}
+
+fn format_clf(t: SystemTime) -> String {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{day:02}/{}/{year}:{:02}:{:02}:{:02} +0000",
+        MONTHS[(month - 1) as usize],
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+impl AccessLog {
+    /// Writes the line for one finished request.
+    pub fn write(&self, entry: &Entry<'_>) {
+        let mut buf = Vec::with_capacity(320);
+        match self.format {
+            Format::Json => self.json_line(entry, &mut buf),
+            Format::Combined => combined_line(entry, &mut buf),
+        }
+        buf.push(b'\n');
+        let w = writer();
+        let queued = w.queued.fetch_add(buf.len(), Ordering::Relaxed);
+        if queued > MAX_QUEUED_BYTES {
+            w.queued.fetch_sub(buf.len(), Ordering::Relaxed);
+            return;
+        }
+        let _ = w.lines.send(buf);
     }
-    let _ = w.lines.send(buf);
+
+    fn json_line(&self, e: &Entry<'_>, buf: &mut Vec<u8>) {
+        let req = e.session.req_header();
+        buf.push(b'{');
+        let mut first = true;
+        for field in &self.fields {
+            let mut key = |name: &str| {
+                if !first {
+                    buf.push(b',');
+                }
+                first = false;
+                buf.push(b'"');
+                buf.extend_from_slice(name.as_bytes());
+                buf.extend_from_slice(b"\":");
+            };
+            // serde_json writes strings and numbers into a Vec without failing.
+            match field {
+                Field::Ts => {
+                    key("ts");
+                    let _ = serde_json::to_writer(&mut *buf, &*timestamp());
+                }
+                Field::RequestId => {
+                    key("request_id");
+                    let _ = serde_json::to_writer(&mut *buf, e.request_id);
+                }
+                Field::Client => {
+                    key("client");
+                    let client = e.session.client_addr().map(|a| a.to_string());
+                    let _ = serde_json::to_writer(&mut *buf, client.as_deref().unwrap_or(""));
+                }
+                Field::Method => {
+                    key("method");
+                    let _ = serde_json::to_writer(&mut *buf, req.method.as_str());
+                }
+                Field::Host => {
+                    key("host");
+                    let host = req
+                        .headers
+                        .get(http::header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .unwrap_or_default();
+                    let _ = serde_json::to_writer(&mut *buf, host);
+                }
+                Field::Path => {
+                    key("path");
+                    let _ = serde_json::to_writer(&mut *buf, req.uri.path());
+                }
+                Field::Status => {
+                    key("status");
+                    let _ = serde_json::to_writer(&mut *buf, &e.status);
+                }
+                Field::Service => {
+                    key("service");
+                    let _ = serde_json::to_writer(&mut *buf, e.service);
+                }
+                Field::Upstream => {
+                    if let Some(upstream) = e.upstream {
+                        key("upstream");
+                        let _ = serde_json::to_writer(&mut *buf, upstream);
+                    }
+                }
+                Field::Attempts => {
+                    key("attempts");
+                    let _ = serde_json::to_writer(&mut *buf, &e.attempts);
+                }
+                Field::DurationMs => {
+                    key("duration_ms");
+                    let ms = (e.duration.as_secs_f64() * 1e6).round() / 1e3;
+                    let _ = serde_json::to_writer(&mut *buf, &ms);
+                }
+                Field::BytesSent => {
+                    key("bytes_sent");
+                    let _ = serde_json::to_writer(&mut *buf, &e.session.body_bytes_sent());
+                }
+                Field::Error => {
+                    if let Some(error) = e.error {
+                        key("error");
+                        let _ = serde_json::to_writer(&mut *buf, error);
+                    }
+                }
+                Field::Cache => {
+                    if let Some(cache) = e.cache {
+                        key("cache");
+                        let _ = serde_json::to_writer(&mut *buf, cache);
+                    }
+                }
+                Field::TraceId => {
+                    if let Some(trace_id) = e.trace_id {
+                        key("trace_id");
+                        let _ = serde_json::to_writer(&mut *buf, trace_id);
+                    }
+                }
+            }
+        }
+        buf.push(b'}');
+    }
+}
+
+/// `client - - [time] "METHOD target VERSION" status bytes "referer" "user-agent"`.
+fn combined_line(e: &Entry<'_>, buf: &mut Vec<u8>) {
+    let req = e.session.req_header();
+    match e.session.client_addr().and_then(|a| a.as_inet()) {
+        Some(addr) => {
+            let _ = write!(buf, "{}", addr.ip());
+        }
+        None => buf.push(b'-'),
+    }
+    let _ = write!(buf, " - - [{}] \"", clf_timestamp());
+    quoted_part(buf, req.method.as_str().as_bytes());
+    buf.push(b' ');
+    let target = req
+        .uri
+        .path_and_query()
+        .map_or(req.uri.path(), |pq| pq.as_str());
+    quoted_part(buf, target.as_bytes());
+    let version = match req.version {
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_2 => "HTTP/2.0",
+        _ => "HTTP/1.1",
+    };
+    let _ = write!(buf, " {version}\" {} ", e.status);
+    match e.session.body_bytes_sent() {
+        0 => buf.push(b'-'),
+        n => {
+            let _ = write!(buf, "{n}");
+        }
+    }
+    for name in [http::header::REFERER, http::header::USER_AGENT] {
+        buf.extend_from_slice(b" \"");
+        match req.headers.get(name) {
+            Some(v) => quoted_part(buf, v.as_bytes()),
+            None => buf.push(b'-'),
+        }
+        buf.push(b'"');
+    }
+}
+
+/// Copies client-sent bytes into a quoted field, escaping as nginx does (`\"`, `\\` and
+/// `\xHH` for anything not printable ASCII), so a client cannot forge a line or a field.
+fn quoted_part(buf: &mut Vec<u8>, bytes: &[u8]) {
+    for &b in bytes {
+        match b {
+            b'"' | b'\\' => {
+                buf.push(b'\\');
+                buf.push(b);
+            }
+            0x20..=0x7e => buf.push(b),
+            _ => {
+                let _ = write!(buf, "\\x{b:02X}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<AccessLogConfig, String> {
+        #[derive(Deserialize)]
+        struct Doc {
+            access_log: AccessLogConfig,
+        }
+        serde_yaml::from_str::<Doc>(yaml)
+            .map(|d| d.access_log)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn bool_and_map_forms() {
+        assert_eq!(
+            parse("access_log: true").unwrap(),
+            AccessLogConfig::default()
+        );
+        assert_eq!(parse("access_log: false").unwrap(), AccessLogConfig(None));
+        let c = parse("access_log: {format: combined, output: /tmp/x.log}").unwrap();
+        let o = c.0.unwrap();
+        assert_eq!(o.format, Format::Combined);
+        assert_eq!(o.output, "/tmp/x.log");
+        let c = parse("access_log: {fields: [status, path, trace_id]}").unwrap();
+        assert_eq!(
+            c.0.unwrap().fields.unwrap(),
+            vec![Field::Status, Field::Path, Field::TraceId]
+        );
+        for bad in [
+            "access_log: 1",
+            "access_log: yes please",
+            "access_log: {format: xml}",
+            "access_log: {fields: [nope]}",
+            "access_log: {colour: blue}",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn compile_checks_fields() {
+        let compile = |yaml: &str, tracing| parse(yaml).unwrap().compile(tracing);
+        assert!(compile("access_log: false", false).unwrap().is_none());
+        let plan = compile("access_log: true", false).unwrap().unwrap();
+        assert_eq!(plan.fields, DEFAULT_FIELDS.to_vec());
+        let plan = compile("access_log: true", true).unwrap().unwrap();
+        assert_eq!(plan.fields.last(), Some(&Field::TraceId));
+        assert!(
+            compile("access_log: {format: combined, fields: [ts]}", false)
+                .unwrap_err()
+                .contains("only with format: json")
+        );
+        assert!(compile("access_log: {fields: []}", false).is_err());
+        assert!(compile("access_log: {fields: [ts, ts]}", false)
+            .unwrap_err()
+            .contains("twice"));
+        assert!(compile("access_log: {output: ''}", false).is_err());
+    }
+
+    #[test]
+    fn clf_dates() {
+        let at = |s: u64| format_clf(SystemTime::UNIX_EPOCH + Duration::from_secs(s));
+        assert_eq!(at(0), "01/Jan/1970:00:00:00 +0000");
+        assert_eq!(at(971_186_136), "10/Oct/2000:13:55:36 +0000");
+        assert_eq!(at(951_782_400), "29/Feb/2000:00:00:00 +0000");
+        assert_eq!(at(4_133_980_799), "31/Dec/2100:23:59:59 +0000");
+        assert_eq!(
+            at(4_107_542_399),
+            "28/Feb/2100:23:59:59 +0000",
+            "2100 is no leap year"
+        );
+    }
+
+    #[test]
+    fn quoted_parts_cannot_break_out() {
+        let mut buf = Vec::new();
+        quoted_part(&mut buf, b"a\"b\\c\nd\x7f\xff");
+        assert_eq!(buf, br#"a\"b\\c\x0Ad\x7F\xFF"#);
+    }
 }

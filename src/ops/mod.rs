@@ -1,9 +1,11 @@
 //! Operating the gateway: the process lifecycle ([`lifecycle`]), the admin listener
-//! ([`admin`]), Prometheus metrics ([`metrics`]), the access log ([`access_log`]) and hot
-//! reload ([`reload`]).
+//! ([`admin`]) and its live status page ([`status`]), Prometheus metrics ([`metrics`]), the
+//! access log ([`access_log`]), distributed tracing ([`tracing`]) and hot reload ([`reload`]).
 
 pub mod access_log;
 pub mod admin;
 pub mod lifecycle;
 pub mod metrics;
 pub mod reload;
+pub mod status;
+pub mod tracing;

@@ -10,6 +10,7 @@
 use crate::cache::CacheState;
 use crate::edge::auth::Identity;
 use crate::edge::security_headers::SecurityHeaders;
+use crate::ops::tracing::RequestTrace;
 use crate::routing::Route;
 use crate::runtime::Service;
 use crate::upstream::breaker::{Outcome, Permit};
@@ -44,6 +45,8 @@ pub struct RequestCtx {
     pub(super) error: Option<&'static str>,
     /// Set once an upstream admitted the request.
     pub(super) forwarding: Option<Forwarding>,
+    /// Trace context and, when sampled, the spans being recorded (`ops::tracing`).
+    pub(super) trace: RequestTrace,
 }
 
 impl RequestCtx {
@@ -61,6 +64,7 @@ impl RequestCtx {
             body_bytes: 0,
             error: None,
             forwarding: None,
+            trace: RequestTrace::default(),
         }
     }
 
@@ -71,6 +75,11 @@ impl RequestCtx {
     /// The upstream of the latest attempt, if one started.
     pub(super) fn last_upstream(&self) -> Option<&Upstream> {
         self.forwarding.as_ref()?.upstream.as_deref()
+    }
+
+    /// The status of the current attempt's upstream response, once it arrived.
+    pub(super) fn last_attempt_status(&self) -> Option<u16> {
+        self.forwarding.as_ref()?.attempt.as_ref()?.status
     }
 
     /// The service and the forwarding state, for the phases after admission.

@@ -18,11 +18,12 @@ pub mod request_id;
 pub use context::RequestCtx;
 
 use crate::cache::Lookup;
-use crate::edge::auth;
+use crate::edge::auth::{self, AuthMode};
 use crate::edge::cors::Preflight;
 use crate::edge::forwarded::{self, client_ip, is_tls};
 use crate::edge::limits::BODY_TOO_LARGE;
 use crate::ops::lifecycle::LIFECYCLE;
+use crate::ops::tracing::{Phase, RequestSummary, RequestTrace};
 use crate::ops::{access_log, metrics};
 use crate::routing::{normalize_host, request_host};
 use crate::runtime::{Runtime, Service};
@@ -60,6 +61,9 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         begin(session, ctx);
+        if let Some(tracer) = &self.runtime.tracer {
+            ctx.trace = RequestTrace::begin(tracer, &session.req_header().headers, ctx.start);
+        }
         let Some(service) = self.route(session, ctx) else {
             return Answer::no_route(session.req_header())
                 .send(session, ctx)
@@ -100,10 +104,16 @@ impl ProxyHttp for Gateway {
         };
         let deadline = forwarding.deadline;
         let key = || hash_key(session, &service);
+        let retry = forwarding.retries;
         let Some(attempt) = forwarding.start_attempt(&service, key) else {
             return Error::e_explain(ErrorType::ConnectNoRoute, "no upstream admits the retry");
         };
         let peer = peer::for_attempt(&attempt.upstream.peer, &service.timeouts, deadline)?;
+        if let Some(upstream) = ctx.forwarding.as_ref().and_then(|f| f.upstream.as_deref()) {
+            let state = || upstream.breaker.state().as_str();
+            ctx.trace
+                .attempt_started(retry, || (upstream.name.clone(), state()));
+        }
         Ok(Box::new(peer))
     }
 
@@ -120,6 +130,7 @@ impl ProxyHttp for Gateway {
             route.rewrite_path(upstream_request)?;
         }
         upstream_request.insert_header(REQUEST_ID, ctx.request_id.clone())?;
+        ctx.trace.set_upstream_headers(upstream_request);
         forwarded::set_headers(session, upstream_request)
     }
 
@@ -189,6 +200,8 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        ctx.trace
+            .attempt_ended(None, Some(errors::error_kind(e.etype())));
         let Some((service, forwarding)) = ctx.forwarding() else {
             return no_retry(e);
         };
@@ -208,6 +221,9 @@ impl ProxyHttp for Gateway {
         _client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("upstream {peer}"));
+        let status = ctx.last_attempt_status();
+        ctx.trace
+            .attempt_ended(status, Some(errors::error_kind(e.etype())));
         let Some((service, forwarding)) = ctx.forwarding() else {
             return no_retry(e);
         };
@@ -279,14 +295,18 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let attempt_status = ctx.last_attempt_status();
+        ctx.trace
+            .attempt_ended(attempt_status, e.map(|e| errors::error_kind(e.etype())));
         if let Some(forwarding) = &mut ctx.forwarding {
             forwarding.end_attempt(AttemptEnd::Done(e));
         }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.start.elapsed();
         count_request(session, ctx, status, elapsed);
-        if self.runtime.access_log {
-            access_log::write(&access_log::Entry {
+        let trace_id = ctx.trace.trace_id_hex();
+        if let Some(log) = &self.runtime.access_log {
+            log.write(&access_log::Entry {
                 session,
                 request_id: ctx.request_id.to_str().unwrap_or_default(),
                 status,
@@ -296,8 +316,10 @@ impl ProxyHttp for Gateway {
                 duration: elapsed,
                 error: ctx.error.or(e.map(|e| e.etype().as_str())),
                 cache: ctx.cache.as_ref().and_then(|c| c.x_cache()),
+                trace_id: trace_id.as_ref().and_then(|t| std::str::from_utf8(t).ok()),
             });
         }
+        finish_trace(session, ctx, status, e);
         // Releases the service's in-flight count.
         ctx.forwarding = None;
     }
@@ -332,7 +354,13 @@ impl Gateway {
             .req_header()
             .headers
             .get(http::header::AUTHORIZATION);
-        match service.auth.verify(authenticator, header).await {
+        if service.auth.mode == AuthMode::None {
+            return None;
+        }
+        let t = ctx.trace.phase_start();
+        let verified = service.auth.verify(authenticator, header).await;
+        ctx.trace.phase_end(Phase::Auth, t, verified.is_err());
+        match verified {
             Ok(identity) => {
                 ctx.identity = identity;
                 None
@@ -376,10 +404,13 @@ fn cors_preflight(session: &Session, service: &Service) -> Option<Answer> {
 /// Counts the request against the service's rate limit.
 async fn rate_limit(session: &Session, service: &Service, ctx: &mut RequestCtx) -> Option<Answer> {
     let limiter = service.rate_limit.as_ref()?;
+    let t = ctx.trace.phase_start();
     let ip = client_ip(session);
     let subject = ctx.identity.as_ref().and_then(|i| i.subject.as_deref());
     let key = limiter.key_for(&ip, subject, &session.req_header().headers);
     let decision = limiter.check(&key).await;
+    ctx.trace
+        .phase_end(Phase::RateLimit, t, decision.rejection().is_some());
     let headers = limiter.headers(&decision);
     match decision.rejection() {
         Some((status, reason)) => Some(Answer::Error(
@@ -402,8 +433,12 @@ async fn cache_lookup(
     ctx: &mut RequestCtx,
 ) -> Option<Answer> {
     let cache = service.cache.as_ref()?;
+    let t = ctx.trace.phase_start();
     let subject = ctx.identity.as_ref().and_then(|i| i.subject.as_deref());
-    match cache.lookup(session.req_header(), subject).await {
+    let lookup = cache.lookup(session.req_header(), subject).await;
+    ctx.trace
+        .phase_end(Phase::CacheLookup, t, matches!(lookup, Lookup::Hit(_)));
+    match lookup {
         Lookup::Hit(served) => Some(Answer::Cached(served)),
         Lookup::Forward(state) => {
             ctx.cache = Some(state);
@@ -456,6 +491,27 @@ fn upstream_failed(service: &Service, forwarding: &mut Forwarding, e: &Error) {
     service
         .metrics
         .upstream_error(errors::error_kind(e.etype()));
+}
+
+/// Hands the request's spans to the exporter, when its trace is sampled.
+fn finish_trace(session: &Session, ctx: &mut RequestCtx, status: u16, e: Option<&Error>) {
+    if !ctx.trace.is_recording() {
+        return;
+    }
+    // Taken out of the context, which the summary borrows; the request is over.
+    let mut trace = std::mem::take(&mut ctx.trace);
+    let req = session.req_header();
+    let summary = RequestSummary {
+        method: req.method.as_str(),
+        path: req.uri.path(),
+        route: ctx.route.as_ref().map(|r| r.prefix.as_str()),
+        service: ctx.service_name(),
+        status,
+        client: session.client_addr().map(|a| a.to_string()),
+        request_id: ctx.request_id.to_str().unwrap_or_default(),
+        error: ctx.error.or(e.map(|e| e.etype().as_str())),
+    };
+    trace.finish(&summary);
 }
 
 fn no_retry(mut e: Box<Error>) -> Box<Error> {

@@ -7,16 +7,19 @@
 //! Compiling has no side effects on the running process (no metrics, no state, no
 //! connections), so the old process of a reload can compile the new file to vet it.
 
+use crate::cache::BackendKind;
 use crate::cache::{ResponseCache, ServiceCachePolicy};
 use crate::config::{
-    AdminConfig, Config, ConfigError, ListenAddr, ServerConfig, ServiceConfig, Source,
+    AdminConfig, AdminToken, Config, ConfigError, ListenAddr, ServerConfig, ServiceConfig, Source,
 };
 use crate::edge::auth::{AuthCompileError, AuthMode, Authenticator, ServiceAuth};
 use crate::edge::cors::{Cors, CorsConfig};
 use crate::edge::limits::{Limits, LimitsConfig};
-use crate::edge::rate_limit::RateLimitPolicy;
+use crate::edge::rate_limit::{Backend as RateLimitBackend, RateLimitPolicy};
 use crate::edge::security_headers::SecurityHeaders;
 use crate::edge::tls::{TlsAcceptor, TlsFile};
+use crate::ops::access_log::AccessLogPlan;
+use crate::ops::tracing::TracingPlan;
 use crate::redis::Redis;
 use crate::routing::Router;
 use crate::upstream::fallback::Fallback;
@@ -37,7 +40,12 @@ pub struct Compiled {
     pub tls: Vec<(ListenAddr, TlsAcceptor)>,
     /// What every client connection is held to before its request is routed.
     pub connection_limits: ConnectionLimits,
-    pub(super) access_log: bool,
+    /// Read from `admin.token_env` or `admin.token_file`.
+    pub admin_token: Option<AdminToken>,
+    pub(super) access_log: Option<AccessLogPlan>,
+    pub(super) tracing: Option<TracingPlan>,
+    /// Whether a rate limit or the cache depends on Redis, so readiness waits for it.
+    pub(super) redis_needed: bool,
     pub(super) router: Router,
     /// In the order of the config's `services` (by name), which the router's indices follow.
     pub(super) services: Vec<CompiledService>,
@@ -168,6 +176,27 @@ pub fn compile(config: &Config, source: &Source) -> Result<Compiled, ConfigError
             .map(|s| s.limits.max_header_size)
             .fold(global_limits.max_header_size, u64::max),
     };
+    let admin_token = config
+        .admin
+        .token()
+        .map_err(|e| source.error("admin", None, e))?;
+    let tracing = config
+        .tracing
+        .as_ref()
+        .map(|t| t.compile())
+        .transpose()
+        .map_err(|e| source.error("tracing", None, e))?;
+    let access_log = config
+        .access_log
+        .compile(tracing.is_some())
+        .map_err(|e| source.error("access_log", None, e))?;
+    let redis_needed = redis.is_some()
+        && (cache.is_some() && config.cache.backend == BackendKind::Redis
+            || config.services.values().any(|s| {
+                s.rate_limit
+                    .as_ref()
+                    .is_some_and(|rl| rl.backend == RateLimitBackend::Redis)
+            }));
     let authenticator = config.auth.compile().map_err(|e| match e {
         AuthCompileError::Invalid(message) => source.error("auth", None, message),
         AuthCompileError::Keys(message) => source.error_without_line("auth.jwt", message),
@@ -177,7 +206,10 @@ pub fn compile(config: &Config, source: &Source) -> Result<Compiled, ConfigError
         admin: config.admin.clone(),
         tls,
         connection_limits,
-        access_log: config.access_log,
+        admin_token,
+        access_log,
+        tracing,
+        redis_needed,
         router,
         services,
         authenticator: authenticator.map(Arc::new),

@@ -18,7 +18,9 @@ use crate::edge::cors::Cors;
 use crate::edge::limits::Limits;
 use crate::edge::rate_limit::RateLimiter;
 use crate::edge::security_headers::SecurityHeaders;
+use crate::ops::access_log::AccessLog;
 use crate::ops::metrics::ServiceMetrics;
+use crate::ops::tracing::Tracer;
 use crate::redis::{self, Redis};
 use crate::routing::Router;
 use crate::upstream::fallback::Fallback;
@@ -26,7 +28,8 @@ use crate::upstream::peer::Timeouts;
 use crate::upstream::pool::{BackgroundTask, Pool};
 use crate::upstream::retry::RetryBudget;
 use compile::CompiledService;
-use pingora::Result;
+use pingora::services::background::background_service;
+use pingora::{Error, ErrorType, Result};
 use std::sync::Arc;
 
 /// Everything the proxy needs per request, shared by all worker threads.
@@ -34,13 +37,18 @@ pub struct Runtime {
     pub router: Router,
     /// In the order the router's indices refer to.
     pub services: Vec<Arc<Service>>,
-    pub access_log: bool,
+    /// The access log, unless `access_log: false`.
+    pub access_log: Option<AccessLog>,
+    /// Trace context and spans, with a `tracing` section.
+    pub tracer: Option<Arc<Tracer>>,
     /// Verifies tokens for services with `auth`; `None` without `auth.jwt`.
     pub authenticator: Option<Arc<Authenticator>>,
     /// The response cache, when some service caches (the admin API purges it).
     pub cache: Option<Arc<ResponseCache>>,
     /// The shared Redis connection, when configured.
     pub redis: Option<Redis>,
+    /// Whether a rate limit or the cache uses Redis: readiness then waits for it.
+    pub redis_needed: bool,
     /// Top-level security headers, for answers to requests no route matched.
     pub security_headers: Arc<SecurityHeaders>,
 }
@@ -65,8 +73,9 @@ pub struct Service {
 
 impl Compiled {
     /// Installs the compiled config in this process and returns the background services
-    /// (health checks) the server must run. Fails only where Pingora refuses (it should not:
-    /// static upstream discovery cannot fail).
+    /// (health checks, the span exporter) the server
+    /// must run. Fails where Pingora refuses (it should not: static upstream discovery cannot
+    /// fail) or the access log file cannot be opened.
     pub fn install(self) -> Result<(Runtime, Vec<BackgroundTask>)> {
         auth::register_metrics();
         if self.redis.is_some() {
@@ -80,11 +89,24 @@ impl Compiled {
             services.push(Arc::new(service));
             background.extend(health_check);
         }
+        let access_log = match self.access_log.map(|plan| plan.install()).transpose() {
+            Ok(log) => log,
+            Err(e) => return Error::e_explain(ErrorType::FileOpenError, e),
+        };
+        let tracer = self.tracing.map(|plan| {
+            let (tracer, export) = plan.install();
+            if let Some(export) = export {
+                background.push(Box::new(background_service("trace export", export)));
+            }
+            tracer
+        });
         Ok((
             Runtime {
                 router: self.router,
                 services,
-                access_log: self.access_log,
+                access_log,
+                tracer,
+                redis_needed: self.redis_needed,
                 authenticator: self.authenticator,
                 cache: self.cache,
                 redis: self.redis,

@@ -1,11 +1,13 @@
 //! Assembles the Pingora server from a compiled config: installs it in this process, then adds
 //! the proxy listeners (plain and TLS) behind the connection [`front`], the admin listener,
-//! the health-check background services, the Redis connector and the lifecycle watcher.
+//! the background services (health checks, span export, the status page's sampler), the Redis
+//! connector and the lifecycle watcher.
 
 pub mod front;
 
-use crate::ops::admin::AdminApp;
+use crate::ops::admin::{AdminApp, WriteAccess};
 use crate::ops::lifecycle::LifecycleWatcher;
+use crate::ops::status::{StatusHistory, StatusSampler};
 use crate::proxy::Gateway;
 use crate::redis::RedisConnector;
 use crate::runtime::{Compiled, Runtime};
@@ -57,6 +59,7 @@ pub fn build(compiled: Compiled, start: &StartOptions) -> Result<Assembled> {
     let open_files = raise_open_file_limit();
     let server_config = compiled.server.clone();
     let admin_config = compiled.admin.clone();
+    let writes = WriteAccess::new(compiled.admin_token.clone(), admin_config.listen.0);
     let opt = Opt {
         upgrade: start.upgrade,
         daemon: start.daemon,
@@ -80,8 +83,9 @@ pub fn build(compiled: Compiled, start: &StartOptions) -> Result<Assembled> {
     let connection_limits = compiled.connection_limits;
     let mut compiled = compiled;
     let tls = std::mem::take(&mut compiled.tls);
-    let (runtime, health_checks) = compiled.install()?;
+    let (runtime, background) = compiled.install()?;
     let runtime = Arc::new(runtime);
+    let history = StatusHistory::new();
     // Redis is connected in the background: start-up never waits for it.
     let redis = runtime.redis.clone();
 
@@ -123,16 +127,17 @@ pub fn build(compiled: Compiled, start: &StartOptions) -> Result<Assembled> {
 
     let mut admin = ListeningService::new(
         "breakwater admin".to_string(),
-        AdminApp::new(Arc::clone(&runtime)),
+        AdminApp::new(Arc::clone(&runtime), writes, Arc::clone(&history)),
     );
     admin.threads = Some(1);
     admin.add_tcp(&admin_config.listen.to_string());
 
     let proxy = server.add_service(proxy);
     let admin = server.add_service(admin);
-    for hc in health_checks {
-        server.add_boxed_service(hc);
+    for service in background {
+        server.add_boxed_service(service);
     }
+    server.add_service(background_service("status", StatusSampler(history)));
     if let Some(redis) = redis {
         server.add_service(background_service("redis", RedisConnector(redis)));
     }

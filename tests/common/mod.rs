@@ -343,19 +343,29 @@ impl Gateway {
     /// Like `start`, but returns the failure (with the gateway's stderr) instead of panicking,
     /// for tests that expect a config to be refused at startup.
     pub fn try_start(config_template: &str) -> Result<Gateway, String> {
+        Gateway::start_waiting_for(config_template, "/ready")
+    }
+
+    /// Starts the gateway and returns once its admin listener answers `GET /health`, without
+    /// waiting for readiness (for tests of what makes it ready).
+    pub fn start_live(config_template: &str) -> Gateway {
+        Gateway::start_waiting_for(config_template, "/health").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn start_waiting_for(config_template: &str, probe_path: &str) -> Result<Gateway, String> {
         // The ports are picked free and released before the gateway binds them, so another
         // process can win the race; that shows up as "in use" and is worth a fresh pair.
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match Gateway::start_once(config_template) {
+            match Gateway::start_once(config_template, probe_path) {
                 Err(e) if attempt < 3 && e.contains("in use") => continue,
                 result => return result,
             }
         }
     }
 
-    fn start_once(config_template: &str) -> Result<Gateway, String> {
+    fn start_once(config_template: &str, probe_path: &str) -> Result<Gateway, String> {
         let ports = free_ports(2);
         let dir = tempfile::Builder::new()
             .prefix("breakwater-test-")
@@ -390,7 +400,7 @@ impl Gateway {
             .no_proxy()
             .build()
             .expect("build reqwest client");
-        let ready = gw.admin_url("/ready");
+        let ready = gw.admin_url(probe_path);
         let deadline = Instant::now() + GATEWAY_READY_TIMEOUT;
         loop {
             if let Some(status) = gw.child.as_mut().unwrap().try_wait().ok().flatten() {
@@ -417,10 +427,13 @@ impl Gateway {
         }
     }
 
-    /// Substitutes this gateway's `${LISTEN}`/`${ADMIN}` and (re)writes `gateway.yaml`, e.g. to
-    /// test a reload with a changed config.
+    /// Substitutes this gateway's `${LISTEN}`/`${ADMIN}` (`${ADMIN_PORT}` is the admin
+    /// listener's port alone, e.g. for `0.0.0.0:${ADMIN_PORT}`) and (re)writes `gateway.yaml`,
+    /// e.g. to test a reload with a changed config.
     pub fn write_config(&self, config_template: &str) {
+        let admin_port = self.admin.rsplit(':').next().unwrap_or_default();
         let yaml = config_template
+            .replace("${ADMIN_PORT}", admin_port)
             .replace("${LISTEN}", &self.http)
             .replace("${ADMIN}", &self.admin)
             .replace("${DIR}", &self.dir.path().display().to_string());
@@ -563,6 +576,19 @@ impl Redis {
             }
         }
         unreachable!()
+    }
+
+    /// Starts redis-server on `port` (e.g. one a gateway was configured with before Redis
+    /// was up). Panics if the port is taken.
+    pub fn start_on(port: u16) -> Redis {
+        let mut redis = Redis {
+            port,
+            url: format!("redis://127.0.0.1:{port}"),
+            child: None,
+            dir: tempfile::tempdir().expect("create temp dir"),
+        };
+        redis.spawn_and_wait().unwrap_or_else(|e| panic!("{e}"));
+        redis
     }
 
     fn spawn_and_wait(&mut self) -> Result<(), String> {
