@@ -259,7 +259,10 @@ fn bodies_split_headers_and_pipelined_requests_are_handled_safely() {
     assert!(answered.starts_with("HTTP/1.1 400"), "{answered}");
     assert!(answered.contains("application/json"), "{answered}");
     assert_eq!(answered.matches("HTTP/1.1 ").count(), 1, "{answered}");
-    assert!(up.requests() - before <= 1, "only the first may have gone upstream");
+    assert!(
+        up.requests() - before <= 1,
+        "only the first may have gone upstream"
+    );
 }
 
 /// Resident memory of a process, from `/proc/PID/status`.
