@@ -4,8 +4,11 @@
 //!
 //!     target/release/examples/bare_pingora LISTEN UPSTREAM [THREADS]
 //!     (e.g. bare_pingora 127.0.0.1:8000 127.0.0.1:3001)
+//!
+//! With `BARE_H2C=1` in the environment it also takes HTTP/2 with prior knowledge (h2c).
 
 use async_trait::async_trait;
+use pingora::apps::HttpServerOptions;
 use pingora::prelude::*;
 use pingora::server::configuration::ServerConf;
 use std::net::SocketAddr;
@@ -39,6 +42,13 @@ fn main() {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let mut proxy = http_proxy_service(&server.configuration, Bare(upstream));
+    if std::env::var_os("BARE_H2C").is_some_and(|v| v == "1") {
+        let mut options = HttpServerOptions::default();
+        options.h2c = true;
+        if let Some(app) = proxy.app_logic_mut() {
+            app.server_options = Some(options);
+        }
+    }
     proxy.add_tcp(listen);
     server.add_service(proxy);
     server.run_forever();

@@ -8,7 +8,11 @@
 # with one worker, in front of the same upstream.
 #
 #   loadtest/idle.sh [--connections 8000] [--targets breakwater,pingora,nginx,haproxy]
-#                    [--concurrency 100] [--settle 1] [--hold 2]
+#                    [--concurrency 100] [--settle 1] [--hold 2] [--h2c]
+#
+# --h2c: the clients speak HTTP/2 with prior knowledge (one GET each, then idle), and every
+# server listens for it (Breakwater `server.h2c`, bare Pingora's h2c option, nginx `http2`,
+# HAProxy `proto h2`); results go to loadtest/results/idle-h2c-latest.md.
 #
 # N is capped by the per-process open-file hard limit (`ulimit -Hn`, 20000 on the machine this
 # was written on): the client holds N sockets and the proxy N plus its upstream connections, so
@@ -19,7 +23,7 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-N=8000 TARGETS="breakwater,pingora,nginx,haproxy" CONCURRENCY=100 SETTLE=1 HOLD=2
+N=8000 TARGETS="breakwater,pingora,nginx,haproxy" CONCURRENCY=100 SETTLE=1 HOLD=2 H2C=0
 while (($#)); do
   case $1 in
     --connections) N=$2; shift 2 ;;
@@ -27,7 +31,8 @@ while (($#)); do
     --concurrency) CONCURRENCY=$2; shift 2 ;;
     --settle) SETTLE=${2%s}; shift 2 ;;
     --hold) HOLD=${2%s}; shift 2 ;;
-    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --h2c) H2C=1; shift ;;
+    -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
 done
@@ -69,6 +74,16 @@ else
 fi
 wait_http "http://$UPSTREAM/users/1"
 
+# wait_target PORT: until the server under test answers, in the protocol the clients speak.
+wait_target() {
+  local deadline=$((SECONDS + 15)) proto=()
+  ((H2C)) && proto=(--http2-prior-knowledge)
+  until curl -s -o /dev/null --max-time 1 "${proto[@]}" "http://127.0.0.1:$1/users/1"; do
+    ((SECONDS < deadline)) || die "127.0.0.1:$1 did not answer in 15s"
+    sleep 0.1
+  done
+}
+
 # start_target NAME: sets T_PID, T_PORT, T_SIG (the fast-shutdown signal) and T_VERSION.
 start_target() {
   local name=$1 dir="$LT_TMP/$1"
@@ -79,6 +94,7 @@ start_target() {
       local admin
       admin=$(free_port)
       breakwater_conf "$dir/breakwater.yaml" "$T_PORT" "$admin" "$UPSTREAM" 1
+      ((H2C)) && sed -i '/^server:/a\  h2c: true' "$dir/breakwater.yaml"
       "$LT_BIN/breakwater" -c "$dir/breakwater.yaml" >"$dir/access.log" 2>"$dir/breakwater.err" &
       T_PID=$!
       track "$T_PID"
@@ -86,7 +102,7 @@ start_target() {
       T_VERSION="1 worker thread; routing, breaker, health checks, metrics, access log"
       ;;
     pingora)
-      "$LT_BIN/examples/bare_pingora" "127.0.0.1:$T_PORT" "$UPSTREAM" 1 >"$dir/stdout" 2>"$dir/stderr" &
+      BARE_H2C=$H2C "$LT_BIN/examples/bare_pingora" "127.0.0.1:$T_PORT" "$UPSTREAM" 1 >"$dir/stdout" 2>"$dir/stderr" &
       T_PID=$!
       track "$T_PID"
       T_VERSION="examples/bare_pingora.rs, Pingora $(awk '/^name = "pingora"$/{getline; gsub(/"/, "", $3); print $3; exit}' "$LT_ROOT/Cargo.lock"), 1 worker thread"
@@ -97,6 +113,9 @@ start_target() {
       local wc=$((N * 17 / 16 + 1000))
       [[ $HARD != unlimited ]] && ((wc > HARD)) && wc=$HARD
       NGINX_KEEPALIVE_TIMEOUT=300s nginx_proxy_conf "$dir" "$T_PORT" "$UPSTREAM" off 1 "$wc"
+      # nginx 1.22 spells h2c on a plain listener `listen ... http2`; its idle h2 connections
+      # are bounded by http2_idle_timeout (default 3m), longer than a run.
+      ((H2C)) && sed -i "s/listen 127.0.0.1:$T_PORT;/listen 127.0.0.1:$T_PORT http2;/" "$dir/nginx.conf"
       start_nginx "$dir"
       T_PID=$NGINX_PID T_SIG=TERM
       T_VERSION="nginx $("$NGINX" -v 2>&1 | sed 's/.*nginx\///'), 1 process, keepalive_timeout 300s"
@@ -114,7 +133,7 @@ defaults
   timeout http-keep-alive 300s
   http-reuse always
 frontend fe
-  bind 127.0.0.1:$T_PORT
+  bind 127.0.0.1:$T_PORT $( ((H2C)) && echo "proto h2")
   default_backend be
 backend be
   server up $UPSTREAM
@@ -126,7 +145,7 @@ EOF
       T_VERSION="HAProxy $("$HAPROXY" -v 2>&1 | awk 'NR == 1 {print $3}'), nbthread 1, timeout http-keep-alive 300s"
       ;;
   esac
-  wait_http "http://127.0.0.1:$T_PORT/users/1"
+  wait_target "$T_PORT"
 }
 
 ROWS=() NOTES=()
@@ -147,7 +166,7 @@ for t in ${TARGETS//,/ }; do
   out="$LT_TMP/$t/idle.json"
   timeout --foreground --signal=TERM --kill-after=5 180 python3 "$LT_DIR/idle_clients.py" --port "$T_PORT" --pid "$T_PID" \
     --connections "$N" --checkpoints "$((N / 4)),$N" --concurrency "$CONCURRENCY" \
-    --settle "$SETTLE" --hold "$HOLD" --timeout 150 >"$out" 2>"$LT_TMP/$t/idle.err" ||
+    --settle "$SETTLE" --hold "$HOLD" --timeout 150 $( ((H2C)) && echo --h2c) >"$out" 2>"$LT_TMP/$t/idle.err" ||
     die "$t: idle clients failed: $(tail -5 "$LT_TMP/$t/idle.err")"
   eval "$(python3 - "$out" <<'PY'
 import json, sys
@@ -163,13 +182,14 @@ PY
   NOTES+=("$t: $T_VERSION; $CB connections opened in ${SECS}s; errors: $ERR_DETAIL; non-2xx: $NON2XX")
 done
 
-REPORT="$LT_DIR/results/idle-latest.md"
+REPORT="$LT_DIR/results/idle-latest.md" PROTOCOL="HTTP/1.1, keep-alive"
+((H2C)) && REPORT="$LT_DIR/results/idle-h2c-latest.md" PROTOCOL="HTTP/2 with prior knowledge (h2c)"
 {
-  echo "## Idle keep-alive connections"
+  echo "## Idle keep-alive connections ($PROTOCOL)"
   echo
   echo "- machine: $(machine_line)"
   echo "- tree: $(git -C "$LT_ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown), release build"
-  echo "- clients: $N connections from loadtest/idle_clients.py (Python asyncio, loopback), each sends one \`GET /users/1\` (HTTP/1.1, keep-alive), reads the answer and stays idle; RSS read $SETTLE s after the last connection of each checkpoint; held ${HOLD}s more before closing"
+  echo "- clients: $N connections from loadtest/idle_clients.py (Python asyncio, loopback), each sends one \`GET /users/1\` ($PROTOCOL), reads the answer and stays idle; RSS read $SETTLE s after the last connection of each checkpoint; held ${HOLD}s more before closing"
   echo "- upstream: $UPSTREAM_DESC"
   echo
   echo "| server | connections | still open after ${HOLD}s | RSS before MiB | RSS at $((N / 4)) MiB | RSS at $N MiB | growth MiB | KiB/conn (before → $N) | KiB/conn ($((N / 4)) → $N) |"
@@ -181,8 +201,7 @@ REPORT="$LT_DIR/results/idle-latest.md"
   echo "RSS is the server process's VmRSS (/proc/PID/status): user-space memory only; the kernel's"
   echo "socket buffers are not in it. The last column, the slope between the two checkpoints, leaves"
   echo "out fixed costs (the first connection's buffers, pools, allocator arenas) and is the figure to"
-  echo "quote; \`before → $N\` includes them. HTTP/2 (many idle h2 connections) is not measured: Breakwater"
-  echo "serves HTTP/2 only on TLS listeners, so it needs a TLS client and would not compare with these rows."
+  echo "quote; \`before → $N\` includes them."
 } >"$LT_TMP/report.md"
 cp "$LT_TMP/report.md" "$REPORT"
 cat "$REPORT"
