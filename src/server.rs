@@ -1,6 +1,6 @@
 //! Assembles the Pingora server from a compiled config: installs it in this process, then adds
 //! the proxy listeners (plain and TLS), the admin listener, the health-check background
-//! services, the Redis connector and the lifecycle watcher.
+//! services, the Redis connector, the JWKS refresher and the lifecycle watcher.
 
 use crate::ops::admin::AdminApp;
 use crate::ops::lifecycle::LifecycleWatcher;
@@ -82,6 +82,13 @@ pub fn build(compiled: Compiled, start: &StartOptions) -> Result<Server> {
     }
     if let Some(redis) = redis {
         server.add_service(background_service("redis", RedisConnector(redis)));
+    }
+    if let Some(refresher) = runtime
+        .authenticator
+        .as_ref()
+        .and_then(|a| a.jwks_refresher())
+    {
+        server.add_service(background_service("jwks", refresher));
     }
     let lifecycle = server.add_service(background_service(
         "lifecycle",

@@ -35,6 +35,8 @@ const KNOWN_METRICS: &[&str] = &[
     "breakwater_auth_failures_total",
     "breakwater_ratelimit_rejected_total",
     "breakwater_redis_errors_total",
+    "breakwater_jwt_signature_checks_total",
+    "breakwater_jwks_refresh_total",
 ];
 
 /// The alerts that `deploy/prometheus/alerts.yml` must define.

@@ -5,6 +5,7 @@
 //! and a slow stdout (a full pipe) then delays logging, not requests. Lines queued in the
 //! last moments before the process exits can be lost.
 
+use crate::edge::forwarded::Client;
 use pingora::proxy::Session;
 use serde::Serialize;
 use std::io::Write;
@@ -67,6 +68,9 @@ fn write_lines(rx: Receiver<Vec<u8>>) {
 pub struct Entry<'a> {
     pub session: &'a Session,
     pub request_id: &'a str,
+    pub client: &'a Client,
+    /// The request target as sent, when normalizing changed it.
+    pub original_target: Option<&'a str>,
     pub status: u16,
     pub service: &'a str,
     pub upstream: Option<&'a str>,
@@ -81,10 +85,18 @@ pub struct Entry<'a> {
 struct Line<'a> {
     ts: &'a str,
     request_id: &'a str,
-    client: String,
+    /// The client's address: the TCP peer, or behind trusted proxies the address they saw.
+    client: &'a str,
+    /// The TCP peer (`ip:port`), when it is a trusted proxy rather than the client.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peer: Option<String>,
     method: &'a str,
     host: &'a str,
+    /// The normalized path: what was routed and forwarded.
     path: &'a str,
+    /// The target as sent, when it was not normal.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    raw_target: Option<&'a str>,
     status: u16,
     service: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -128,11 +140,12 @@ pub fn write(entry: &Entry<'_>) {
     let line = Line {
         ts: &ts,
         request_id: entry.request_id,
-        client: entry
-            .session
-            .client_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default(),
+        client: &entry.client.addr,
+        peer: entry
+            .client
+            .via_trusted_proxy
+            .then(|| entry.session.client_addr().map(|a| a.to_string()))
+            .flatten(),
         method: req.method.as_str(),
         host: req
             .headers
@@ -140,6 +153,7 @@ pub fn write(entry: &Entry<'_>) {
             .and_then(|h| h.to_str().ok())
             .unwrap_or_default(),
         path: req.uri.path(),
+        raw_target: entry.original_target,
         status: entry.status,
         service: entry.service,
         upstream: entry.upstream,
