@@ -126,6 +126,24 @@ const TRICKS: &[(&[u8], Expect)] = &[
     (b"http://gw/admin/x", Unauthorized),
     (b"http://gw//x/../admin", Unauthorized),
     (b"HTTP://gw/%61dmin", Unauthorized),
+    (b"http://gw/../admin", Unauthorized),
+    // More spellings: mixed encodings of dots, encoded separators next to dots, IIS-style
+    // %u escapes, encoded tabs and NUL inside dot segments.
+    (b"/admin", Unauthorized),
+    (b"/admin/./", Unauthorized),
+    (b"/.%2e/admin/x", Unauthorized),
+    (b"/x/%2e./admin", Unauthorized),
+    (b"/x/y/%2E%2E/%2E%2E/admin/x", Unauthorized),
+    (b"/x/..%2fadmin", BadPath),
+    (b"/..%2f..%2fadmin", BadPath),
+    (b"/%2fadmin/x", BadPath),
+    (b"/x/%2e%2e%5cadmin", BadPath),
+    (b"/x/..%5Cadmin", BadPath),
+    (b"/x/..%00/admin", BadPath),
+    (b"/%09admin", BadPath),
+    (b"/admin/..%3b/x", BadPath),
+    (b"/admin%u0041", BadPath),
+    (b"/%u002e%u002e/admin", BadPath),
     // Refused by Pingora's parser: not UTF-8, an authority other than Host, an ambiguous one.
     (b"/\xff/../admin", ParserRefused),
     (b"/\xc0\xae\xc0\xae/admin", ParserRefused),
@@ -269,7 +287,9 @@ const FORGED: &str = "X-Forwarded-For: 6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\n\
     Forwarded: for=6.6.6.6;proto=https\r\nX-Forwarded-Proto: https\r\n\
     X-Forwarded-Host: evil.example\r\nX-Forwarded-Port: 443\r\nTrue-Client-IP: 6.6.6.6\r\n\
     X-Forwarded-Prefix: /evil\r\nX-Original-URL: /admin\r\nX-Rewrite-URL: /admin\r\n\
-    CF-Connecting-IP: 6.6.6.6\r\nX-Client-IP: 6.6.6.6\r\n";
+    CF-Connecting-IP: 6.6.6.6\r\nX-Client-IP: 6.6.6.6\r\n\
+    x-forwarded-for: 6.6.6.7\r\nX-FORWARDED-HOST: evil2.example\r\n\
+    forwarded: for=\"[2001:db8::6]\"\r\nX-Real-Ip: 6.6.6.8\r\n";
 
 #[test]
 fn forwarding_headers_from_an_untrusted_peer_are_replaced_by_what_the_gateway_saw() {
@@ -593,4 +613,35 @@ fn check_names_the_field_of_a_bad_trust_setting() {
     }
     let (code, stderr) = common::run_check(&yaml("trusted_proxies: [10.0.0.0/8, \"::1\"]"));
     assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn the_cache_key_is_the_normalized_path() {
+    let up = Upstream::start("sample");
+    let gw = common::Gateway::start(&format!(
+        r#"
+server: {{listen: ["${{LISTEN}}"]}}
+admin: {{listen: "${{ADMIN}}"}}
+cache: {{backend: memory}}
+services:
+  cached: {{routes: [{{path_prefix: /}}], upstreams: ["{}"], cache: {{ttl: 1m}}}}
+"#,
+        up.addr
+    ));
+    let first = get(&gw, b"/c/x?q=1", "");
+    assert_eq!(first.header("x-cache"), Some("MISS"), "{first:?}");
+    // Every spelling of one path is one entry: no spelling fetches (or poisons) its own.
+    for spelling in [
+        "/c/./x?q=1",
+        "//c//x?q=1",
+        "/%63/x?q=1",
+        "/c/y/../x?q=1",
+        "/%63/%78?q=1",
+        "http://gw/c/x?q=1",
+    ] {
+        let r = get(&gw, spelling.as_bytes(), "");
+        assert_eq!(r.status, 200, "{spelling}: {r:?}");
+        assert_eq!(r.header("x-cache"), Some("HIT"), "{spelling}: {r:?}");
+    }
+    assert_eq!(up.requests(), 1);
 }
