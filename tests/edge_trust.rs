@@ -557,12 +557,14 @@ fn requests_refused_for_their_size_headers_or_token_count_toward_the_limit() {
         "",
         &format!(
             "  limited: {{routes: [{{path_prefix: /limited}}], upstreams: [\"{}\"], \
-             auth: required, limits: {{max_body_size: 10, max_header_size: 2KiB}}, \
-             rate_limit: {{requests_per_second: 0.01, burst: 4}}}}",
+             auth: required, required_scopes: [admin], \
+             limits: {{max_body_size: 10, max_header_size: 2KiB}}, \
+             rate_limit: {{requests_per_second: 0.01, burst: 5}}}}",
             up.addr
         ),
     );
     let big = format!("X-Big: {}\r\n", "b".repeat(4096));
+    let bearer = format!("Authorization: Bearer {}\r\n", token(SECRET));
     let refused = [
         (get(&gw, b"/limited", &big).status, 431),
         (get(&gw, b"/limited", "Content-Length: 11\r\n").status, 413),
@@ -571,15 +573,16 @@ fn requests_refused_for_their_size_headers_or_token_count_toward_the_limit() {
             400,
         ),
         (get(&gw, b"/limited", "").status, 401),
+        // A valid token without the scope.
+        (get(&gw, b"/limited", &bearer).status, 403),
     ];
     for (got, want) in refused {
         assert_eq!(got, want, "{refused:?}");
     }
-    let bearer = format!("Authorization: Bearer {}\r\n", token(SECRET));
     assert_eq!(
         get(&gw, b"/limited", &bearer).status,
         429,
-        "four refusals used the burst"
+        "five refusals used the burst"
     );
 }
 
