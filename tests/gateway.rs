@@ -290,6 +290,11 @@ services:
         c.get(gw.url("/users/1")).send().unwrap();
     }
     c.get(gw.url("/users/1?status=500")).send().unwrap();
+    // Counted in the logging phase, which may end just after the client has its answer.
+    poll_until(Duration::from_secs(2), "the last request counted", || {
+        gw.metrics()
+            .contains(r#"breakwater_request_duration_seconds_count{service="users"} 4"#)
+    });
     let m = gw.metrics();
     assert!(
         m.contains(r#"breakwater_requests_total{method="GET",service="users",status="200"} 3"#),
