@@ -8,6 +8,7 @@ mod common;
 use common::{client, run_check, Gateway, Upstream};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
+use std::time::Duration;
 
 const SECRET: &str = "integration-test-secret-0123456789abcdef";
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
@@ -480,4 +481,202 @@ services:
     );
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("auth"), "{stderr}");
+}
+
+/// What a test JWKS server answers, and how often it was asked.
+#[derive(Default)]
+struct JwksState {
+    body: std::sync::Mutex<String>,
+    failing: std::sync::atomic::AtomicBool,
+    hits: std::sync::atomic::AtomicUsize,
+}
+
+/// A JWKS server over HTTPS with the given certificate (OpenSSL, as Pingora links it), on
+/// threads of its own. Returns its `https://127.0.0.1:PORT/jwks` URL.
+fn https_jwks_server(cert: &str, key: &str, state: std::sync::Arc<JwksState>) -> String {
+    use pingora::tls::ssl::{SslAcceptor, SslFiletype, SslMethod};
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    let mut acceptor = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).unwrap();
+    acceptor
+        .set_private_key_file(fixture(key), SslFiletype::PEM)
+        .unwrap();
+    acceptor.set_certificate_chain_file(fixture(cert)).unwrap();
+    let acceptor = std::sync::Arc::new(acceptor.build());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("https://{}/jwks", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let (acceptor, state) = (acceptor.clone(), state.clone());
+            std::thread::spawn(move || {
+                // A client that refuses the certificate ends the handshake: nothing to serve.
+                let Ok(mut tls) = acceptor.accept(stream) else {
+                    return;
+                };
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                state.hits.fetch_add(1, Ordering::SeqCst);
+                let response = if state.failing.load(Ordering::SeqCst) {
+                    "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n".to_string()
+                } else {
+                    let body = state.body.lock().unwrap().clone();
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+                         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                };
+                let _ = tls.write_all(response.as_bytes());
+                let _ = tls.shutdown();
+            });
+        }
+    });
+    url
+}
+
+/// The public JWK of a fixture's RSA private key, with `kid`.
+fn rsa_jwk(private: &str, kid: &str) -> Value {
+    let key = EncodingKey::from_rsa_pem(&read_fixture(private)).unwrap();
+    let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&key, Algorithm::RS256).unwrap();
+    jwk.common.key_id = Some(kid.to_string());
+    serde_json::to_value(jwk).unwrap()
+}
+
+fn rs256_kid(private: &str, kid: &str, header: impl FnOnce(&mut Header)) -> String {
+    let mut h = Header::new(Algorithm::RS256);
+    h.kid = Some(kid.to_string());
+    header(&mut h);
+    encode(
+        &h,
+        &claims(json!({})),
+        &EncodingKey::from_rsa_pem(&read_fixture(private)).unwrap(),
+    )
+    .unwrap()
+}
+
+/// The value of one series in the gateway's `/metrics`, 0 if absent.
+fn metric(gw: &Gateway, series: &str) -> u64 {
+    let prefix = format!("{series} ");
+    gw.metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+#[test]
+fn a_jwks_over_https_from_a_private_ca_is_refreshed_and_kept_when_its_server_fails() {
+    use std::sync::atomic::Ordering;
+    let up = Upstream::start("users");
+    let state = std::sync::Arc::new(JwksState::default());
+    *state.body.lock().unwrap() =
+        json!({"keys": [rsa_jwk("jwt_rsa_private.pem", "k1")]}).to_string();
+    let url = https_jwks_server("jwks_server_cert.pem", "jwks_server_key.pem", state.clone());
+    let gw = Gateway::start(&format!(
+        r#"
+server: {{listen: ["${{LISTEN}}"]}}
+admin: {{listen: "${{ADMIN}}"}}
+auth:
+  jwt:
+    algorithms: [RS256]
+    jwks_url: "{url}"
+    jwks_ca_file: "{ca}"
+    jwks_refresh_interval: 1s
+    jwks_refetch_interval: 1s
+services:
+  users: {{routes: [{{path_prefix: /users}}], upstreams: ["{up}"], auth: required}}
+"#,
+        ca = fixture("jwks_ca.pem"),
+        up = up.addr,
+    ));
+    let k1 = bearer(&rs256_kid("jwt_rsa_private.pem", "k1", |_| {}));
+    assert_eq!(get(&gw, "/users/1", Some(&k1), &[]).status, 200);
+
+    // Never fetch what a token names: a key of the attacker's choosing, at a URL of theirs.
+    let attacker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let attacker_url = format!("https://{}/jwks", attacker.local_addr().unwrap());
+    attacker.set_nonblocking(true).unwrap();
+    let forged = bearer(&rs256_kid("jwt_rsa_other_private.pem", "evil", |h| {
+        h.jku = Some(attacker_url.clone());
+        h.x5u = Some(attacker_url.clone());
+    }));
+    assert_refused(&gw, &up, "/users/1", Some(&forged), 401, "unknown_key");
+    assert!(
+        attacker.accept().is_err(),
+        "the gateway connected to the URL a token named"
+    );
+
+    // The issuer rotates k1 out: the background refresh picks that up without any token
+    // naming an unknown key, and k1 stops being accepted.
+    *state.body.lock().unwrap() =
+        json!({"keys": [rsa_jwk("jwt_rsa_other_private.pem", "k2")]}).to_string();
+    common::poll_until(Duration::from_secs(10), "k1 withdrawn", || {
+        get(&gw, "/users/1", Some(&k1), &[]).status == 401
+    });
+    let k2 = bearer(&rs256_kid("jwt_rsa_other_private.pem", "k2", |_| {}));
+    assert_eq!(get(&gw, "/users/1", Some(&k2), &[]).status, 200);
+
+    // The JWKS server fails: refreshes fail, are counted, and the keys loaded stay.
+    state.failing.store(true, Ordering::SeqCst);
+    const ERRORS: &str = r#"breakwater_jwks_refresh_total{result="error"}"#;
+    common::poll_until(Duration::from_secs(10), "a failed refresh", || {
+        metric(&gw, ERRORS) >= 2
+    });
+    assert_eq!(get(&gw, "/users/1", Some(&k2), &[]).status, 200);
+    assert!(metric(&gw, r#"breakwater_jwks_refresh_total{result="ok"}"#) >= 1);
+    assert!(gw.stderr().contains("keeping the 1 keys already loaded"));
+}
+
+#[test]
+fn check_refuses_a_jwks_url_it_cannot_trust() {
+    let state = std::sync::Arc::new(JwksState::default());
+    *state.body.lock().unwrap() =
+        json!({"keys": [rsa_jwk("jwt_rsa_private.pem", "k1")]}).to_string();
+    let private_ca =
+        https_jwks_server("jwks_server_cert.pem", "jwks_server_key.pem", state.clone());
+    let self_signed = https_jwks_server("tls_cert.pem", "tls_key.pem", state.clone());
+    let check = |jwt: &str| {
+        run_check(&format!(
+            "auth:\n  jwt: {{algorithms: [RS256], {jwt}}}\nservices:\n  users: \
+             {{routes: [{{path_prefix: /users}}], upstreams: [\"127.0.0.1:1\"], auth: required}}\n"
+        ))
+    };
+    let ca = fixture("jwks_ca.pem");
+
+    let (code, stderr) = check(&format!(
+        "jwks_url: \"{private_ca}\", jwks_ca_file: \"{ca}\""
+    ));
+    assert_eq!(code, 0, "{stderr}");
+    // Plain http to a host that is not loopback: refused before any fetch.
+    let (code, stderr) = check("jwks_url: \"http://idp.example/jwks\"");
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("allow_insecure_jwks_url"), "{stderr}");
+    // The system's roots do not know the private CA.
+    let (code, stderr) = check(&format!("jwks_url: \"{private_ca}\""));
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("certificate"), "{stderr}");
+    // A certificate the private CA did not sign.
+    let (code, stderr) = check(&format!(
+        "jwks_url: \"{self_signed}\", jwks_ca_file: \"{ca}\""
+    ));
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("certificate"), "{stderr}");
+    // The CA file must hold a certificate.
+    let (code, stderr) = check(&format!(
+        "jwks_url: \"{private_ca}\", jwks_ca_file: \"{}\"",
+        fixture("jwt_rsa_public.pem")
+    ));
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("no PEM certificate"), "{stderr}");
+    assert_eq!(
+        state.hits.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "only the trusted fetch"
+    );
 }

@@ -39,6 +39,8 @@ const KNOWN_METRICS: &[&str] = &[
     // Tracing (ops::tracing).
     "breakwater_trace_spans_dropped_total",
     "breakwater_trace_spans_exported_total",
+    "breakwater_jwt_signature_checks_total",
+    "breakwater_jwks_refresh_total",
 ];
 
 /// The alerts that `deploy/prometheus/alerts.yml` must define.

@@ -427,3 +427,189 @@ services:
     let body: Value = resp.json().unwrap();
     assert_eq!(body["degraded"], true);
 }
+
+/// The breaker's view of one upstream, from the admin API.
+fn circuit(gw: &Gateway, service: &str, upstream: &str) -> Value {
+    let body: Value = client()
+        .get(gw.admin_url("/admin/circuits"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    body["services"][service]["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["upstream"] == upstream)
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// A client that reads a large response slowly: a small receive buffer and a pause between
+/// small reads. It reports on `header` once the response header arrived, then reads on;
+/// returns the body bytes it read.
+fn slow_download(addr: &str, path: &str, header: std::sync::mpsc::Sender<u16>) -> usize {
+    use socket2::{Domain, Socket, Type};
+    use std::io::{Read, Write};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    socket.connect(&addr.into()).unwrap();
+    let mut stream: std::net::TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut received = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut body_start = None;
+    loop {
+        let n = stream.read(&mut chunk).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        received.extend_from_slice(&chunk[..n]);
+        if body_start.is_none() {
+            if let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+                body_start = Some(end + 4);
+                let status = String::from_utf8_lossy(&received[9..12])
+                    .parse()
+                    .unwrap_or(0);
+                let _ = header.send(status);
+            }
+        }
+        // About 8 MB/s at most: the body below takes two seconds to read.
+        thread::sleep(Duration::from_millis(8));
+    }
+    received.len() - body_start.unwrap_or(received.len())
+}
+
+#[test]
+fn a_slow_reader_is_not_a_slow_call_and_does_not_hold_the_probe_slot() {
+    // Larger than the socket buffers between the gateway and the client (the send buffer
+    // grows to 4 MiB), so the gateway is still writing it long after the upstream answered.
+    const BODY: usize = 16_000_000;
+    let up = Upstream::start("big");
+    let gw = Gateway::start(&format!(
+        r#"
+server: {{listen: ["${{LISTEN}}"]}}
+admin: {{listen: "${{ADMIN}}"}}
+services:
+  big:
+    routes: [{{path_prefix: /}}]
+    upstreams: ["{}"]
+    retries: 0
+    circuit_breaker:
+      slow_call_threshold: 1s
+      failure_threshold: 1
+      reset_timeout: 1s
+      half_open_requests: 1
+      success_threshold: 2
+"#,
+        up.addr
+    ));
+    let path = format!("/big?bytes={BODY}");
+    // A fast upstream, a client that takes two seconds or more to read what it sent; the
+    // gateway is still writing it after one and a half.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let started = Instant::now();
+    assert_eq!(slow_download(&gw.http, &path, tx), BODY);
+    assert_eq!(rx.recv().unwrap(), 200);
+    assert!(
+        started.elapsed() > Duration::from_millis(1500),
+        "the download was not slow: {:?}",
+        started.elapsed()
+    );
+    let c = circuit(&gw, "big", &up.addr);
+    assert_eq!(c["state"], "closed", "{c}");
+    assert_eq!(
+        (c["window_calls"].as_u64(), c["window_failures"].as_u64()),
+        (Some(1), Some(0))
+    );
+
+    // Open the breaker, let it half-open: the slow reader is its probe.
+    up.fail(503);
+    assert_eq!(client().get(gw.url("/x")).send().unwrap().status(), 503);
+    assert_eq!(circuit(&gw, "big", &up.addr)["state"], "open");
+    up.recover();
+    poll_until(Duration::from_secs(5), "half open", || {
+        circuit(&gw, "big", &up.addr)["state"] == "half_open"
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (addr, slow_path) = (gw.http.clone(), path.clone());
+    let reader = thread::spawn(move || slow_download(&addr, &slow_path, tx));
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), 200);
+    // Its header arrived: the probe succeeded and its slot is free while it still reads.
+    let c = circuit(&gw, "big", &up.addr);
+    assert_eq!(c["state"], "half_open", "{c}");
+    assert_eq!(c["probes_in_flight"], 0, "{c}");
+    assert!(
+        !reader.is_finished(),
+        "the probe finished too fast to show anything"
+    );
+    // So the next request is admitted as the second probe, and closes the breaker.
+    assert_eq!(client().get(gw.url("/x")).send().unwrap().status(), 200);
+    assert_eq!(circuit(&gw, "big", &up.addr)["state"], "closed");
+    assert_eq!(reader.join().unwrap(), BODY);
+}
+
+/// An upstream that sends a response header promising `length` bytes, `sent` of them, then
+/// closes the connection.
+fn truncating_upstream(length: usize, sent: usize) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {length}\r\n\r\n"
+                );
+                let _ = stream.write_all(&vec![b'x'; sent]);
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn an_upstream_that_breaks_off_mid_body_counts_as_a_failure() {
+    let up = truncating_upstream(1_000_000, 10_000);
+    let gw = Gateway::start(&format!(
+        r#"
+server: {{listen: ["${{LISTEN}}"]}}
+admin: {{listen: "${{ADMIN}}"}}
+services:
+  broken:
+    routes: [{{path_prefix: /}}]
+    upstreams: ["{up}"]
+    retries: 0
+    circuit_breaker: {{failure_threshold: 2, reset_timeout: 30s}}
+"#
+    ));
+    for i in 1..=2 {
+        // The client gets the header and part of the body, then the connection closes.
+        let r = common::raw_request(&gw.http, b"GET /x HTTP/1.1\r\nHost: gw\r\n\r\n");
+        assert!(r.status == 200 || r.status == 0, "{r:?}");
+        poll_until(Duration::from_secs(5), "the failure counted", || {
+            circuit(&gw, "broken", &up)["window_failures"].as_u64() == Some(i)
+        });
+    }
+    let c = circuit(&gw, "broken", &up);
+    assert_eq!(c["state"], "open", "{c}");
+    assert_eq!(c["window_calls"].as_u64(), Some(2), "{c}");
+}

@@ -6,7 +6,10 @@
 use crate::cache::{CacheConfig, ServiceCacheConfig};
 use crate::edge::auth::{AuthConfig, AuthMode};
 use crate::edge::cors::CorsConfig;
+use crate::edge::forwarded::ProxyNet;
+use crate::edge::headers::Underscores;
 use crate::edge::limits::LimitsConfig;
+use crate::edge::path::PathConfig;
 use crate::edge::rate_limit::RateLimitConfig;
 use crate::edge::security_headers::SecurityHeadersConfig;
 use crate::ops::access_log::AccessLogConfig;
@@ -107,6 +110,18 @@ pub struct ServerConfig {
     /// TLS listeners always offer h2 through ALPN. Default: false.
     #[serde(default)]
     pub h2c: bool,
+    /// Proxies in front of the gateway whose forwarding headers are believed: addresses or
+    /// CIDR blocks. From any other peer, `X-Forwarded-*`, `Forwarded`, `X-Real-IP` and the
+    /// like are replaced. Default: none (the TCP peer is the client).
+    #[serde(default)]
+    pub trusted_proxies: Vec<ProxyNet>,
+    /// What a client header whose name contains `_` gets: `drop`, `reject` (400) or
+    /// `allow`. Default: drop.
+    #[serde(default)]
+    pub underscores_in_headers: Underscores,
+    /// How request paths are normalized before routing.
+    #[serde(default)]
+    pub paths: PathConfig,
 }
 
 impl Default for ServerConfig {
@@ -121,6 +136,9 @@ impl Default for ServerConfig {
             keepalive_timeout: default_keepalive_timeout(),
             max_connections: None,
             h2c: false,
+            trusted_proxies: Vec::new(),
+            underscores_in_headers: Underscores::default(),
+            paths: PathConfig::default(),
         }
     }
 }

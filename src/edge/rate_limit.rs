@@ -456,7 +456,13 @@ impl RateLimiter {
         }
     }
 
-    /// The key `check` should count this request under. `client_ip` is the peer address,
+    /// Whether the key is the authenticated subject, so the limit is checked after
+    /// authentication; every other key is checked before it, so refused requests count too.
+    pub fn needs_identity(&self) -> bool {
+        self.rule.key == RateKey::User
+    }
+
+    /// The key `check` should count this request under. `client_ip` is the client's address,
     /// `subject` the authenticated JWT subject if any. Keys from different sources are
     /// namespaced (`sub:`, `hdr:`, `ip:`) so a client cannot name someone else's bucket, e.g.
     /// by sending another client's address as its API key.

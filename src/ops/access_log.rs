@@ -7,6 +7,7 @@
 //! and a slow output (a full pipe, a slow disk) then delays logging, not requests. Lines
 //! queued in the last moments before the process exits can be lost.
 
+use crate::edge::forwarded::Client;
 use once_cell::sync::Lazy;
 use pingora::proxy::Session;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
@@ -82,9 +83,11 @@ pub enum Field {
     Ts,
     RequestId,
     Client,
+    Peer,
     Method,
     Host,
     Path,
+    RawTarget,
     Status,
     Service,
     Upstream,
@@ -97,13 +100,15 @@ pub enum Field {
 }
 
 /// Today's line, field for field.
-const DEFAULT_FIELDS: [Field; 14] = [
+const DEFAULT_FIELDS: [Field; 16] = [
     Field::Ts,
     Field::RequestId,
     Field::Client,
+    Field::Peer,
     Field::Method,
     Field::Host,
     Field::Path,
+    Field::RawTarget,
     Field::Status,
     Field::Service,
     Field::Upstream,
@@ -309,6 +314,9 @@ fn write_lines(rx: Receiver<Vec<u8>>) {
 pub struct Entry<'a> {
     pub session: &'a Session,
     pub request_id: &'a str,
+    pub client: &'a Client,
+    /// The request target as sent, when normalizing changed it.
+    pub original_target: Option<&'a str>,
     pub status: u16,
     pub service: &'a str,
     pub upstream: Option<&'a str>,
@@ -431,9 +439,18 @@ impl AccessLog {
                     let _ = serde_json::to_writer(&mut *buf, e.request_id);
                 }
                 Field::Client => {
+                    // The TCP peer, or behind trusted proxies the address they saw.
                     key("client");
-                    let client = e.session.client_addr().map(|a| a.to_string());
-                    let _ = serde_json::to_writer(&mut *buf, client.as_deref().unwrap_or(""));
+                    let _ = serde_json::to_writer(&mut *buf, e.client.addr.as_str());
+                }
+                Field::Peer => {
+                    // The TCP peer (`ip:port`), when it is a trusted proxy, not the client.
+                    if e.client.via_trusted_proxy {
+                        if let Some(peer) = e.session.client_addr() {
+                            key("peer");
+                            let _ = serde_json::to_writer(&mut *buf, &peer.to_string());
+                        }
+                    }
                 }
                 Field::Method => {
                     key("method");
@@ -449,8 +466,15 @@ impl AccessLog {
                     let _ = serde_json::to_writer(&mut *buf, host);
                 }
                 Field::Path => {
+                    // Normalized: what was routed and forwarded.
                     key("path");
                     let _ = serde_json::to_writer(&mut *buf, req.uri.path());
+                }
+                Field::RawTarget => {
+                    if let Some(target) = e.original_target {
+                        key("raw_target");
+                        let _ = serde_json::to_writer(&mut *buf, target);
+                    }
                 }
                 Field::Status => {
                     key("status");
@@ -506,11 +530,9 @@ impl AccessLog {
 /// `client - - [time] "METHOD target VERSION" status bytes "referer" "user-agent"`.
 fn combined_line(e: &Entry<'_>, buf: &mut Vec<u8>) {
     let req = e.session.req_header();
-    match e.session.client_addr().and_then(|a| a.as_inet()) {
-        Some(addr) => {
-            let _ = write!(buf, "{}", addr.ip());
-        }
-        None => buf.push(b'-'),
+    match e.client.addr.as_str() {
+        "" => buf.push(b'-'),
+        addr => buf.extend_from_slice(addr.as_bytes()),
     }
     let _ = write!(buf, " - - [{}] \"", clf_timestamp());
     quoted_part(buf, req.method.as_str().as_bytes());

@@ -34,6 +34,8 @@ pub enum Answer {
     Cached(Served),
     /// The service's fallback: no upstream admits the request.
     Fallback,
+    /// `OPTIONS *`: a question about the server, not a resource; no upstream is asked.
+    ServerOptions,
 }
 
 impl Answer {
@@ -49,6 +51,12 @@ impl Answer {
         Answer::Error(status, reason, ErrorBody::new(reason), Vec::new())
     }
 
+    /// `400` for a request the gateway cannot judge safely, saying why.
+    pub fn bad_request(reason: &'static str, detail: &'static str) -> Answer {
+        let body = ErrorBody::new(reason).detail(detail);
+        Answer::Error(StatusCode::BAD_REQUEST, reason, body, Vec::new())
+    }
+
     /// Writes the answer and records why the gateway answered; `Ok(true)` tells Pingora the
     /// request is done.
     pub async fn send(self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
@@ -60,6 +68,7 @@ impl Answer {
             // Keeps the reason of a stale answer (the upstream's failure).
             Answer::Cached(_) => ctx.error,
             Answer::Fallback => Some("fallback"),
+            Answer::ServerOptions => Some("options *"),
         };
         let ctx = &*ctx;
         let id = &ctx.request_id;
@@ -104,6 +113,14 @@ impl Answer {
                 if let Some(service) = &ctx.service {
                     send_fallback(session, service, id, &finish).await?;
                 }
+            }
+            Answer::ServerOptions => {
+                let allow = [(
+                    http::header::ALLOW,
+                    HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+                )];
+                let (status, empty) = (StatusCode::NO_CONTENT, Bytes::new());
+                send(session, status, "text/plain", empty, id, &allow, &finish).await?;
             }
         }
         Ok(true)

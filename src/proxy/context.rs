@@ -5,10 +5,13 @@
 //! Counts and admissions are held by guards, so they are released however a request ends:
 //! the service's in-flight gauge by [`Forwarding`], an upstream's in-flight count by a started
 //! [`Attempt`], a breaker's half-open probe slot by the attempt's permit. A breaker hears how
-//! an attempt went in one place, [`Attempt::finish`].
+//! an attempt went in one place, [`Attempt::record`]: when the upstream's response header
+//! arrives (status and time to first byte decide; a probe's slot is freed) and when the
+//! attempt ends (a body that broke off on the upstream's side makes it a failure).
 
 use crate::cache::CacheState;
 use crate::edge::auth::Identity;
+use crate::edge::forwarded::Client;
 use crate::edge::security_headers::SecurityHeaders;
 use crate::ops::tracing::RequestTrace;
 use crate::routing::Route;
@@ -26,6 +29,10 @@ use std::time::Instant;
 pub struct RequestCtx {
     pub(super) start: Instant,
     pub(super) request_id: HeaderValue,
+    /// Who the client is, once its request arrived.
+    pub(super) client: Client,
+    /// The request target as the client sent it, when normalizing changed it (access log).
+    pub(super) original_target: Option<Box<str>>,
     /// The matched route and its service, once routed.
     pub(super) route: Option<Arc<Route>>,
     pub(super) service: Option<Arc<Service>>,
@@ -54,6 +61,8 @@ impl RequestCtx {
         RequestCtx {
             start: Instant::now(),
             request_id: HeaderValue::from_static(""),
+            client: Client::default(),
+            original_target: None,
             route: None,
             service: None,
             security_headers,
@@ -82,11 +91,13 @@ impl RequestCtx {
         self.forwarding.as_ref()?.attempt.as_ref()?.status
     }
 
-    /// The service and the forwarding state, for the phases after admission.
-    pub(super) fn forwarding(&mut self) -> Option<(Arc<Service>, &mut Forwarding)> {
+    /// The service, the forwarding state and the client's address, for the phases after
+    /// admission.
+    pub(super) fn forwarding(&mut self) -> Option<(Arc<Service>, &mut Forwarding, &str)> {
         Some((
             Arc::clone(self.service.as_ref()?),
             self.forwarding.as_mut()?,
+            &self.client.addr,
         ))
     }
 
@@ -148,8 +159,8 @@ impl Forwarding {
         let mut attempt = match self.attempt.take() {
             Some(planned) if planned.started.is_none() => planned,
             previous => {
-                if let Some(previous) = previous {
-                    previous.finish(AttemptEnd::Abandoned);
+                if let Some(mut previous) = previous {
+                    previous.record(AttemptEvent::Abandoned);
                 }
                 let (index, permit) = service.pool.admit(&key(), |_| true)?;
                 Attempt::planned(service, index, permit)
@@ -166,15 +177,22 @@ impl Forwarding {
         Some(self.attempt.insert(attempt))
     }
 
+    /// The current attempt's upstream sent its response header with `status`.
+    pub(super) fn responded(&mut self, status: u16) {
+        if let Some(attempt) = &mut self.attempt {
+            attempt.record(AttemptEvent::Responded(status));
+        }
+    }
+
     /// Ends the current attempt, if any, as `end` says.
-    pub(super) fn end_attempt(&mut self, end: AttemptEnd<'_>) {
-        if let Some(attempt) = self.attempt.take() {
-            attempt.finish(end);
+    pub(super) fn end_attempt(&mut self, end: AttemptEvent<'_>) {
+        if let Some(mut attempt) = self.attempt.take() {
+            attempt.record(end);
         }
     }
 
     /// Whether the current attempt got a response header from its upstream.
-    pub(super) fn responded(&self) -> bool {
+    pub(super) fn got_header(&self) -> bool {
         self.attempt.as_ref().is_some_and(|a| a.status.is_some())
     }
 
@@ -205,10 +223,11 @@ impl Forwarding {
 pub(super) struct Attempt {
     index: usize,
     pub(super) upstream: Arc<Upstream>,
-    permit: Permit,
+    /// Until the attempt ends; dropped unused, it frees a half-open probe slot.
+    permit: Option<Permit>,
     started: Option<Started>,
     /// Status of the upstream's response header, once it arrived.
-    pub(super) status: Option<u16>,
+    status: Option<u16>,
 }
 
 struct Started {
@@ -218,9 +237,12 @@ struct Started {
     _in_flight: InFlight,
 }
 
-/// How an attempt ended, as far as its upstream's breaker is concerned.
-pub(super) enum AttemptEnd<'a> {
-    /// Connecting failed, or the exchange broke off on the upstream's side.
+/// What happened to an attempt, as far as its upstream's breaker is concerned.
+pub(super) enum AttemptEvent<'a> {
+    /// The upstream's response header arrived, with this status.
+    Responded(u16),
+    /// Connecting failed, or the exchange broke off on the upstream's side (before or after
+    /// the response header).
     UpstreamFailed,
     /// The client went away or the gateway gave up on the attempt: it says nothing about the
     /// upstream.
@@ -234,33 +256,45 @@ impl Attempt {
         Attempt {
             index,
             upstream: Arc::clone(&service.pool.upstreams[index]),
-            permit,
+            permit: Some(permit),
             started: None,
             status: None,
         }
     }
 
-    /// The one place a breaker hears how an attempt went. An attempt never started (a retry
-    /// planned but not made) tells it nothing: its upstream saw nothing.
-    pub(super) fn finish(self, end: AttemptEnd<'_>) {
+    /// The one place a breaker hears how an attempt went. The response header decides by its
+    /// status and time to first byte (how long the client takes to read the body is not the
+    /// upstream's doing); the end of the attempt can still make it a failure, when the
+    /// exchange broke off on the upstream's side. An attempt never started (a retry planned
+    /// but not made) tells it nothing: its upstream saw nothing.
+    pub(super) fn record(&mut self, event: AttemptEvent<'_>) {
         let Some(started) = &self.started else {
             return;
         };
-        let outcome = match (end, self.status) {
-            (AttemptEnd::UpstreamFailed, _) => Some(Outcome::Failure),
-            (AttemptEnd::Abandoned, _) => None,
-            (AttemptEnd::Done(_), Some(status)) => {
-                Some(self.upstream.breaker.judge(status, started.at.elapsed()))
+        if let AttemptEvent::Responded(status) = event {
+            self.status = Some(status);
+            let outcome = self.upstream.breaker.judge(status, started.at.elapsed());
+            if let Some(permit) = &mut self.permit {
+                permit.responded(outcome);
             }
-            // The exchange broke off and no hook recorded it: blame the upstream only when the
-            // error came from its side.
-            (AttemptEnd::Done(Some(e)), None) if e.esource() == &ErrorSource::Upstream => {
+            return;
+        }
+        let Some(permit) = self.permit.take() else {
+            return;
+        };
+        let answered = self.status.is_some();
+        let outcome = match event {
+            AttemptEvent::UpstreamFailed => Some(Outcome::Failure),
+            AttemptEvent::Done(Some(e)) if e.esource() == &ErrorSource::Upstream => {
                 Some(Outcome::Failure)
             }
-            (AttemptEnd::Done(_), None) => None,
+            // The upstream answered; the client going away later is not its doing.
+            AttemptEvent::Abandoned | AttemptEvent::Done(_) if answered => Some(Outcome::Success),
+            AttemptEvent::Abandoned | AttemptEvent::Done(_) | AttemptEvent::Responded(_) => None,
         };
+        // Without an outcome the permit is dropped, which frees a probe slot.
         if let Some(outcome) = outcome {
-            self.permit.record(outcome);
+            permit.record(outcome);
         }
     }
 }

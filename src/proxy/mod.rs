@@ -20,8 +20,9 @@ pub use context::RequestCtx;
 use crate::cache::Lookup;
 use crate::edge::auth::{self, AuthMode};
 use crate::edge::cors::Preflight;
-use crate::edge::forwarded::{self, client_ip, is_tls};
+use crate::edge::forwarded::{self, is_tls, Client};
 use crate::edge::limits::BODY_TOO_LARGE;
+use crate::edge::path::Target;
 use crate::ops::lifecycle::LIFECYCLE;
 use crate::ops::tracing::{Phase, RequestSummary, RequestTrace};
 use crate::ops::{access_log, metrics};
@@ -31,7 +32,7 @@ use crate::upstream::peer;
 use answer::{Answer, ErrorBody};
 use async_trait::async_trait;
 use bytes::Bytes;
-use context::{Attempt, AttemptEnd, Forwarding};
+use context::{Attempt, AttemptEvent, Forwarding};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -64,14 +65,43 @@ impl ProxyHttp for Gateway {
         if let Some(tracer) = &self.runtime.tracer {
             ctx.trace = RequestTrace::begin(tracer, &session.req_header().headers, ctx.start);
         }
+        // The request as the upstream will read it, before anything judges it: its client
+        // known, its target normalized, its headers cleaned.
+        ctx.client = Client::of(session, &self.runtime.trusted_proxies);
+        match self
+            .runtime
+            .paths
+            .normalize_request(session.req_header_mut())
+        {
+            Ok((Target::Path, original)) => ctx.original_target = original,
+            Ok((Target::Asterisk, _)) => return Answer::ServerOptions.send(session, ctx).await,
+            Err(e) => {
+                let answer = Answer::bad_request("bad request path", e.detail());
+                return answer.send(session, ctx).await;
+            }
+        }
+        let header_refusal = self
+            .runtime
+            .header_rules
+            .clean(session.req_header_mut(), ctx.client.via_trusted_proxy);
         let Some(service) = self.route(session, ctx) else {
             return Answer::no_route(session.req_header())
                 .send(session, ctx)
                 .await;
         };
-        // Each step either lets the request on or answers it here, in this order: size
-        // limits, CORS preflight (browsers send it without credentials), authentication,
-        // rate limit (per user needs the identity), cache, then an upstream or the fallback.
+        // Each step either lets the request on or answers it here, in this order: the rate
+        // limit when it needs no identity (first, so every request refused below counts, and
+        // a flood of bad tokens is cut off before their signatures are checked), ambiguous
+        // headers, size limits, CORS preflight (browsers send it without credentials),
+        // authentication, the rate limit per user, cache, then an upstream or the fallback.
+        if let Some(answer) = rate_limit(session, &service, ctx, Stage::BeforeAuth).await {
+            return answer.send(session, ctx).await;
+        }
+        if let Some(detail) = header_refusal {
+            return Answer::bad_request("bad request header", detail)
+                .send(session, ctx)
+                .await;
+        }
         if let Some(answer) = check_limits(session, &service) {
             return answer.send(session, ctx).await;
         }
@@ -82,7 +112,7 @@ impl ProxyHttp for Gateway {
         if let Some(answer) = self.authenticate(session, &service, ctx).await {
             return answer.send(session, ctx).await;
         }
-        if let Some(answer) = rate_limit(session, &service, ctx).await {
+        if let Some(answer) = rate_limit(session, &service, ctx, Stage::AfterAuth).await {
             return answer.send(session, ctx).await;
         }
         if let Some(answer) = cache_lookup(session, &service, ctx).await {
@@ -99,11 +129,11 @@ impl ProxyHttp for Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let Some((service, forwarding)) = ctx.forwarding() else {
+        let Some((service, forwarding, client)) = ctx.forwarding() else {
             return Error::e_explain(ErrorType::InternalError, "no upstream admitted");
         };
         let deadline = forwarding.deadline;
-        let key = || hash_key(session, &service);
+        let key = || hash_key(session, &service, client);
         let retry = forwarding.retries;
         let Some(attempt) = forwarding.start_attempt(&service, key) else {
             return Error::e_explain(ErrorType::ConnectNoRoute, "no upstream admits the retry");
@@ -131,7 +161,7 @@ impl ProxyHttp for Gateway {
         }
         upstream_request.insert_header(REQUEST_ID, ctx.request_id.clone())?;
         ctx.trace.set_upstream_headers(upstream_request);
-        forwarded::set_headers(session, upstream_request)
+        forwarded::set_headers(session, &ctx.client, upstream_request)
     }
 
     async fn request_body_filter(
@@ -158,8 +188,9 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if !upstream_response.status.is_informational() {
-            if let Some(attempt) = ctx.forwarding.as_mut().and_then(|f| f.attempt.as_mut()) {
-                attempt.status = Some(upstream_response.status.as_u16());
+            // The breaker judges the attempt now, by its status and time to first byte.
+            if let Some(forwarding) = &mut ctx.forwarding {
+                forwarding.responded(upstream_response.status.as_u16());
             }
             // Before any per-request header is added, so none of them is stored.
             if let Some(cache) = &mut ctx.cache {
@@ -202,12 +233,12 @@ impl ProxyHttp for Gateway {
     ) -> Box<Error> {
         ctx.trace
             .attempt_ended(None, Some(errors::error_kind(e.etype())));
-        let Some((service, forwarding)) = ctx.forwarding() else {
+        let Some((service, forwarding, client)) = ctx.forwarding() else {
             return no_retry(e);
         };
         upstream_failed(&service, forwarding, &e);
         // Nothing was sent, so any method may go to another upstream.
-        let retry = forwarding.plan_retry(&service, || hash_key(session, &service));
+        let retry = forwarding.plan_retry(&service, || hash_key(session, &service, client));
         e.set_retry(retry);
         e
     }
@@ -224,13 +255,13 @@ impl ProxyHttp for Gateway {
         let status = ctx.last_attempt_status();
         ctx.trace
             .attempt_ended(status, Some(errors::error_kind(e.etype())));
-        let Some((service, forwarding)) = ctx.forwarding() else {
+        let Some((service, forwarding, client)) = ctx.forwarding() else {
             return no_retry(e);
         };
-        let responded = forwarding.responded();
+        let responded = forwarding.got_header();
         if e.esource() != &ErrorSource::Upstream {
             // The client went away or sent garbage: not the upstream's fault.
-            forwarding.end_attempt(AttemptEnd::Abandoned);
+            forwarding.end_attempt(AttemptEvent::Abandoned);
             return no_retry(e);
         }
         upstream_failed(&service, forwarding, &e);
@@ -240,7 +271,7 @@ impl ProxyHttp for Gateway {
             && !responded
             && !session.as_ref().retry_buffer_truncated();
         let retry = if replayable {
-            forwarding.plan_retry(&service, || hash_key(session, &service))
+            forwarding.plan_retry(&service, || hash_key(session, &service, client))
         } else {
             if forwarding.retries < service.retries {
                 service.metrics.retries_not_retryable.inc();
@@ -299,7 +330,7 @@ impl ProxyHttp for Gateway {
         ctx.trace
             .attempt_ended(attempt_status, e.map(|e| errors::error_kind(e.etype())));
         if let Some(forwarding) = &mut ctx.forwarding {
-            forwarding.end_attempt(AttemptEnd::Done(e));
+            forwarding.end_attempt(AttemptEvent::Done(e));
         }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.start.elapsed();
@@ -309,6 +340,8 @@ impl ProxyHttp for Gateway {
             log.write(&access_log::Entry {
                 session,
                 request_id: ctx.request_id.to_str().unwrap_or_default(),
+                client: &ctx.client,
+                original_target: ctx.original_target.as_deref(),
                 status,
                 service: ctx.service_name(),
                 upstream: ctx.last_upstream().map(|u| u.name.as_str()),
@@ -401,13 +434,27 @@ fn cors_preflight(session: &Session, service: &Service) -> Option<Answer> {
     }
 }
 
-/// Counts the request against the service's rate limit.
-async fn rate_limit(session: &Session, service: &Service, ctx: &mut RequestCtx) -> Option<Answer> {
+/// When a rate limit is checked: before authentication unless it is per user.
+#[derive(PartialEq, Eq)]
+enum Stage {
+    BeforeAuth,
+    AfterAuth,
+}
+
+/// Counts the request against the service's rate limit, at the stage its key allows.
+async fn rate_limit(
+    session: &Session,
+    service: &Service,
+    ctx: &mut RequestCtx,
+    stage: Stage,
+) -> Option<Answer> {
     let limiter = service.rate_limit.as_ref()?;
+    if limiter.needs_identity() != (stage == Stage::AfterAuth) {
+        return None;
+    }
     let t = ctx.trace.phase_start();
-    let ip = client_ip(session);
     let subject = ctx.identity.as_ref().and_then(|i| i.subject.as_deref());
-    let key = limiter.key_for(&ip, subject, &session.req_header().headers);
+    let key = limiter.key_for(&ctx.client.addr, subject, &session.req_header().headers);
     let decision = limiter.check(&key).await;
     ctx.trace
         .phase_end(Phase::RateLimit, t, decision.rejection().is_some());
@@ -451,7 +498,7 @@ async fn cache_lookup(
 /// breaker admits the request. When none does, the answer is given now, without touching the
 /// network: a stale cached copy when there is one, else the fallback.
 fn admit(session: &Session, service: &Service, ctx: &mut RequestCtx) -> Option<Answer> {
-    let key = hash_key(session, service);
+    let key = hash_key(session, service, &ctx.client.addr);
     match service.pool.admit(&key, |_| true) {
         Some((index, permit)) => {
             let first = Attempt::planned(service, index, permit);
@@ -487,7 +534,7 @@ fn count_request(session: &Session, ctx: &RequestCtx, status: u16, elapsed: Dura
 /// The current attempt failed on the upstream's side: its breaker and the error metric
 /// hear of it.
 fn upstream_failed(service: &Service, forwarding: &mut Forwarding, e: &Error) {
-    forwarding.end_attempt(AttemptEnd::UpstreamFailed);
+    forwarding.end_attempt(AttemptEvent::UpstreamFailed);
     service
         .metrics
         .upstream_error(errors::error_kind(e.etype()));
@@ -520,8 +567,8 @@ fn no_retry(mut e: Box<Error>) -> Box<Error> {
 }
 
 /// What consistent hashing hashes for this request (empty for the other algorithms).
-fn hash_key(session: &Session, service: &Service) -> Vec<u8> {
+fn hash_key(session: &Session, service: &Service, client: &str) -> Vec<u8> {
     service
         .pool
-        .hash_key(session.req_header(), || client_ip(session))
+        .hash_key(session.req_header(), || client.to_owned())
 }

@@ -14,7 +14,10 @@ use crate::config::{
 };
 use crate::edge::auth::{AuthCompileError, AuthMode, Authenticator, ServiceAuth};
 use crate::edge::cors::{Cors, CorsConfig};
+use crate::edge::forwarded::TrustedProxies;
+use crate::edge::headers::HeaderRules;
 use crate::edge::limits::{Limits, LimitsConfig};
+use crate::edge::path::PathRules;
 use crate::edge::rate_limit::{Backend as RateLimitBackend, RateLimitPolicy};
 use crate::edge::security_headers::SecurityHeaders;
 use crate::edge::tls::{TlsAcceptor, TlsFile};
@@ -54,6 +57,9 @@ pub struct Compiled {
     pub(super) cache: Option<Arc<ResponseCache>>,
     /// The top-level set, for answers to requests no route matched.
     pub(super) security_headers: Arc<SecurityHeaders>,
+    pub(super) paths: PathRules,
+    pub(super) trusted_proxies: TrustedProxies,
+    pub(super) header_rules: HeaderRules,
     route_count: usize,
 }
 
@@ -197,10 +203,18 @@ pub fn compile(config: &Config, source: &Source) -> Result<Compiled, ConfigError
                     .as_ref()
                     .is_some_and(|rl| rl.backend == RateLimitBackend::Redis)
             }));
+    let trusted_proxies = TrustedProxies::compile(&config.server.trusted_proxies)
+        .map_err(|e| source.section_error("server", e))?;
     let authenticator = config.auth.compile().map_err(|e| match e {
         AuthCompileError::Invalid(message) => source.error("auth", None, message),
         AuthCompileError::Keys(message) => source.error_without_line("auth.jwt", message),
     })?;
+    // The identity headers are refused from clients in every spelling.
+    let identity_headers: Vec<_> = authenticator
+        .as_ref()
+        .map(|a| a.identity_headers().cloned().collect())
+        .unwrap_or_default();
+    let header_rules = HeaderRules::new(config.server.underscores_in_headers, &identity_headers);
     Ok(Compiled {
         server: config.server.clone(),
         admin: config.admin.clone(),
@@ -216,6 +230,9 @@ pub fn compile(config: &Config, source: &Source) -> Result<Compiled, ConfigError
         redis,
         cache,
         security_headers,
+        paths: config.server.paths.compile(),
+        trusted_proxies,
+        header_rules,
         route_count: config.route_count(),
     })
 }

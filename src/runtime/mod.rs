@@ -15,7 +15,10 @@ use crate::cache::{ResponseCache, ServiceCache};
 use crate::clock::{Clock, MonotonicClock};
 use crate::edge::auth::{self, Authenticator, ServiceAuth};
 use crate::edge::cors::Cors;
+use crate::edge::forwarded::TrustedProxies;
+use crate::edge::headers::HeaderRules;
 use crate::edge::limits::Limits;
+use crate::edge::path::PathRules;
 use crate::edge::rate_limit::RateLimiter;
 use crate::edge::security_headers::SecurityHeaders;
 use crate::ops::access_log::AccessLog;
@@ -51,6 +54,13 @@ pub struct Runtime {
     pub redis_needed: bool,
     /// Top-level security headers, for answers to requests no route matched.
     pub security_headers: Arc<SecurityHeaders>,
+    /// How request paths are normalized before routing (`server.paths`).
+    pub paths: PathRules,
+    /// Whose forwarding headers are believed (`server.trusted_proxies`).
+    pub trusted_proxies: TrustedProxies,
+    /// How the client's headers are cleaned (`server.underscores_in_headers`, identity
+    /// headers).
+    pub header_rules: HeaderRules,
 }
 
 /// One service at run time.
@@ -111,6 +121,9 @@ impl Compiled {
                 cache: self.cache,
                 redis: self.redis,
                 security_headers: self.security_headers,
+                paths: self.paths,
+                trusted_proxies: self.trusted_proxies,
+                header_rules: self.header_rules,
             },
             background,
         ))

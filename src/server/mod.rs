@@ -1,7 +1,7 @@
 //! Assembles the Pingora server from a compiled config: installs it in this process, then adds
 //! the proxy listeners (plain and TLS) behind the connection [`front`], the admin listener,
 //! the background services (health checks, span export, the status page's sampler), the Redis
-//! connector and the lifecycle watcher.
+//! connector, the JWKS refresher and the lifecycle watcher.
 
 pub mod front;
 
@@ -140,6 +140,13 @@ pub fn build(compiled: Compiled, start: &StartOptions) -> Result<Assembled> {
     server.add_service(background_service("status", StatusSampler(history)));
     if let Some(redis) = redis {
         server.add_service(background_service("redis", RedisConnector(redis)));
+    }
+    if let Some(refresher) = runtime
+        .authenticator
+        .as_ref()
+        .and_then(|a| a.jwks_refresher())
+    {
+        server.add_service(background_service("jwks", refresher));
     }
     let lifecycle = server.add_service(background_service(
         "lifecycle",

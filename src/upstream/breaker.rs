@@ -73,8 +73,9 @@ pub struct BreakerConfig {
     pub success_threshold: u32,
     /// Upstream statuses that count as failures. Default: [500, 502, 503, 504].
     pub failure_statuses: Vec<u16>,
-    /// A call slower than this (to the end of its response) counts as a failure.
-    /// Default: none.
+    /// A call whose response header takes longer than this to arrive (from the start of the
+    /// attempt, connecting included) counts as a failure. How long the client then takes to
+    /// read the body does not count. Default: none.
     #[serde(deserialize_with = "crate::values::de_opt_duration")]
     pub slow_call_threshold: Option<Duration>,
 }
@@ -419,8 +420,8 @@ impl CircuitBreaker {
         &self.config
     }
 
-    /// How a call that got a response went: a failure when its status is one of
-    /// `failure_statuses` or it took longer than `slow_call_threshold`.
+    /// How a call that got a response header went: a failure when its status is one of
+    /// `failure_statuses` or the header took longer than `slow_call_threshold`.
     pub fn judge(&self, status: u16, took: Duration) -> Outcome {
         let slow = self
             .config
@@ -687,6 +688,27 @@ impl CircuitBreaker {
         }
     }
 
+    /// A probe whose header was a success broke off in its body: a failed probe after all. If
+    /// its success already closed the breaker, the failure counts in that closed period.
+    fn record_late_probe_failure(&self, generation: u16) {
+        let mut word = self.load();
+        loop {
+            let next = match word.state() {
+                State::HalfOpen if word.generation() == generation => {
+                    self.open_word(word, word.step().saturating_add(1))
+                }
+                State::Closed if word.generation() == generation.wrapping_add(1) => {
+                    return self.record_closed(word.generation(), Outcome::Failure);
+                }
+                _ => return,
+            };
+            match self.cas(word, next) {
+                Ok(()) => return self.notify(State::HalfOpen, State::Open),
+                Err(seen) => word = seen,
+            }
+        }
+    }
+
     fn release_probe(&self, generation: u16) {
         let mut word = self.load();
         while word.state() == State::HalfOpen
@@ -729,11 +751,27 @@ impl fmt::Debug for CircuitBreaker {
 
 /// Admission to send one request. Carries the generation it was admitted in, so its result only
 /// counts if the breaker is still in that same state period.
+///
+/// The outcome is known in two steps. When the response header arrives ([`Permit::responded`])
+/// its status and timing decide: a failure is recorded at once, and so is a probe's success,
+/// which frees the half-open slot then rather than when a slow client has read the body. A
+/// closed-state success waits for the end of the call ([`Permit::record`]), where a body that
+/// broke off on the upstream's side still makes it a failure.
 pub struct Permit {
     breaker: Arc<CircuitBreaker>,
     generation: u16,
     probe: bool,
-    settled: bool,
+    progress: Progress,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Progress {
+    /// No response header yet.
+    Admitted,
+    /// The header was a success: recorded for a probe, held for a closed-state call.
+    Responded,
+    /// The outcome is recorded; nothing more counts.
+    Settled,
 }
 
 impl Permit {
@@ -742,7 +780,25 @@ impl Permit {
             breaker: Arc::clone(breaker),
             generation,
             probe,
-            settled: false,
+            progress: Progress::Admitted,
+        }
+    }
+
+    /// The response header arrived and was judged `outcome` (see [`CircuitBreaker::judge`]).
+    pub fn responded(&mut self, outcome: Outcome) {
+        if self.progress != Progress::Admitted {
+            return;
+        }
+        match (outcome, self.probe) {
+            (Outcome::Failure, _) => {
+                self.progress = Progress::Settled;
+                self.record_now(Outcome::Failure);
+            }
+            (Outcome::Success, true) => {
+                self.progress = Progress::Responded;
+                self.record_now(Outcome::Success);
+            }
+            (Outcome::Success, false) => self.progress = Progress::Responded,
         }
     }
 
@@ -752,8 +808,22 @@ impl Permit {
         self.probe
     }
 
+    /// The call is over and went as `outcome`; after a header that was a success, a failure
+    /// here is a body that broke off on the upstream's side.
     pub fn record(mut self, outcome: Outcome) {
-        self.settled = true;
+        let progress = std::mem::replace(&mut self.progress, Progress::Settled);
+        match (progress, outcome, self.probe) {
+            (Progress::Admitted, _, _) | (Progress::Responded, _, false) => {
+                self.record_now(outcome)
+            }
+            (Progress::Responded, Outcome::Failure, true) => {
+                self.breaker.record_late_probe_failure(self.generation)
+            }
+            (Progress::Responded, Outcome::Success, true) | (Progress::Settled, _, _) => {}
+        }
+    }
+
+    fn record_now(&self, outcome: Outcome) {
         if self.probe {
             self.breaker.record_probe(self.generation, outcome);
         } else {
@@ -764,7 +834,7 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        if self.probe && !self.settled {
+        if self.probe && self.progress == Progress::Admitted {
             self.breaker.release_probe(self.generation);
         }
     }
@@ -829,6 +899,93 @@ mod tests {
 
     fn secs(s: u64) -> Duration {
         Duration::from_secs(s)
+    }
+
+    #[test]
+    fn a_probe_is_settled_at_its_header_and_frees_its_slot() {
+        let (b, clock, _) = breaker(BreakerConfig {
+            success_threshold: 2,
+            ..config()
+        });
+        open(&b);
+        clock.advance(secs(30));
+        let mut first = b.try_acquire().expect("a probe");
+        assert!(first.is_probe());
+        assert!(b.try_acquire().is_none(), "one probe at a time");
+        // The header arrives: the slot is free while the body is still being read.
+        first.responded(Outcome::Success);
+        assert_eq!(b.snapshot().probes_in_flight, 0);
+        assert_eq!(b.snapshot().probe_successes, 1);
+        let second = b.try_acquire().expect("the next probe");
+        // The end of the first call changes nothing more.
+        first.record(Outcome::Success);
+        assert_eq!(b.snapshot().probe_successes, 1);
+        second.record(Outcome::Success);
+        assert_eq!(b.state(), State::Closed);
+    }
+
+    #[test]
+    fn a_probe_whose_body_breaks_off_fails_after_all() {
+        let (b, clock, seen) = breaker(BreakerConfig {
+            success_threshold: 2,
+            ..config()
+        });
+        open(&b);
+        clock.advance(secs(30));
+        let mut probe = b.try_acquire().unwrap();
+        probe.responded(Outcome::Success);
+        probe.record(Outcome::Failure);
+        assert_eq!(b.state(), State::Open);
+        assert_eq!(
+            b.retry_after(),
+            Some(secs(60)),
+            "a failed probe doubles the wait"
+        );
+        assert_eq!(
+            seen.lock().unwrap().last(),
+            Some(&(State::HalfOpen, State::Open))
+        );
+        // A probe whose success closed the breaker counts as a failure in the closed period.
+        let (b, clock, _) = breaker(config());
+        open(&b);
+        clock.advance(secs(30));
+        let mut probe = b.try_acquire().unwrap();
+        probe.responded(Outcome::Success);
+        assert_eq!(b.state(), State::Closed);
+        probe.record(Outcome::Failure);
+        assert_eq!(b.state(), State::Closed);
+        assert_eq!(b.snapshot().consecutive_failures, 1);
+    }
+
+    #[test]
+    fn a_closed_call_is_judged_at_its_header_and_fails_if_its_body_breaks_off() {
+        let (b, _, _) = breaker(config());
+        // A failure at the header is recorded at once.
+        let mut p = b.try_acquire().unwrap();
+        p.responded(Outcome::Failure);
+        assert_eq!(b.snapshot().consecutive_failures, 1);
+        p.record(Outcome::Success);
+        assert_eq!(b.snapshot().window_calls, 1, "recorded once");
+        // A success is held until the end, so bodies that break off add up.
+        for _ in 0..2 {
+            let mut p = b.try_acquire().unwrap();
+            p.responded(Outcome::Success);
+            p.record(Outcome::Failure);
+        }
+        assert_eq!(b.state(), State::Open, "three failures in a row");
+        let snap = b.snapshot();
+        assert_eq!((snap.window_calls, snap.window_failures), (3, 3));
+    }
+
+    #[test]
+    fn slow_calls_are_judged_by_the_time_to_the_header() {
+        let (b, _, _) = breaker(BreakerConfig {
+            slow_call_threshold: Some(Duration::from_millis(100)),
+            ..config()
+        });
+        assert_eq!(b.judge(200, Duration::from_millis(100)), Outcome::Success);
+        assert_eq!(b.judge(200, Duration::from_millis(101)), Outcome::Failure);
+        assert_eq!(b.judge(503, Duration::ZERO), Outcome::Failure);
     }
 
     #[test]

@@ -411,7 +411,14 @@ impl Gateway {
                 ));
             }
             let last = match probe.get(&ready).send() {
-                Ok(r) if r.status() == reqwest::StatusCode::OK => return Ok(gw),
+                // The proxy listener can start accepting a moment after the admin one
+                // reports ready.
+                Ok(r)
+                    if r.status() == reqwest::StatusCode::OK
+                        && (!config_template.contains("${LISTEN}") || is_listening(&gw.http)) =>
+                {
+                    return Ok(gw)
+                }
                 Ok(r) => format!("{} {}", r.status(), r.text().unwrap_or_default()),
                 Err(e) => e.to_string(),
             };
@@ -680,4 +687,81 @@ impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw HTTP/1.1, for what a client library would refuse to send (or would fix on the way)
+// ---------------------------------------------------------------------------------------------
+
+/// An answer read off the socket as it came.
+#[derive(Debug)]
+pub struct RawResponse {
+    /// 0 when the connection closed without an answer.
+    pub status: u16,
+    /// Names lower-cased.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON, `Value::Null` when it is not.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+/// Sends `request` as it is over a fresh connection to `addr` and reads one answer (to its
+/// `Content-Length`, or until the connection closes).
+pub fn raw_request(addr: &str, request: &[u8]) -> RawResponse {
+    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(request).expect("send the request");
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        if let Some(response) = parse_raw_response(&buf) {
+            return response;
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    parse_raw_response(&buf).unwrap_or(RawResponse {
+        status: 0,
+        headers: Vec::new(),
+        body: buf,
+    })
+}
+
+/// A complete response in `buf` (header, then `Content-Length` bytes of body), if there is.
+fn parse_raw_response(buf: &[u8]) -> Option<RawResponse> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&buf[..end]);
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let length: usize = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let body = buf.get(end + 4..end + 4 + length)?.to_vec();
+    Some(RawResponse {
+        status,
+        headers,
+        body,
+    })
 }

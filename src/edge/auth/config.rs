@@ -2,7 +2,7 @@
 //! `required_scopes`, with the checks serde cannot do: one key source, one algorithm family
 //! that fits it, valid forward headers and scopes.
 
-use super::fetch::HttpUrl;
+use super::fetch::JwksUrl;
 use http::HeaderName;
 use jsonwebtoken::{Algorithm, AlgorithmFamily};
 use serde::de::Deserializer;
@@ -57,10 +57,19 @@ pub struct JwtConfig {
     /// unknown `kid`. Default: none.
     #[serde(default)]
     pub jwks_file: Option<PathBuf>,
-    /// JSON Web Key Set URL (`http://` only for now), fetched at start and again
+    /// JSON Web Key Set URL, `https://` (plain `http://` only to a loopback host or with
+    /// `allow_insecure_jwks_url`), fetched at start, every `jwks_refresh_interval`, and again
     /// (rate-limited) when a token names an unknown `kid`. Default: none.
     #[serde(default)]
     pub jwks_url: Option<String>,
+    /// PEM file of the CA certificates the `jwks_url` server's certificate must chain to,
+    /// instead of the system's roots (a private CA). Default: none (the system's roots).
+    #[serde(default)]
+    pub jwks_ca_file: Option<PathBuf>,
+    /// Accept an `http://` `jwks_url` to a host that is not loopback. Whoever can answer for
+    /// that URL can mint tokens; only on a network you trust. Default: false.
+    #[serde(default)]
+    pub allow_insecure_jwks_url: bool,
     /// Required `iss` claim. Default: none (not checked).
     #[serde(default)]
     pub issuer: Option<String>,
@@ -90,6 +99,13 @@ pub struct JwtConfig {
         deserialize_with = "crate::values::de_duration"
     )]
     pub jwks_fetch_timeout: Duration,
+    /// How often a `jwks_url` is fetched again in the background, so keys the issuer adds
+    /// are known and keys it withdraws stop being accepted. Default: 10m.
+    #[serde(
+        default = "default_refresh_interval",
+        deserialize_with = "crate::values::de_duration"
+    )]
+    pub jwks_refresh_interval: Duration,
 }
 
 fn default_leeway() -> Duration {
@@ -100,6 +116,9 @@ fn default_refetch_interval() -> Duration {
 }
 fn default_fetch_timeout() -> Duration {
     Duration::from_secs(5)
+}
+fn default_refresh_interval() -> Duration {
+    Duration::from_secs(600)
 }
 pub(super) fn default_forward_claims() -> BTreeMap<String, String> {
     BTreeMap::from([("sub".to_string(), "X-User-Id".to_string())])
@@ -136,7 +155,7 @@ const RESERVED_HEADERS: &[&str] = &[
 /// and the parsed `jwks_url`.
 pub(super) struct CheckedJwt {
     pub(super) forwarded: Vec<(String, HeaderName)>,
-    pub(super) jwks_url: Option<HttpUrl>,
+    pub(super) jwks_url: Option<JwksUrl>,
 }
 
 impl JwtConfig {
@@ -203,9 +222,16 @@ impl JwtConfig {
         let jwks_url = self
             .jwks_url
             .as_deref()
-            .map(HttpUrl::parse)
+            .map(|url| JwksUrl::parse(url, self.allow_insecure_jwks_url))
             .transpose()
             .map_err(|e| format!("jwks_url: {e}"))?;
+        if self.jwks_url.is_none() && (self.jwks_ca_file.is_some() || self.allow_insecure_jwks_url)
+        {
+            return Err("jwks_ca_file and allow_insecure_jwks_url only apply to jwks_url".into());
+        }
+        if self.jwks_refresh_interval < Duration::from_secs(1) {
+            return Err("jwks_refresh_interval: must be at least 1s".into());
+        }
         if let Some(var) = &self.secret_env {
             if var.is_empty() {
                 return Err("secret_env: name an environment variable".into());

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use http::HeaderValue;
 use once_cell::sync::Lazy;
-use prometheus::{IntCounterVec, Opts};
+use prometheus::{IntCounter, IntCounterVec, Opts};
 use std::fmt;
 
 /// Why a request was refused.
@@ -135,10 +135,32 @@ static AUTH_FAILURES: Lazy<IntCounterVec> = Lazy::new(|| {
     counter
 });
 
+static SIGNATURE_CHECKS: Lazy<IntCounter> = Lazy::new(|| {
+    let counter = IntCounter::new(
+        "breakwater_jwt_signature_checks_total",
+        "Token signatures checked (each key tried counts): the CPU that tokens cost.",
+    )
+    .expect("valid metric definition");
+    if let Err(e) = crate::ops::metrics::METRICS
+        .registry
+        .register(Box::new(counter.clone()))
+    {
+        log::error!("breakwater_jwt_signature_checks_total not registered: {e}");
+    }
+    counter
+});
+
 /// Registers the auth metrics; call once at start-up so `/metrics` lists them before the
 /// first failure (and any definition error surfaces at start, not on a request).
 pub fn register_metrics() {
     Lazy::force(&AUTH_FAILURES);
+    Lazy::force(&SIGNATURE_CHECKS);
+    super::keys::register_metrics();
+}
+
+/// Counts one signature check.
+pub(super) fn count_signature_check() {
+    SIGNATURE_CHECKS.inc();
 }
 
 /// Counts one refused request.

@@ -1,227 +1,175 @@
-//! A minimal HTTP/1.1 GET for `jwks_url`: blocking at start-up, async for refetches, bounded
-//! in size and time. Only plain `http://`: a JWKS is public, but over an untrusted network it
-//! must come over TLS, which this client does not do yet.
+//! Fetching a JWKS from `jwks_url`: over HTTPS with reqwest, whose TLS is native-tls, i.e. the
+//! OpenSSL that Pingora links already. The certificate is verified against the system's roots,
+//! or only against `jwks_ca_file` when it is set. Plain `http://` is refused unless the host is
+//! loopback or the config opts in (`allow_insecure_jwks_url`): whoever can answer for the URL
+//! can mint tokens.
+//!
+//! No redirects (a redirect could leave TLS or the host), no proxy from the environment, no
+//! pooled connections (fetches are rare, and one client serves the start-up fetch and the
+//! refetches on the proxy's runtime), a body of at most 1 MiB, and one timeout for the whole
+//! exchange. Nothing a token says is ever fetched (`jku`, `x5u`).
 
+use reqwest::{Certificate, Client, Url};
+use std::fmt::Write as _;
+use std::path::Path;
 use std::time::Duration;
 
 /// Largest JWKS document accepted.
 pub(super) const MAX_JWKS_BYTES: usize = 1024 * 1024;
 
-/// An `http://host[:port]/path` URL. Only plain HTTP: a JWKS is public, but over an untrusted
-/// network it must come over TLS, which this client does not do yet.
+/// A checked `jwks_url`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct HttpUrl {
+pub(super) struct JwksUrl {
     pub(super) raw: String,
-    /// Without IPv6 brackets, for connecting.
-    pub(super) host: String,
-    pub(super) port: u16,
-    /// As written, for the `Host` header.
-    pub(super) authority: String,
-    pub(super) path: String,
+    url: Url,
 }
 
-impl HttpUrl {
-    pub(super) fn parse(url: &str) -> Result<HttpUrl, String> {
-        let lower = url.to_ascii_lowercase();
-        if lower.starts_with("https://") {
-            return Err(format!(
-                "{url}: fetching a JWKS over TLS (https://) is not supported yet; serve it over \
-                 http:// on a trusted network, or use jwks_file"
-            ));
-        }
-        if !lower.starts_with("http://") {
-            return Err(format!("{url}: expected an http:// URL"));
-        }
-        let rest = &url["http://".len()..];
-        let rest = rest.split('#').next().unwrap_or_default();
-        let (authority, path) = match rest.find(['/', '?']) {
-            Some(i) if rest[i..].starts_with('?') => (&rest[..i], format!("/{}", &rest[i..])),
-            Some(i) => (&rest[..i], rest[i..].to_string()),
-            None => (rest, "/".to_string()),
-        };
-        if !path.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(format!("{url}: the path must be URL-encoded ASCII"));
-        }
-        if authority.contains('@') {
-            return Err(format!("{url}: credentials in the URL are not supported"));
-        }
-        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let (host, after) = v6
-                .split_once(']')
-                .ok_or_else(|| format!("{url}: unclosed IPv6 address"))?;
-            let port = match after {
-                "" => None,
-                p => Some(
-                    p.strip_prefix(':')
-                        .ok_or_else(|| format!("{url}: bad port"))?,
-                ),
-            };
-            (host, port)
-        } else {
-            match authority.rsplit_once(':') {
-                Some((h, p)) => (h, Some(p)),
-                None => (authority, None),
+impl JwksUrl {
+    /// An `https://` URL, or an `http://` one to a loopback host or when `allow_insecure`.
+    pub(super) fn parse(raw: &str, allow_insecure: bool) -> Result<JwksUrl, String> {
+        let url = Url::parse(raw).map_err(|e| format!("{raw}: not a URL ({e})"))?;
+        match url.scheme() {
+            "https" => {}
+            "http" if allow_insecure || is_loopback(&url) => {}
+            "http" => {
+                return Err(format!(
+                    "{raw}: a JWKS over plain http:// can be swapped by anyone on the path, who \
+                     could then mint tokens; use https:// (with jwks_ca_file for a private CA), \
+                     or set allow_insecure_jwks_url: true on a network you trust"
+                ))
             }
-        };
-        if host.is_empty()
-            || !host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b".-:".contains(&b))
-        {
-            return Err(format!("{url}: invalid host"));
+            other => return Err(format!("{raw}: expected an https:// URL, not {other}://")),
         }
-        let port = match port {
-            Some(p) => p
-                .parse::<u16>()
-                .map_err(|_| format!("{url}: invalid port {p:?}"))?,
-            None => 80,
-        };
-        Ok(HttpUrl {
-            raw: url.to_string(),
-            host: host.to_string(),
-            port,
-            authority: authority.to_string(),
-            path,
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(format!("{raw}: the URL has no host"));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(format!("{raw}: credentials in the URL are not supported"));
+        }
+        Ok(JwksUrl {
+            raw: raw.to_string(),
+            url,
         })
     }
+}
 
-    fn request(&self) -> Vec<u8> {
-        format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\n\
-             User-Agent: breakwater\r\nConnection: close\r\n\r\n",
-            self.path, self.authority
-        )
-        .into_bytes()
-    }
+fn is_loopback(url: &Url) -> bool {
+    let host = url.host_str().unwrap_or_default();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
 
-    /// For start-up, before any runtime serves requests.
-    pub(super) fn get_blocking(&self, timeout: Duration) -> Result<Vec<u8>, String> {
-        use std::io::{Read, Write};
-        use std::net::ToSocketAddrs;
-        let addrs = (self.host.as_str(), self.port)
-            .to_socket_addrs()
-            .map_err(|e| format!("cannot resolve {}: {e}", self.host))?;
-        let mut last_error = format!("{} resolves to no address", self.host);
-        for addr in addrs {
-            let mut stream = match std::net::TcpStream::connect_timeout(&addr, timeout) {
-                Ok(s) => s,
-                Err(e) => {
-                    last_error = format!("cannot connect to {addr}: {e}");
-                    continue;
-                }
-            };
-            let io = |e: std::io::Error| format!("{addr}: {e}");
-            stream.set_read_timeout(Some(timeout)).map_err(io)?;
-            stream.set_write_timeout(Some(timeout)).map_err(io)?;
-            stream.write_all(&self.request()).map_err(io)?;
-            let mut buf = Vec::new();
-            (&mut stream)
-                .take(MAX_JWKS_BYTES as u64 + 16 * 1024)
-                .read_to_end(&mut buf)
-                .map_err(io)?;
-            return parse_response(&buf);
+/// Fetches one JWKS URL.
+pub(super) struct Fetcher {
+    url: JwksUrl,
+    client: Client,
+}
+
+impl Fetcher {
+    /// A client for `url`, trusting only the certificates in `ca_file` when given.
+    pub(super) fn new(
+        url: JwksUrl,
+        ca_file: Option<&Path>,
+        timeout: Duration,
+    ) -> Result<Fetcher, String> {
+        let mut builder = Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .pool_max_idle_per_host(0)
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .min_tls_version(reqwest::tls::Version::TLS_1_2)
+            .https_only(url.url.scheme() == "https")
+            .user_agent(concat!("breakwater/", env!("CARGO_PKG_VERSION")));
+        if let Some(path) = ca_file {
+            let pem = std::fs::read(path)
+                .map_err(|e| format!("jwks_ca_file: cannot read {}: {e}", path.display()))?;
+            let certs = Certificate::from_pem_bundle(&pem)
+                .ok()
+                .filter(|c| !c.is_empty())
+                .ok_or_else(|| {
+                    format!("jwks_ca_file {}: no PEM certificate in it", path.display())
+                })?;
+            builder = builder.tls_built_in_root_certs(false);
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
         }
-        Err(last_error)
+        let client = builder.build().map_err(|e| {
+            format!(
+                "jwks_url {}: cannot set up the client: {}",
+                url.raw,
+                chain(&e)
+            )
+        })?;
+        Ok(Fetcher { url, client })
     }
 
-    pub(super) async fn get(&self, timeout: Duration) -> Result<Vec<u8>, String> {
-        let exchange = async {
-            let stream = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
-                .await
-                .map_err(|e| format!("cannot connect to {}:{}: {e}", self.host, self.port))?;
-            let io = |e: std::io::Error| format!("{}:{}: {e}", self.host, self.port);
-            let request = self.request();
-            let mut sent = 0;
-            while sent < request.len() {
-                stream.writable().await.map_err(io)?;
-                match stream.try_write(&request[sent..]) {
-                    Ok(n) => sent += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(io(e)),
-                }
-            }
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 8192];
-            loop {
-                stream.readable().await.map_err(io)?;
-                match stream.try_read(&mut chunk) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        buf.extend_from_slice(&chunk[..n]);
-                        if buf.len() > MAX_JWKS_BYTES + 16 * 1024 {
-                            return Err("response too large".to_string());
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(io(e)),
-                }
-            }
-            parse_response(&buf)
-        };
-        tokio::time::timeout(timeout, exchange)
+    pub(super) fn url(&self) -> &str {
+        &self.url.raw
+    }
+
+    /// The body of a `200` answer, at most [`MAX_JWKS_BYTES`].
+    pub(super) async fn get(&self) -> Result<Vec<u8>, String> {
+        let mut response = self
+            .client
+            .get(self.url.url.clone())
+            .header(
+                http::header::ACCEPT,
+                "application/jwk-set+json, application/json",
+            )
+            .send()
             .await
-            .map_err(|_| format!("no complete answer within {timeout:?}"))?
-    }
-}
-
-/// The body of a complete `200` response read until the server closed the connection.
-pub(super) fn parse_response(buf: &[u8]) -> Result<Vec<u8>, String> {
-    let end = find(buf, b"\r\n\r\n").ok_or("incomplete HTTP response")?;
-    let head = std::str::from_utf8(&buf[..end]).map_err(|_| "invalid HTTP response head")?;
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.strip_prefix("HTTP/1."))
-        .and_then(|l| l.get(2..5))
-        .and_then(|code| code.parse::<u16>().ok())
-        .ok_or("not an HTTP/1 response")?;
-    if status != 200 {
-        return Err(format!("answered HTTP {status}"));
-    }
-    let mut chunked = false;
-    let mut length = None;
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            continue;
-        };
-        let value = value.trim();
-        if name.eq_ignore_ascii_case("transfer-encoding") {
-            chunked = value.to_ascii_lowercase().contains("chunked");
-        } else if name.eq_ignore_ascii_case("content-length") {
-            length = Some(value.parse::<usize>().map_err(|_| "bad Content-Length")?);
+            .map_err(|e| chain(&e))?;
+        let status = response.status();
+        if status != reqwest::StatusCode::OK {
+            return Err(format!("answered HTTP {}", status.as_u16()));
         }
-    }
-    let body = &buf[end + 4..];
-    let body = if chunked {
-        dechunk(body)?
-    } else if let Some(len) = length {
-        body.get(..len).ok_or("truncated response body")?.to_vec()
-    } else {
-        body.to_vec()
-    };
-    if body.len() > MAX_JWKS_BYTES {
-        return Err("JWKS larger than 1 MiB".into());
-    }
-    Ok(body)
-}
-
-fn dechunk(mut body: &[u8]) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = find(body, b"\r\n").ok_or("truncated chunked body")?;
-        let size_text = std::str::from_utf8(&body[..line_end]).map_err(|_| "bad chunk size")?;
-        let size_text = size_text.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_text, 16).map_err(|_| "bad chunk size")?;
-        body = &body[line_end + 2..];
-        if size == 0 {
-            return Ok(out);
+        if response
+            .content_length()
+            .is_some_and(|n| n > MAX_JWKS_BYTES as u64)
+        {
+            return Err("JWKS larger than 1 MiB".into());
         }
-        let chunk = body.get(..size).ok_or("truncated chunked body")?;
-        out.extend_from_slice(chunk);
-        body = body.get(size + 2..).ok_or("truncated chunked body")?;
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| chain(&e))? {
+            if body.len() + chunk.len() > MAX_JWKS_BYTES {
+                return Err("JWKS larger than 1 MiB".into());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
+
+    /// [`Fetcher::get`] for callers outside any runtime or inside one they must not block
+    /// (start-up, and the old process vetting a reload): on a thread of its own, with a
+    /// runtime of its own.
+    pub(super) fn get_blocking(&self) -> Result<Vec<u8>, String> {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|e| format!("cannot start a runtime to fetch it: {e}"))?
+                        .block_on(self.get())
+                })
+                .join()
+                .unwrap_or_else(|_| Err("the fetch panicked".into()))
+        })
     }
 }
 
-pub(super) fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+/// An error with its causes: reqwest's own message rarely says what failed (TLS, DNS, ...).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let _ = write!(text, ": {cause}");
+        source = cause.source();
+    }
+    text
 }

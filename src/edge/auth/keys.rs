@@ -1,22 +1,51 @@
 //! Verification keys: an HMAC secret, a PEM public key, or a JSON Web Key Set read from a
-//! file or fetched from a URL, and the JWKS's rate-limited refetch when a token names an
-//! unknown `kid`.
+//! file or fetched from a URL; the JWKS's refetch when a token names an unknown `kid`
+//! (rate-limited) and, for a URL, in the background every `jwks_refresh_interval`, so a key
+//! the issuer withdrew stops being accepted. A failed fetch keeps the keys already loaded and
+//! doubles the wait before the next one (up to 5 minutes); `breakwater_jwks_refresh_total`
+//! counts the outcomes.
 
 use super::config::JwtConfig;
-use super::fetch::HttpUrl;
+use super::fetch::{Fetcher, JwksUrl};
 use crate::clock::{millis, Clock};
 use arc_swap::ArcSwap;
 use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
+use once_cell::sync::Lazy;
+use prometheus::{IntCounterVec, Opts};
 use serde::Deserialize;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 const NEVER: u64 = u64::MAX;
+/// The longest wait after failed fetches, however many failed.
+const MAX_BACKOFF_MS: u64 = 5 * 60 * 1000;
+
+pub(super) static REFRESHES: Lazy<IntCounterVec> = Lazy::new(|| {
+    let counter = IntCounterVec::new(
+        Opts::new(
+            "breakwater_jwks_refresh_total",
+            "JWKS fetches after start-up, by result (ok, error); on error the keys already loaded stay in use.",
+        ),
+        &["result"],
+    )
+    .expect("valid metric definition");
+    if let Err(e) = crate::ops::metrics::METRICS
+        .registry
+        .register(Box::new(counter.clone()))
+    {
+        log::error!("breakwater_jwks_refresh_total not registered: {e}");
+    }
+    counter
+});
+
+pub(super) fn register_metrics() {
+    Lazy::force(&REFRESHES);
+}
 
 pub(super) enum Keys {
     /// An HMAC secret or a PEM public key.
@@ -24,23 +53,36 @@ pub(super) enum Keys {
     Jwks(Jwks),
 }
 
-/// A JWKS and its rate-limited refetch. The key set is swapped whole, so readers never lock,
-/// and the refetch gate is two atomics: nothing is held across an await.
+/// A JWKS and its refetches. The key set is swapped whole, so readers never lock, and the
+/// refetch gate is atomics: nothing is held across an await.
 pub(super) struct Jwks {
     source: JwksSource,
     set: ArcSwap<Vec<JwksKey>>,
     refetch_interval_ms: u64,
+    /// How often a `jwks_url` is fetched again in the background.
+    refresh_interval: Duration,
     fetch_timeout: Duration,
     clock: Arc<dyn Clock>,
     /// When the last refetch started (clock ms), or [`NEVER`].
     last_refetch_ms: AtomicU64,
+    /// Fetches that failed in a row; each doubles the wait before the next.
+    failures: AtomicU32,
     refreshing: AtomicBool,
     refreshed: tokio::sync::Notify,
 }
 
 pub(super) enum JwksSource {
     File(PathBuf),
-    Url(HttpUrl),
+    Url(Fetcher),
+}
+
+impl JwksSource {
+    fn describe(&self) -> String {
+        match self {
+            JwksSource::File(path) => format!("jwks_file {}", path.display()),
+            JwksSource::Url(fetcher) => format!("jwks_url {}", fetcher.url()),
+        }
+    }
 }
 
 pub(super) struct JwksKey {
@@ -49,11 +91,11 @@ pub(super) struct JwksKey {
     pub(super) key: DecodingKey,
 }
 
-/// Reads the secret or keys the config names (environment, files, or a blocking fetch of
-/// `jwks_url`). Errors name the field or file at fault.
+/// Reads the secret or keys the config names (environment, files, or a fetch of `jwks_url`
+/// that blocks the caller, on a thread of its own). Errors name the field or file at fault.
 pub(super) fn load(
     cfg: &JwtConfig,
-    jwks_url: Option<HttpUrl>,
+    jwks_url: Option<JwksUrl>,
     clock: Arc<dyn Clock>,
 ) -> Result<Keys, String> {
     let keys = if let Some(var) = &cfg.secret_env {
@@ -85,11 +127,13 @@ pub(super) fn load(
             .map_err(|e| format!("jwks_file {}: {e}", path.display()))?;
         Keys::Jwks(Jwks::new(source, set, cfg, clock))
     } else if let Some(url) = jwks_url {
-        let body = url
-            .get_blocking(cfg.jwks_fetch_timeout)
-            .map_err(|e| format!("jwks_url {}: {e}", url.raw))?;
-        let set = parse_jwks(&body).map_err(|e| format!("jwks_url {}: {e}", url.raw))?;
-        Keys::Jwks(Jwks::new(JwksSource::Url(url), set, cfg, clock))
+        let raw = url.raw.clone();
+        let fetcher = Fetcher::new(url, cfg.jwks_ca_file.as_deref(), cfg.jwks_fetch_timeout)?;
+        let body = fetcher
+            .get_blocking()
+            .map_err(|e| format!("jwks_url {raw}: {e}"))?;
+        let set = parse_jwks(&body).map_err(|e| format!("jwks_url {raw}: {e}"))?;
+        Keys::Jwks(Jwks::new(JwksSource::Url(fetcher), set, cfg, clock))
     } else {
         return Err("no key source configured".into());
     };
@@ -184,9 +228,11 @@ impl Jwks {
             source,
             set: ArcSwap::from_pointee(set),
             refetch_interval_ms: millis(cfg.jwks_refetch_interval),
+            refresh_interval: cfg.jwks_refresh_interval,
             fetch_timeout: cfg.jwks_fetch_timeout,
             clock,
             last_refetch_ms: AtomicU64::new(NEVER),
+            failures: AtomicU32::new(0),
             refreshing: AtomicBool::new(false),
             refreshed: tokio::sync::Notify::new(),
         }
@@ -223,38 +269,96 @@ impl Jwks {
         Lookup::Found(set, indices)
     }
 
-    /// Refetches the key set unless one was fetched less than `refetch_interval` ago. A
-    /// request arriving while another refetches waits for that result instead of fetching.
+    /// Refetches the key set for a token with an unknown `kid`, unless the last refetch was
+    /// less than `jwks_refetch_interval` ago (longer after failures). A request arriving
+    /// while another refetches waits for that result instead of fetching.
     pub(super) async fn refetch(&self) {
-        if self
-            .refreshing
-            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
-            .is_err()
-        {
-            let notified = std::pin::pin!(self.refreshed.notified());
-            let mut notified = notified;
-            // Registered before the re-check, so a refetch ending in between still wakes us.
-            notified.as_mut().enable();
-            if self.refreshing.load(Ordering::SeqCst) {
-                let wait = self.fetch_timeout + Duration::from_secs(1);
-                let _ = tokio::time::timeout(wait, notified).await;
-            }
+        let Some(gate) = self.enter().await else {
             return;
-        }
-        // Cleared on drop too: a cancelled request must not leave the gate shut for good.
-        let _gate = RefreshGate(self);
+        };
         let now = self.clock.now_millis();
         let last = self.last_refetch_ms.load(Ordering::SeqCst);
-        if last != NEVER && now.saturating_sub(last) < self.refetch_interval_ms {
+        if last != NEVER && now.saturating_sub(last) < self.wait_ms(self.refetch_interval_ms) {
             return;
         }
+        self.fetch(gate, now).await;
+    }
+
+    /// Fetches the set again now, unless a fetch is under way: the background refresh.
+    pub(super) async fn refresh(&self) {
+        if let Some(gate) = self.try_enter() {
+            self.fetch(gate, self.clock.now_millis()).await;
+        }
+    }
+
+    /// How long the background refresh waits before its next fetch: `jwks_refresh_interval`,
+    /// or after failures the backoff (`None` for a file, which is not refreshed so).
+    pub(super) fn next_refresh(&self) -> Option<Duration> {
+        if !matches!(self.source, JwksSource::Url(_)) {
+            return None;
+        }
+        Some(match self.failures.load(Ordering::SeqCst) {
+            0 => self.refresh_interval,
+            _ => Duration::from_millis(self.wait_ms(self.refetch_interval_ms)),
+        })
+    }
+
+    /// `base`, doubled for each failure in a row, capped at 5 minutes (or `base` if longer).
+    fn wait_ms(&self, base: u64) -> u64 {
+        let failures = self.failures.load(Ordering::SeqCst);
+        let factor = 1u64.checked_shl(failures).unwrap_or(u64::MAX);
+        base.saturating_mul(factor).min(MAX_BACKOFF_MS.max(base))
+    }
+
+    /// Takes the refetch gate, or waits for the refetch that holds it and returns `None`.
+    async fn enter(&self) -> Option<RefreshGate<'_>> {
+        if let Some(gate) = self.try_enter() {
+            return Some(gate);
+        }
+        let notified = std::pin::pin!(self.refreshed.notified());
+        let mut notified = notified;
+        // Registered before the re-check, so a refetch ending in between still wakes us.
+        notified.as_mut().enable();
+        if self.refreshing.load(Ordering::SeqCst) {
+            let wait = self.fetch_timeout + Duration::from_secs(1);
+            let _ = tokio::time::timeout(wait, notified).await;
+        }
+        None
+    }
+
+    fn try_enter(&self) -> Option<RefreshGate<'_>> {
+        self.refreshing
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+            // Cleared on drop too: a cancelled request must not leave the gate shut for good.
+            .then(|| RefreshGate(self))
+    }
+
+    /// Fetches and parses the set; on failure the keys already loaded stay.
+    async fn fetch(&self, _gate: RefreshGate<'_>, now: u64) {
         self.last_refetch_ms.store(now, Ordering::SeqCst);
         match self.load().await {
             Ok(set) => {
-                log::info!("JWKS refetched: {} keys", set.len());
+                log::info!(
+                    "JWKS refetched from {}: {} keys",
+                    self.source.describe(),
+                    set.len()
+                );
                 self.set.store(Arc::new(set));
+                self.failures.store(0, Ordering::SeqCst);
+                REFRESHES.with_label_values(&["ok"]).inc();
             }
-            Err(e) => log::warn!("JWKS refetch failed, keeping the current keys: {e}"),
+            Err(e) => {
+                let failures = self.failures.fetch_add(1, Ordering::SeqCst) + 1;
+                REFRESHES.with_label_values(&["error"]).inc();
+                log::warn!(
+                    "JWKS refetch from {} failed ({failures} in a row), keeping the {} keys \
+                     already loaded; next try in {:?} at the earliest: {e}",
+                    self.source.describe(),
+                    self.set.load().len(),
+                    Duration::from_millis(self.wait_ms(self.refetch_interval_ms)),
+                );
+            }
         }
     }
 
@@ -263,10 +367,7 @@ impl Jwks {
             // A small local file, read at most once per refetch interval: not worth a
             // blocking-pool hop.
             JwksSource::File(path) => read_file(path, "jwks_file")?,
-            JwksSource::Url(url) => url
-                .get(self.fetch_timeout)
-                .await
-                .map_err(|e| format!("jwks_url {}: {e}", url.raw))?,
+            JwksSource::Url(fetcher) => fetcher.get().await?,
         };
         parse_jwks(&bytes)
     }

@@ -1,6 +1,6 @@
 //! JWT authentication at the edge: the `auth:` config section and the per-service `auth` mode
-//! (`config`), the verification keys and the JWKS refetch (`keys`, over the small HTTP
-//! client in `fetch`), token validation (`verify`), the [`Identity`] a valid token yields
+//! (`config`), the verification keys and the JWKS refetches (`keys`, fetched over HTTPS by
+//! `fetch`), token validation (`verify`), the [`Identity`] a valid token yields
 //! and the identity headers forwarded upstream (`identity`), and the client-facing answer
 //! and metric for a refused token (`error`).
 //!
@@ -19,7 +19,7 @@ mod verify;
 pub use config::{AuthConfig, AuthMode, JwtConfig, ServiceAuth};
 pub use error::{count_failure, register_metrics, AuthError};
 pub use identity::{check_scopes, Identity};
-pub use verify::{AuthCompileError, Authenticator};
+pub use verify::{AuthCompileError, Authenticator, JwksRefresher};
 
 #[cfg(test)]
 mod tests;

@@ -1,7 +1,7 @@
 //! Unit tests of token verification, key sources, the JWKS refetch and the config checks.
 
 use super::config::{default_forward_claims, validate_scopes};
-use super::fetch::{find, parse_response, HttpUrl};
+use super::fetch::JwksUrl;
 use super::*;
 use crate::clock::ManualClock;
 use base64::Engine;
@@ -13,8 +13,8 @@ use serde::Deserialize;
 use serde_json::json;
 use serde_json::Value;
 use std::io::{Read, Write};
-use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -432,11 +432,27 @@ fn config_defaults_and_cross_field_checks() {
         "one key",
     );
     refused("algorithms: []\nsecret_env: S", "at least one");
+    assert!(config("algorithms: [RS256]\njwks_url: https://idp/jwks")
+        .check()
+        .is_ok());
     refused(
-        "algorithms: [RS256]\njwks_url: https://idp/jwks",
-        "not supported yet",
+        "algorithms: [RS256]\njwks_url: http://idp/jwks",
+        "allow_insecure_jwks_url",
     );
-    refused("algorithms: [RS256]\njwks_url: ftp://idp/jwks", "http://");
+    assert!(config(
+        "algorithms: [RS256]\njwks_url: http://idp/jwks\nallow_insecure_jwks_url: true"
+    )
+    .check()
+    .is_ok());
+    refused("algorithms: [RS256]\njwks_url: ftp://idp/jwks", "https://");
+    refused(
+        "algorithms: [RS256]\njwks_file: k.json\njwks_ca_file: ca.pem",
+        "only apply to jwks_url",
+    );
+    refused(
+        "algorithms: [RS256]\njwks_url: https://idp/jwks\njwks_refresh_interval: 0s",
+        "at least 1s",
+    );
     refused(
         "algorithms: [HS256]\nsecret_env: S\nforward_claims: {sub: Host}",
         "reserved",
@@ -524,14 +540,7 @@ fn jwks_server(jwks: Arc<Mutex<String>>, hits: Arc<AtomicUsize>, chunked: bool) 
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };
-            let mut request = Vec::new();
-            let mut buf = [0u8; 1024];
-            while find(&request, b"\r\n\r\n").is_none() {
-                match stream.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => request.extend_from_slice(&buf[..n]),
-                }
-            }
+            read_request(&mut stream);
             hits.fetch_add(1, Ordering::SeqCst);
             let body = jwks.lock().unwrap().clone();
             let response = if chunked {
@@ -669,12 +678,17 @@ async fn jwks_file_kidless_tokens_and_failed_refetch_keep_the_keys() {
         Err(AuthError::UnknownKey)
     );
     assert_eq!(check(&auth, bearer(&kidless)).await, Ok("user-1".into()));
-    // Once the interval passed, a fixed file is picked up.
+    // A fixed file is picked up once the interval, doubled by the failure, has passed.
     std::fs::write(
         &path,
         json!({"keys": [rsa_jwk(RSA_PRIVATE, "new")]}).to_string(),
     )
     .unwrap();
+    assert_eq!(
+        check(&auth, bearer(&unknown)).await,
+        Err(AuthError::UnknownKey)
+    );
+    clock.advance(Duration::from_secs(10));
     assert_eq!(
         check(&auth, bearer(&unknown)).await,
         Err(AuthError::UnknownKey)
@@ -711,35 +725,120 @@ async fn concurrent_unknown_kids_share_one_refetch() {
 }
 
 #[test]
-fn http_url_and_response_parsing() {
-    let u = HttpUrl::parse("http://idp.local:8080/keys?x=1#frag").unwrap();
-    assert_eq!(
-        (u.host.as_str(), u.port, u.path.as_str()),
-        ("idp.local", 8080, "/keys?x=1")
-    );
-    assert_eq!(u.authority, "idp.local:8080");
-    let u = HttpUrl::parse("http://[::1]/").unwrap();
-    assert_eq!((u.host.as_str(), u.port), ("::1", 80));
-    let u = HttpUrl::parse("http://idp?a=b").unwrap();
-    assert_eq!(u.path, "/?a=b");
-    assert!(HttpUrl::parse("HTTPS://idp/keys")
-        .unwrap_err()
-        .contains("not supported yet"));
-    assert!(HttpUrl::parse("http://user@idp/").is_err());
-    assert!(HttpUrl::parse("http://idp:99999/").is_err());
-    assert!(HttpUrl::parse("http://idp/a b").is_err());
-    assert!(HttpUrl::parse("http:///x").is_err());
+fn jwks_urls_are_https_unless_loopback_or_opted_in() {
+    for ok in [
+        "https://idp.example/.well-known/jwks.json",
+        "HTTPS://idp.example:8443/keys?x=1",
+        "http://127.0.0.1:8000/jwks",
+        "http://127.9.9.9/jwks",
+        "http://[::1]/jwks",
+        "http://localhost/jwks",
+        "http://LOCALHOST:1/jwks",
+    ] {
+        assert!(JwksUrl::parse(ok, false).is_ok(), "{ok}");
+    }
+    for (bad, needle) in [
+        ("http://idp.example/jwks", "allow_insecure_jwks_url"),
+        ("http://10.0.0.1/jwks", "allow_insecure_jwks_url"),
+        (
+            "http://localhost.evil.example/jwks",
+            "allow_insecure_jwks_url",
+        ),
+        ("http://127.0.0.1.nip.io/jwks", "allow_insecure_jwks_url"),
+        ("ftp://idp/jwks", "https://"),
+        ("https://user:pw@idp/jwks", "credentials"),
+        ("not a url", "not a URL"),
+    ] {
+        let err = JwksUrl::parse(bad, false).unwrap_err();
+        assert!(err.contains(needle), "{bad}: {err}");
+    }
+    assert!(JwksUrl::parse("http://idp.example/jwks", true).is_ok());
+}
 
-    let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}trailing";
-    assert_eq!(parse_response(ok).unwrap(), b"{}");
-    let chunked =
-        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1\r\n{\r\n1\r\n}\r\n0\r\n\r\n";
-    assert_eq!(parse_response(chunked).unwrap(), b"{}");
-    let close = b"HTTP/1.0 200 OK\r\n\r\n{}";
-    assert_eq!(parse_response(close).unwrap(), b"{}");
-    assert!(parse_response(b"HTTP/1.1 404 Not Found\r\n\r\n")
-        .unwrap_err()
-        .contains("404"));
-    assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{}").is_err());
-    assert!(parse_response(b"HTTP/1.1 200").is_err());
+/// A JWKS server that fails with 500 until told otherwise, counting fetches.
+fn flaky_jwks_server(jwks: String, failing: Arc<AtomicBool>, hits: Arc<AtomicUsize>) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            read_request(&mut stream);
+            hits.fetch_add(1, Ordering::SeqCst);
+            let response = if failing.load(Ordering::SeqCst) {
+                "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n".to_string()
+            } else {
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{jwks}",
+                    jwks.len()
+                )
+            };
+            let _ = stream.write_all(response.as_bytes());
+        }
+    });
+    format!("http://{addr}/jwks")
+}
+
+#[tokio::test]
+async fn failed_refetches_keep_the_keys_back_off_and_are_counted() {
+    let failing = Arc::new(AtomicBool::new(false));
+    let hits = Arc::new(AtomicUsize::new(0));
+    let set = json!({"keys": [rsa_jwk(RSA_PRIVATE, "k1")]}).to_string();
+    let url = flaky_jwks_server(set, Arc::clone(&failing), Arc::clone(&hits));
+    let clock = Arc::new(ManualClock::new(0));
+    let cfg = config(&format!(
+        "algorithms: [RS256]\njwks_url: \"{url}\"\njwks_refetch_interval: 10s"
+    ));
+    let auth = Authenticator::with_clock(&cfg, clock.clone()).unwrap();
+    register_metrics();
+    let refreshes = |result: &str| super::keys::REFRESHES.with_label_values(&[result]).get();
+    let errors_before = refreshes("error");
+    failing.store(true, Ordering::SeqCst);
+    let k1 = rs256_with_kid(RSA_PRIVATE, Some("k1"));
+    let unknown = rs256_with_kid(RSA_PRIVATE, Some("k9"));
+    // Each failure in a row doubles the wait: 20s after one, 40s after two.
+    let mut fetched_at = Vec::new();
+    for second in 0..=75 {
+        if second > 0 {
+            clock.advance(Duration::from_secs(1));
+        }
+        let before = hits.load(Ordering::SeqCst);
+        assert_eq!(
+            check(&auth, bearer(&unknown)).await,
+            Err(AuthError::UnknownKey)
+        );
+        if hits.load(Ordering::SeqCst) > before {
+            fetched_at.push(second);
+        }
+        // The keys loaded at start keep working throughout.
+        assert_eq!(check(&auth, bearer(&k1)).await, Ok("user-1".into()));
+    }
+    assert_eq!(fetched_at, [0, 20, 60]);
+    // Other tests may fail refetches at the same time: at least these three.
+    assert!(refreshes("error") - errors_before >= 3);
+    // A success resets the backoff.
+    failing.store(false, Ordering::SeqCst);
+    clock.advance(Duration::from_secs(75));
+    assert_eq!(
+        check(&auth, bearer(&unknown)).await,
+        Err(AuthError::UnknownKey)
+    );
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        5,
+        "start-up plus four refetches"
+    );
+    clock.advance(Duration::from_secs(10));
+    check(&auth, bearer(&unknown)).await.unwrap_err();
+    assert_eq!(hits.load(Ordering::SeqCst), 6, "10s again after a success");
+}
+
+fn read_request(stream: &mut std::net::TcpStream) {
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => request.extend_from_slice(&buf[..n]),
+        }
+    }
 }

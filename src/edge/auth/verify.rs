@@ -3,7 +3,7 @@
 //! claims (`exp` always, `iss` and `aud` when configured).
 
 use super::config::{AuthConfig, AuthMode, CheckedJwt, JwtConfig, ServiceAuth};
-use super::error::AuthError;
+use super::error::{self, AuthError};
 use super::identity::{self, check_scopes, Identity};
 use super::keys::{self, Keys, Lookup};
 use crate::clock::{Clock, MonotonicClock};
@@ -12,6 +12,8 @@ use http::{HeaderName, HeaderValue};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use pingora::http::RequestHeader;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
 use serde_json::{Map, Value};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -145,6 +147,22 @@ impl Authenticator {
         &self.forwarded
     }
 
+    /// The background service that fetches a `jwks_url` again every `jwks_refresh_interval`;
+    /// `None` for other key sources.
+    pub fn jwks_refresher(self: &Arc<Self>) -> Option<JwksRefresher> {
+        match &self.keys {
+            Keys::Jwks(jwks) if jwks.next_refresh().is_some() => {
+                Some(JwksRefresher(Arc::clone(self)))
+            }
+            _ => None,
+        }
+    }
+
+    /// The headers the gateway sets from a token (`forward_claims`), which no client may set.
+    pub fn identity_headers(&self) -> impl Iterator<Item = &HeaderName> {
+        self.forwarded.iter().map(|(_, header)| header)
+    }
+
     /// Validates the `Authorization: Bearer <jwt>` header (scheme case-insensitive).
     pub async fn authenticate(
         &self,
@@ -198,6 +216,7 @@ fn decode(token: &str, key: &DecodingKey, validation: &Validation) -> Result<Ide
     {
         return Err(AuthError::AlgorithmNotAllowed);
     }
+    error::count_signature_check();
     jsonwebtoken::decode::<Map<String, Value>>(token, key, validation)
         .map(|data| Identity::from_claims(data.claims))
         .map_err(|e| classify(e.kind()))
@@ -271,5 +290,24 @@ impl TokenHeader {
             Some(_) => return Err(AuthError::Malformed),
         };
         Ok(TokenHeader { alg, kid })
+    }
+}
+
+/// Fetches a `jwks_url` again every `jwks_refresh_interval` (sooner, with backoff, after a
+/// failure), as a Pingora background service: on the server's runtime, never a request's.
+pub struct JwksRefresher(Arc<Authenticator>);
+
+#[async_trait::async_trait]
+impl BackgroundService for JwksRefresher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Keys::Jwks(jwks) = &self.0.keys else {
+            return;
+        };
+        while let Some(wait) = jwks.next_refresh() {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(wait) => jwks.refresh().await,
+            }
+        }
     }
 }
