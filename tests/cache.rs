@@ -173,8 +173,7 @@ fn a_miss_then_hits_and_the_upstream_sees_one_request(backend: Backend) {
     let first_body = first.text().unwrap();
 
     for _ in 0..5 {
-        // Same query, other parameter order: the same entry.
-        let again = get(&s.gw, "/users/1?a=1&b=2", &[]);
+        let again = get(&s.gw, "/users/1?b=2&a=1", &[]);
         assert_eq!(again.status(), 200);
         assert_eq!(x_cache(&again), "HIT");
         let age: u64 = header(&again, "age")
@@ -185,7 +184,7 @@ fn a_miss_then_hits_and_the_upstream_sees_one_request(backend: Backend) {
         assert!(header(&again, "x-request-id").is_some());
         assert_eq!(again.text().unwrap(), first_body);
     }
-    let head = client().head(s.gw.url("/users/1?a=1&b=2")).send().unwrap();
+    let head = client().head(s.gw.url("/users/1?b=2&a=1")).send().unwrap();
     assert_eq!(x_cache(&head), "HIT");
     assert_eq!(
         header(&head, "content-length"),
@@ -308,8 +307,12 @@ fn vary_is_honoured(backend: Backend) {
     let (_, cache, body) = lang("en");
     assert_eq!((cache.as_str(), seen(&body).as_str()), ("HIT", "en"));
     let (_, cache, body) = lang("de");
-    assert_eq!((cache.as_str(), seen(&body).as_str()), ("MISS", "de"));
-    assert_eq!(s.up.requests(), 3);
+    assert_eq!(
+        (cache.as_str(), seen(&body).as_str()),
+        ("HIT", "de"),
+        "each variant is kept"
+    );
+    assert_eq!(s.up.requests(), 2);
 }
 
 fn one_users_response_is_never_served_to_another(backend: Backend) {
