@@ -134,7 +134,12 @@ impl Origin {
     }
 
     fn last_seen(&self) -> Seen {
-        self.seen.lock().unwrap().last().cloned().expect("a request")
+        self.seen
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("a request")
     }
 
     fn set(&self, f: impl FnOnce(&mut OriginState)) {
@@ -226,10 +231,7 @@ fn respond(
         .into_bytes();
     }
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let params: HashMap<&str, &str> = query
-        .split('&')
-        .filter_map(|p| p.split_once('='))
-        .collect();
+    let params: HashMap<&str, &str> = query.split('&').filter_map(|p| p.split_once('=')).collect();
     let cache_control = params
         .get("cc")
         .map(|v| v.replace("%20", " ").replace("%2C", ","))
@@ -420,20 +422,34 @@ fn conditional_requests_on_a_fresh_entry_are_answered_304(backend: Backend) {
         assert!(header(&resp, "x-request-id").is_some());
         // RFC 9110 15.4.5: validators and caching headers, not the representation's.
         assert_eq!(header(&resp, "content-type"), None);
-        assert_eq!(header(&resp, "last-modified"), None, "the ETag is the validator");
+        assert_eq!(
+            header(&resp, "last-modified"),
+            None,
+            "the ETag is the validator"
+        );
         assert!(resp.bytes().unwrap().is_empty());
     }
     let resp = get(&s, "/doc", &[("If-Modified-Since", &lm)]);
     assert_eq!(resp.status(), 304);
     let later = last_modified(2);
-    assert_eq!(get(&s, "/doc", &[("If-Modified-Since", &later)]).status(), 304);
+    assert_eq!(
+        get(&s, "/doc", &[("If-Modified-Since", &later)]).status(),
+        304
+    );
     // Modified since an earlier date, or another tag: the whole response.
     let earlier = last_modified(0);
     let (status, cache, body) = fetch(&s, "/doc", &[("If-Modified-Since", &earlier)]);
-    assert_eq!((status, cache.as_str(), body.as_str()), (200, "HIT", "/doc version 1"));
+    assert_eq!(
+        (status, cache.as_str(), body.as_str()),
+        (200, "HIT", "/doc version 1")
+    );
     assert_eq!(fetch(&s, "/doc", &[("If-None-Match", "\"v2\"")]).0, 200);
     // If-None-Match takes precedence: a non-matching tag beats a matching date.
-    let resp = get(&s, "/doc", &[("If-None-Match", "\"v2\""), ("If-Modified-Since", &lm)]);
+    let resp = get(
+        &s,
+        "/doc",
+        &[("If-None-Match", "\"v2\""), ("If-Modified-Since", &lm)],
+    );
     assert_eq!(resp.status(), 200);
     // HEAD too.
     let head = client()
@@ -443,9 +459,16 @@ fn conditional_requests_on_a_fresh_entry_are_answered_304(backend: Backend) {
         .unwrap();
     assert_eq!(head.status(), 304);
 
-    assert_eq!(s.origin.requests(), 1, "every answer above came from the cache");
     assert_eq!(
-        metric(&s.gw, r#"breakwater_cache_not_modified_total{service="site"}"#),
+        s.origin.requests(),
+        1,
+        "every answer above came from the cache"
+    );
+    assert_eq!(
+        metric(
+            &s.gw,
+            r#"breakwater_cache_not_modified_total{service="site"}"#
+        ),
         7
     );
 }
@@ -481,11 +504,21 @@ fn a_stale_entry_is_revalidated_and_a_304_refreshes_it_without_the_body(backend:
     assert_eq!(fetch(&s, "/doc", &[]).1, "HIT");
 
     let (status, cache, body) = fetch_when_stale(&s, "/doc", &[]);
-    assert_eq!((status, cache.as_str(), body.as_str()), (200, "REVALIDATED", "/doc version 1"));
+    assert_eq!(
+        (status, cache.as_str(), body.as_str()),
+        (200, "REVALIDATED", "/doc version 1")
+    );
     assert_eq!(s.origin.requests(), 2);
-    assert_eq!(s.origin.not_modified(), 1, "the origin answered 304, sending no body");
+    assert_eq!(
+        s.origin.not_modified(),
+        1,
+        "the origin answered 304, sending no body"
+    );
     let seen = s.origin.last_seen();
-    assert_eq!(seen.headers.get("if-none-match").map(String::as_str), Some("\"v1\""));
+    assert_eq!(
+        seen.headers.get("if-none-match").map(String::as_str),
+        Some("\"v1\"")
+    );
     assert_eq!(
         seen.headers.get("if-modified-since"),
         Some(&last_modified(1))
@@ -502,21 +535,34 @@ fn a_stale_entry_is_revalidated_and_a_304_refreshes_it_without_the_body(backend:
     // with its validator (not the client's Range), then answers the client 304.
     let conditional = [("If-None-Match", "\"v1\""), ("Range", "bytes=0-3")];
     let (status, cache, body) = fetch_when_stale(&s, "/doc", &conditional);
-    assert_eq!((status, cache.as_str(), body.as_str()), (304, "REVALIDATED", ""));
-    assert!(s.origin.last_seen().headers.get("range").is_none());
+    assert_eq!(
+        (status, cache.as_str(), body.as_str()),
+        (304, "REVALIDATED", "")
+    );
+    assert!(!s.origin.last_seen().headers.contains_key("range"));
     // And a client whose copy is older gets the whole refreshed response.
     let (status, cache, body) = fetch_when_stale(&s, "/doc", &[("If-None-Match", "\"v0\"")]);
-    assert_eq!((status, cache.as_str(), body.as_str()), (200, "REVALIDATED", "/doc version 1"));
+    assert_eq!(
+        (status, cache.as_str(), body.as_str()),
+        (200, "REVALIDATED", "/doc version 1")
+    );
 
     let revalidated = metric(
         &s.gw,
         r#"breakwater_cache_revalidations_total{outcome="not_modified",service="site"}"#,
     );
     assert!(revalidated >= 3, "{revalidated}");
-    assert_eq!(s.origin.requests(), 1 + revalidated, "no body was fetched again");
+    assert_eq!(
+        s.origin.requests(),
+        1 + revalidated,
+        "no body was fetched again"
+    );
     assert_eq!(s.origin.not_modified(), revalidated);
     assert_eq!(
-        metric(&s.gw, r#"breakwater_cache_requests_total{result="revalidated",service="site"}"#),
+        metric(
+            &s.gw,
+            r#"breakwater_cache_requests_total{result="revalidated",service="site"}"#
+        ),
         revalidated
     );
 }
@@ -526,17 +572,30 @@ fn a_revalidation_answered_200_replaces_the_entry_and_a_failure_keeps_it(backend
     assert_eq!(fetch(&s, "/doc", &[]).2, "/doc version 1");
     s.origin.set(|o| o.version = 2);
     let (status, cache, body) = fetch_when_stale(&s, "/doc", &[]);
-    assert_eq!((status, cache.as_str(), body.as_str()), (200, "MISS", "/doc version 2"));
-    assert_eq!(s.origin.conditional(), 1, "asked conditionally, got the new version");
+    assert_eq!(
+        (status, cache.as_str(), body.as_str()),
+        (200, "MISS", "/doc version 2")
+    );
+    assert_eq!(
+        s.origin.conditional(),
+        1,
+        "asked conditionally, got the new version"
+    );
     assert_eq!(fetch(&s, "/doc", &[]).2, "/doc version 2");
 
     // The origin fails while the entry is stale: the stale copy is served and kept.
     s.origin.set(|o| o.fail = 503);
     let (status, cache, body) = fetch_when_stale(&s, "/doc", &[]);
-    assert_eq!((status, cache.as_str(), body.as_str()), (200, "STALE", "/doc version 2"));
+    assert_eq!(
+        (status, cache.as_str(), body.as_str()),
+        (200, "STALE", "/doc version 2")
+    );
     s.origin.set(|o| o.fail = 0);
     let (_, cache, body) = fetch(&s, "/doc", &[]);
-    assert_eq!((cache.as_str(), body.as_str()), ("REVALIDATED", "/doc version 2"));
+    assert_eq!(
+        (cache.as_str(), body.as_str()),
+        ("REVALIDATED", "/doc version 2")
+    );
     let outcome = |o: &str| {
         metric(
             &s.gw,
@@ -581,14 +640,27 @@ fn stale_while_revalidate_serves_at_once_and_refreshes_once(backend: Backend) {
     for h in handles {
         let (cache, body, took) = h.join().unwrap();
         assert_eq!((cache.as_str(), body.as_str()), ("STALE", "/doc version 1"));
-        assert!(took < Duration::from_millis(1_000), "served at once, not after the origin: {took:?}");
+        assert!(
+            took < Duration::from_millis(1_000),
+            "served at once, not after the origin: {took:?}"
+        );
     }
-    poll_until(Duration::from_secs(10), "the background refresh to store", || {
-        fetch(&s, "/doc", &[]).1 == "HIT"
-    });
+    poll_until(
+        Duration::from_secs(10),
+        "the background refresh to store",
+        || fetch(&s, "/doc", &[]).1 == "HIT",
+    );
     assert_eq!(fetch(&s, "/doc", &[]).2, "/doc version 2");
-    assert_eq!(s.origin.requests(), 2, "one refresh for twenty stale answers");
-    assert_eq!(s.origin.conditional(), 1, "the refresh was a conditional request");
+    assert_eq!(
+        s.origin.requests(),
+        2,
+        "one refresh for twenty stale answers"
+    );
+    assert_eq!(
+        s.origin.conditional(),
+        1,
+        "the refresh was a conditional request"
+    );
     assert_eq!(
         metric(
             &s.gw,
@@ -608,11 +680,15 @@ fn stale_while_revalidate_serves_at_once_and_refreshes_once(backend: Backend) {
         s.origin.requests() == 3
     });
     let (status, cache, body) = fetch(&s, "/doc", &[]);
-    assert_eq!((status, cache.as_str(), body.as_str()), (200, "STALE", "/doc version 2"));
+    assert_eq!(
+        (status, cache.as_str(), body.as_str()),
+        (200, "STALE", "/doc version 2")
+    );
 
     // The response's own stale-while-revalidate applies where the service sets none.
     let s = start(backend, "{ttl: 1m}");
-    s.origin.set(|o| o.cache_control = "max-age=1, stale-while-revalidate=3600".into());
+    s.origin
+        .set(|o| o.cache_control = "max-age=1, stale-while-revalidate=3600".into());
     assert_eq!(fetch(&s, "/doc", &[]).1, "MISS");
     wait_stale();
     assert_eq!(fetch(&s, "/doc", &[]).1, "STALE");
@@ -625,7 +701,13 @@ fn stale_while_revalidate_serves_at_once_and_refreshes_once(backend: Backend) {
 // 4. Vary
 
 fn every_vary_variant_is_kept_bounded_and_purged_together(backend: Backend) {
-    let s = start_with(backend, Origin::start(), ", max_variants: 3", "{ttl: 1h}", "");
+    let s = start_with(
+        backend,
+        Origin::start(),
+        ", max_variants: 3",
+        "{ttl: 1h}",
+        "",
+    );
     let path = "/greeting?vary=Accept-Language";
     let lang = |l: &str| fetch(&s, path, &[("Accept-Language", l)]);
     for l in ["de", "en", "fr"] {
@@ -651,7 +733,10 @@ fn every_vary_variant_is_kept_bounded_and_purged_together(backend: Backend) {
     }
     // The purge of the URL removes the variant index and every variant.
     let answer = purge(&s.gw, "prefix=/greeting");
-    assert!(answer.contains("\"purged\":4"), "index + 3 variants: {answer}");
+    assert!(
+        answer.contains("\"purged\":4"),
+        "index + 3 variants: {answer}"
+    );
     for l in ["de", "en", "fr", "it"] {
         assert_eq!(lang(l).1, "MISS", "{l} after the purge");
     }
@@ -669,11 +754,17 @@ fn ranges_are_answered_from_the_stored_entry(backend: Backend) {
     let resp = get(&s, path, &[("Range", "bytes=10-19")]);
     assert_eq!(resp.status(), 206);
     assert_eq!(header(&resp, "x-cache").as_deref(), Some("HIT"));
-    assert_eq!(header(&resp, "content-range").as_deref(), Some("bytes 10-19/100"));
+    assert_eq!(
+        header(&resp, "content-range").as_deref(),
+        Some("bytes 10-19/100")
+    );
     assert_eq!(header(&resp, "content-length").as_deref(), Some("10"));
     assert_eq!(resp.text().unwrap(), full[10..20]);
     let resp = get(&s, path, &[("Range", "bytes=-5")]);
-    assert_eq!(header(&resp, "content-range").as_deref(), Some("bytes 95-99/100"));
+    assert_eq!(
+        header(&resp, "content-range").as_deref(),
+        Some("bytes 95-99/100")
+    );
     assert_eq!(resp.text().unwrap(), full[95..]);
     let resp = get(&s, path, &[("Range", "bytes=90-")]);
     assert_eq!(resp.status(), 206);
@@ -681,7 +772,10 @@ fn ranges_are_answered_from_the_stored_entry(backend: Backend) {
 
     let resp = get(&s, path, &[("Range", "bytes=100-")]);
     assert_eq!(resp.status(), 416);
-    assert_eq!(header(&resp, "content-range").as_deref(), Some("bytes */100"));
+    assert_eq!(
+        header(&resp, "content-range").as_deref(),
+        Some("bytes */100")
+    );
     assert!(resp.bytes().unwrap().is_empty());
 
     // Several ranges, or an If-Range that does not match: the whole response.
@@ -696,7 +790,11 @@ fn ranges_are_answered_from_the_stored_entry(backend: Backend) {
     }
     let resp = get(&s, path, &[("Range", "bytes=0-1"), ("If-Range", "\"v1\"")]);
     assert_eq!(resp.status(), 206);
-    let resp = get(&s, path, &[("Range", "bytes=0-1"), ("If-Range", &last_modified(1))]);
+    let resp = get(
+        &s,
+        path,
+        &[("Range", "bytes=0-1"), ("If-Range", &last_modified(1))],
+    );
     assert_eq!(resp.status(), 206);
 
     // HEAD is answered from the stored GET.
@@ -736,7 +834,11 @@ fn http_and_https_never_share_an_entry(backend: Backend) {
     };
     assert_eq!(fetch(&s, "/doc", &host).1, "MISS");
     assert_eq!(fetch(&s, "/doc", &host).1, "HIT");
-    assert_eq!(over_tls(&host), "MISS", "an https client never gets the http entry");
+    assert_eq!(
+        over_tls(&host),
+        "MISS",
+        "an https client never gets the http entry"
+    );
     assert_eq!(over_tls(&host), "HIT");
     assert_eq!(s.origin.requests(), 2);
 }
@@ -744,7 +846,11 @@ fn http_and_https_never_share_an_entry(backend: Backend) {
 fn query_order_and_credentials_are_part_of_the_key(backend: Backend) {
     let s = start(backend, "{ttl: 1h}");
     assert_eq!(fetch(&s, "/q?a=1&a=2", &[]).1, "MISS");
-    assert_eq!(fetch(&s, "/q?a=2&a=1", &[]).1, "MISS", "another order, another entry");
+    assert_eq!(
+        fetch(&s, "/q?a=2&a=1", &[]).1,
+        "MISS",
+        "another order, another entry"
+    );
     assert_eq!(fetch(&s, "/q?a=1&a=2", &[]).1, "HIT");
     assert_eq!(s.origin.requests(), 2);
 
@@ -752,14 +858,29 @@ fn query_order_and_credentials_are_part_of_the_key(backend: Backend) {
     // and never the shared entry.
     for credential in [("Cookie", "session=alice"), ("Authorization", "Bearer x")] {
         let resp = get(&s, "/q?a=1&a=2&private_body=1", &[credential]);
-        assert_eq!(header(&resp, "x-cache").as_deref(), Some("BYPASS"), "{credential:?}");
+        assert_eq!(
+            header(&resp, "x-cache").as_deref(),
+            Some("BYPASS"),
+            "{credential:?}"
+        );
         let resp = get(&s, "/q?a=1&a=2", &[credential]);
-        assert_eq!(header(&resp, "x-cache").as_deref(), Some("BYPASS"), "{credential:?}");
+        assert_eq!(
+            header(&resp, "x-cache").as_deref(),
+            Some("BYPASS"),
+            "{credential:?}"
+        );
     }
     assert_eq!(s.origin.requests(), 6);
-    assert_eq!(fetch(&s, "/q?a=1&a=2&private_body=1", &[]).1, "MISS", "nothing was stored");
     assert_eq!(
-        metric(&s.gw, r#"breakwater_cache_requests_total{result="bypass",service="site"}"#),
+        fetch(&s, "/q?a=1&a=2&private_body=1", &[]).1,
+        "MISS",
+        "nothing was stored"
+    );
+    assert_eq!(
+        metric(
+            &s.gw,
+            r#"breakwater_cache_requests_total{result="bypass",service="site"}"#
+        ),
         4
     );
 
@@ -767,7 +888,10 @@ fn query_order_and_credentials_are_part_of_the_key(backend: Backend) {
     let s = start(backend, "{ttl: 1h, ignore_cookies: true}");
     assert_eq!(fetch(&s, "/q", &[]).1, "MISS");
     assert_eq!(fetch(&s, "/q", &[("Cookie", "session=alice")]).1, "HIT");
-    assert_eq!(fetch(&s, "/q", &[("Authorization", "Bearer x")]).1, "BYPASS");
+    assert_eq!(
+        fetch(&s, "/q", &[("Authorization", "Bearer x")]).1,
+        "BYPASS"
+    );
     assert_eq!(s.origin.requests(), 2);
 }
 
@@ -788,21 +912,30 @@ fn private_responses_and_unkeyed_inputs_are_never_shared(backend: Backend) {
     }
     // Unkeyed inputs an upstream may act on: a body on a GET, a method override.
     let before = s.origin.requests();
-    let with_body = client()
-        .get(s.gw.url("/doc"))
-        .body("x=1")
-        .send()
-        .unwrap();
+    let with_body = client().get(s.gw.url("/doc")).body("x=1").send().unwrap();
     assert_eq!(header(&with_body, "x-cache").as_deref(), Some("BYPASS"));
     let overridden = get(&s, "/doc", &[("X-HTTP-Method-Override", "DELETE")]);
     assert_eq!(header(&overridden, "x-cache").as_deref(), Some("BYPASS"));
     assert_eq!(fetch(&s, "/doc", &[]).1, "MISS", "neither filled the cache");
     // The forwarding headers the gateway sets are its own, whatever the client sent, so they
     // cannot make the origin answer for another host or scheme under this key.
-    get(&s, "/doc?fwd", &[("X-Forwarded-Host", "evil.test"), ("X-Forwarded-Proto", "https")]);
+    get(
+        &s,
+        "/doc?fwd",
+        &[
+            ("X-Forwarded-Host", "evil.test"),
+            ("X-Forwarded-Proto", "https"),
+        ],
+    );
     let seen = s.origin.last_seen();
-    assert_ne!(seen.headers.get("x-forwarded-host").map(String::as_str), Some("evil.test"));
-    assert_eq!(seen.headers.get("x-forwarded-proto").map(String::as_str), Some("http"));
+    assert_ne!(
+        seen.headers.get("x-forwarded-host").map(String::as_str),
+        Some("evil.test")
+    );
+    assert_eq!(
+        seen.headers.get("x-forwarded-proto").map(String::as_str),
+        Some("http")
+    );
     assert!(seen.target.ends_with("?fwd"));
     assert_eq!(s.origin.requests(), before + 4);
 }
@@ -832,7 +965,10 @@ fn churn(gw: &Gateway, prefix: &str, from: usize, n: usize, large_every: usize) 
                 let http = client();
                 for i in (from + t..from + n).step_by(threads) {
                     let bytes = if i % large_every == 0 { 200_000 } else { 200 };
-                    let resp = http.get(format!("{base}/{i}?bytes={bytes}")).send().unwrap();
+                    let resp = http
+                        .get(format!("{base}/{i}?bytes={bytes}"))
+                        .send()
+                        .unwrap();
                     assert_eq!(resp.status(), 200);
                     assert_eq!(resp.bytes().unwrap().len(), bytes);
                 }
@@ -867,8 +1003,10 @@ services:
     );
     let gw = Gateway::start(&yaml);
     let pid = gw.pid().unwrap();
-    // The baseline: the same traffic, uncached, so buffers and allocator caches are warm.
-    churn(&gw, "/p", 0, 6_000, 100);
+    // The baseline: a round of the same traffic, uncached, so buffers and allocator caches
+    // are warm and only what the cache keeps is measured (a shorter warm-up left the baseline
+    // up to 5 MB lower from run to run).
+    churn(&gw, "/p", 0, 20_000, 100);
     let baseline = rss(pid);
     // Ever-new keys, 200-byte bodies with a 200 kB one every 100th: in three rounds about
     // twice the bound in small entries and four times in large ones.
@@ -885,7 +1023,13 @@ services:
         grown as f64 / MAX as f64
     );
     eprintln!("{report}");
-    // Entries weigh at most four fifths of max_memory; the rest is the allocator's slack.
-    assert!(held > MAX / 2 && held <= MAX / 5 * 4, "the cache filled: {report}");
-    assert!(grown <= MAX + MAX / 4, "more than 1.25 x max_memory: {report}");
+    // Entries weigh at most two thirds of max_memory; the rest is the allocator's slack.
+    assert!(
+        held > MAX / 2 && held <= MAX / 3 * 2,
+        "the cache filled: {report}"
+    );
+    assert!(
+        grown <= MAX + MAX / 4,
+        "more than 1.25 x max_memory: {report}"
+    );
 }

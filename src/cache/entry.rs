@@ -190,7 +190,11 @@ impl VaryIndex {
     fn encode(&self) -> Bytes {
         let len = 2
             + 2
-            + self.names.iter().map(|n| 2 + n.as_str().len()).sum::<usize>()
+            + self
+                .names
+                .iter()
+                .map(|n| 2 + n.as_str().len())
+                .sum::<usize>()
             + 2
             + self.variants.iter().map(|v| 2 + v.len()).sum::<usize>();
         let mut out = BytesMut::with_capacity(len);
@@ -411,7 +415,10 @@ mod tests {
     fn encoding_round_trips_in_one_exact_allocation_and_rejects_garbage() {
         let e = sample();
         let bytes = e.encode();
-        assert_eq!(bytes.len(), Encoder::new(&e, std::slice::from_ref(&e.body)).len());
+        assert_eq!(
+            bytes.len(),
+            Encoder::new(&e, std::slice::from_ref(&e.body)).len()
+        );
         let chunks = [e.body.slice(..3), e.body.slice(3..)];
         assert_eq!(e.encode_with_body(&chunks), bytes);
         assert_eq!(bytes[0], FORMAT_VERSION);

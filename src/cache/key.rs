@@ -364,7 +364,10 @@ mod tests {
         assert_eq!(f.pattern(), "bw:c:users:/users/1*");
         let any = PurgeFilter::new("/users/1", None);
         assert_eq!(any.pattern(), "bw:c:*:/users/1*");
-        assert_eq!(PurgeFilter::new("/a*b", Some("s")).pattern(), "bw:c:s:/a%2Ab*");
+        assert_eq!(
+            PurgeFilter::new("/a*b", Some("s")).pattern(),
+            "bw:c:s:/a%2Ab*"
+        );
         assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
 
         let k = key("h", "/users/10", None, None);
@@ -374,10 +377,7 @@ mod tests {
         assert!(!PurgeFilter::new("/users/2", None).matches(&k));
         // Variants live under their primary key's prefix.
         let primary = CacheKey::new(parts(true, "h", "/users/1", None, None));
-        let variant = primary.variant(
-            &[HeaderName::from_static("accept")],
-            &HeaderMap::new(),
-        );
+        let variant = primary.variant(&[HeaderName::from_static("accept")], &HeaderMap::new());
         assert!(f.matches(variant.as_str()));
         // A service whose name starts like another's is not covered.
         let other = CacheKey::new(KeyParts {

@@ -25,13 +25,11 @@
 //! request, so the cache never talks to an upstream behind the resilience layer's back. The
 //! request that needs the refreshed copy waits for that subrequest as a coalescing follower.
 //!
-//! Why not pingora-cache: measured on the same machine, a hit costs about the same CPU on
-//! either (Breakwater 19.5–24.3 µs, pingora-cache with its test-only `MemCache` 22.2–24.3 µs,
-//! against 44–53 µs for a proxied request), while adopting it would move the lookup after
-//! `request_filter` (where admission and the breaker's stale-on-open answer live), key
-//! entries by hash (so purge by path prefix needs an index of its own in both backends), and
-//! leave the bounded memory and the Redis backends to be written against an API Pingora marks
-//! experimental. See `docs/architecture.md`.
+//! Why not pingora-cache: adopting it would move the lookup after `request_filter` (where
+//! admission and the breaker's stale-on-open answer live), key entries by hash (so purge by
+//! path prefix needs an index of its own in both backends), and leave the bounded memory and
+//! the Redis backends to be written against an API Pingora marks experimental. See
+//! `docs/architecture.md`.
 
 mod backend;
 mod coalesce;
@@ -268,7 +266,10 @@ fn decode(key: &CacheKey, bytes: Bytes) -> Option<Stored> {
     match Stored::decode(bytes) {
         Ok(stored) => Some(stored),
         Err(e) => {
-            log::debug!("cache: entry {} unreadable, treated as a miss: {e}", key.as_str());
+            log::debug!(
+                "cache: entry {} unreadable, treated as a miss: {e}",
+                key.as_str()
+            );
             None
         }
     }
@@ -365,10 +366,7 @@ impl ServiceCache {
         let m = metrics();
         let counter = |result: &str| m.requests.with_label_values(&[service, result]);
         let revalidation = |outcome: &str| m.revalidations.with_label_values(&[service, outcome]);
-        let refresh = |result: &str| {
-            m.background_refreshes
-                .with_label_values(&[service, result])
-        };
+        let refresh = |result: &str| m.background_refreshes.with_label_values(&[service, result]);
         ServiceCache {
             inner: Arc::new(ServiceInner {
                 service: Arc::from(service),
@@ -469,7 +467,13 @@ impl ServiceCache {
         self.fetch(miss, req).await
     }
 
-    fn miss(&self, primary: CacheKey, key: CacheKey, head: bool, per_user_key: bool) -> Box<MissState> {
+    fn miss(
+        &self,
+        primary: CacheKey,
+        key: CacheKey,
+        head: bool,
+        per_user_key: bool,
+    ) -> Box<MissState> {
         Box::new(MissState {
             svc: Arc::clone(&self.inner),
             primary,
@@ -485,7 +489,13 @@ impl ServiceCache {
         })
     }
 
-    fn miss_state(&self, primary: CacheKey, key: CacheKey, head: bool, per_user_key: bool) -> CacheState {
+    fn miss_state(
+        &self,
+        primary: CacheKey,
+        key: CacheKey,
+        head: bool,
+        per_user_key: bool,
+    ) -> CacheState {
         CacheState(Inner::Miss(self.miss(primary, key, head, per_user_key)))
     }
 
@@ -507,7 +517,12 @@ impl ServiceCache {
 
     /// Starts a background refresh of a stale entry being served, unless one (or a fill of
     /// the key) is under way or the bound of background refreshes is reached.
-    fn refresh_in_background(&self, miss: &MissState, entry: &Arc<CachedResponse>, spawn: SpawnRefresh<'_>) {
+    fn refresh_in_background(
+        &self,
+        miss: &MissState,
+        entry: &Arc<CachedResponse>,
+        spawn: SpawnRefresh<'_>,
+    ) {
         let s = &self.inner;
         let Join::Lead(guard) = s.cache.coalescer.join(miss.key.as_str()) else {
             return;
@@ -827,8 +842,7 @@ impl CacheState {
             .iter()
             .map(|n| (n.clone(), entry::joined_values(&req.headers, n)))
             .collect();
-        let variant =
-            (!names.is_empty()).then(|| (m.primary.variant(&names, &req.headers), names));
+        let variant = (!names.is_empty()).then(|| (m.primary.variant(&names, &req.headers), names));
         m.fill = Some(Fill {
             status,
             headers: policy::stored_headers(&resp.headers),
@@ -838,7 +852,8 @@ impl CacheState {
             chunks: Vec::new(),
             len: 0,
         });
-        let bodyless = matches!(status, 204 | 304) || policy::content_length(&resp.headers) == Some(0);
+        let bodyless =
+            matches!(status, 204 | 304) || policy::content_length(&resp.headers) == Some(0);
         if bodyless {
             m.complete();
         }
@@ -1008,7 +1023,11 @@ impl MissState {
             sie_ms: fill.lifetime.sie_ms,
             vary: fill.vary,
         };
-        self.finish(entry.encode_with_body(&fill.chunks), fill.variant, Filled::Fetched);
+        self.finish(
+            entry.encode_with_body(&fill.chunks),
+            fill.variant,
+            Filled::Fetched,
+        );
     }
 
     /// Publishes the `encoded` entry to the followers and stores it in the background.
@@ -1034,7 +1053,10 @@ impl MissState {
             return;
         };
         rt.spawn(async move {
-            if let Err(e) = cache.store(&primary, variant.as_ref(), encoded, keep_for).await {
+            if let Err(e) = cache
+                .store(&primary, variant.as_ref(), encoded, keep_for)
+                .await
+            {
                 crate::redis::record_error("cache_put", &e);
             }
             // Until here, late arrivals for the key were answered from the published entry.

@@ -280,12 +280,19 @@ mod tests {
     #[test]
     fn only_the_cacheable_statuses_are_stored() {
         for status in STORABLE_STATUSES {
-            assert!(storable(status, &hm(&[]), false, D, now()).is_some(), "{status}");
+            assert!(
+                storable(status, &hm(&[]), false, D, now()).is_some(),
+                "{status}"
+            );
         }
         for status in [
             201, 202, 206, 302, 304, 307, 400, 401, 403, 429, 500, 502, 503, 504,
         ] {
-            assert_eq!(storable(status, &hm(&[]), false, D, now()), None, "{status}");
+            assert_eq!(
+                storable(status, &hm(&[]), false, D, now()),
+                None,
+                "{status}"
+            );
         }
     }
 
@@ -296,18 +303,33 @@ mod tests {
         assert_eq!(ttl(&[("cache-control", "public, No-Cache")]), None);
         assert_eq!(ttl(&[("cache-control", "no-cache=\"set-cookie\"")]), None);
         assert_eq!(ttl(&[("cache-control", "private")]), None);
-        assert_eq!(ttl(&[("cache-control", "max-age=60"), ("cache-control", "private")]), None);
+        assert_eq!(
+            ttl(&[
+                ("cache-control", "max-age=60"),
+                ("cache-control", "private")
+            ]),
+            None
+        );
         let private = hm(&[("cache-control", "private")]);
-        assert!(storable(200, &private, true, D, now()).is_some(), "per-user keys store private");
+        assert!(
+            storable(200, &private, true, D, now()).is_some(),
+            "per-user keys store private"
+        );
     }
 
     #[test]
     fn freshness_from_s_maxage_then_max_age_then_expires_capped_by_the_ttl() {
         assert_eq!(ttl(&[]), Some(60_000));
         assert_eq!(ttl(&[("cache-control", "max-age=5")]), Some(5_000));
-        assert_eq!(ttl(&[("cache-control", "max-age=5, s-maxage=9")]), Some(9_000));
         assert_eq!(
-            ttl(&[("cache-control", "s-maxage=20"), ("cache-control", "max-age=5")]),
+            ttl(&[("cache-control", "max-age=5, s-maxage=9")]),
+            Some(9_000)
+        );
+        assert_eq!(
+            ttl(&[
+                ("cache-control", "s-maxage=20"),
+                ("cache-control", "max-age=5")
+            ]),
             Some(20_000)
         );
         assert_eq!(ttl(&[("cache-control", "s-maxage=\"30\"")]), Some(30_000));
@@ -320,13 +342,22 @@ mod tests {
             Some(30_000)
         );
         // No Date: against now (the same instant here).
-        assert_eq!(ttl(&[("expires", "Tue, 14 Nov 2023 22:13:30 GMT")]), Some(10_000));
+        assert_eq!(
+            ttl(&[("expires", "Tue, 14 Nov 2023 22:13:30 GMT")]),
+            Some(10_000)
+        );
         // max-age wins over Expires; an Expires in the past or unreadable is stale now.
         assert_eq!(
-            ttl(&[("expires", "Tue, 14 Nov 2023 22:13:30 GMT"), ("cache-control", "max-age=20")]),
+            ttl(&[
+                ("expires", "Tue, 14 Nov 2023 22:13:30 GMT"),
+                ("cache-control", "max-age=20")
+            ]),
             Some(20_000)
         );
-        assert_eq!(ttl(&[("date", date), ("expires", "Mon, 13 Nov 2023 00:00:00 GMT")]), None);
+        assert_eq!(
+            ttl(&[("date", date), ("expires", "Mon, 13 Nov 2023 00:00:00 GMT")]),
+            None
+        );
         assert_eq!(ttl(&[("expires", "0")]), None);
     }
 
@@ -336,8 +367,11 @@ mod tests {
         assert_eq!((l.swr_ms, l.sie_ms), (5_000, 7_000));
         let l = lifetime(&[("cache-control", "max-age=9, stale-while-revalidate=30")]).unwrap();
         assert_eq!((l.swr_ms, l.sie_ms), (30_000, 7_000));
-        let l = lifetime(&[("cache-control", "stale-if-error=100, stale-while-revalidate=0")])
-            .unwrap();
+        let l = lifetime(&[(
+            "cache-control",
+            "stale-if-error=100, stale-while-revalidate=0",
+        )])
+        .unwrap();
         assert_eq!((l.swr_ms, l.sie_ms), (0, 100_000));
         for cc in ["must-revalidate", "proxy-revalidate", "s-maxage=10"] {
             let l = lifetime(&[("cache-control", cc)]).unwrap();
@@ -352,7 +386,10 @@ mod tests {
     fn client_no_cache_no_store_pragma_bodies_and_method_overrides_bypass() {
         assert!(!request_bypasses(&hm(&[])));
         assert!(request_bypasses(&hm(&[("cache-control", "no-cache")])));
-        assert!(request_bypasses(&hm(&[("cache-control", "max-age=0, NO-STORE")])));
+        assert!(request_bypasses(&hm(&[(
+            "cache-control",
+            "max-age=0, NO-STORE"
+        )])));
         assert!(!request_bypasses(&hm(&[("cache-control", "max-age=0")])));
         assert!(request_bypasses(&hm(&[("pragma", "no-cache")])));
         // Cache-Control wins over Pragma.
@@ -364,7 +401,10 @@ mod tests {
         assert!(request_bypasses(&hm(&[("content-length", "3")])));
         assert!(!request_bypasses(&hm(&[("content-length", "0")])));
         assert!(request_bypasses(&hm(&[("transfer-encoding", "chunked")])));
-        assert!(request_bypasses(&hm(&[("x-http-method-override", "DELETE")])));
+        assert!(request_bypasses(&hm(&[(
+            "x-http-method-override",
+            "DELETE"
+        )])));
         assert!(request_bypasses(&hm(&[("X-Method-Override", "POST")])));
     }
 

@@ -60,7 +60,9 @@ pub fn respond(
     let body = match (entry.status, single_range(req, entry, len as u64)) {
         (200, Some(RangeAnswer::Partial(start, end))) => {
             header.set_status(206).ok()?;
-            header.insert_header(header::CONTENT_LENGTH, end - start).ok()?;
+            header
+                .insert_header(header::CONTENT_LENGTH, end - start)
+                .ok()?;
             header
                 .insert_header(
                     header::CONTENT_RANGE,
@@ -87,7 +89,11 @@ pub fn respond(
     })
 }
 
-fn full_header(entry: &CachedResponse, x_cache: &'static str, now_ms: u64) -> Option<ResponseHeader> {
+fn full_header(
+    entry: &CachedResponse,
+    x_cache: &'static str,
+    now_ms: u64,
+) -> Option<ResponseHeader> {
     let mut header = ResponseHeader::build(entry.status, Some(entry.headers.len() + 3)).ok()?;
     for (name, value) in &entry.headers {
         header.append_header(name.clone(), value.clone()).ok()?;
@@ -112,8 +118,8 @@ fn not_modified_header(
     let has_etag = entry.header(&header::ETAG).is_some();
     let mut header = ResponseHeader::build(304, Some(8)).ok()?;
     for (name, value) in &entry.headers {
-        let keep = NOT_MODIFIED_HEADERS.contains(name)
-            || (!has_etag && *name == header::LAST_MODIFIED);
+        let keep =
+            NOT_MODIFIED_HEADERS.contains(name) || (!has_etag && *name == header::LAST_MODIFIED);
         if keep {
             header.append_header(name.clone(), value.clone()).ok()?;
         }
@@ -305,17 +311,34 @@ mod tests {
     #[test]
     fn if_none_match_matches_weakly_in_lists_and_star_and_wins_over_if_modified_since() {
         let e = validated();
-        for inm in ["\"v1\"", "W/\"v1\"", "\"x\", W/\"v1\"", "*", " * ", "\"a\",\"v1\""] {
+        for inm in [
+            "\"v1\"",
+            "W/\"v1\"",
+            "\"x\", W/\"v1\"",
+            "*",
+            " * ",
+            "\"a\",\"v1\"",
+        ] {
             let (status, _, body) = answer(&e, &req("GET", &[("if-none-match", inm)]));
             assert_eq!((status, body.as_str()), (304, ""), "{inm}");
         }
         for inm in ["\"v2\"", "\"v1x\"", "v2"] {
-            assert_eq!(answer(&e, &req("GET", &[("if-none-match", inm)])).0, 200, "{inm}");
+            assert_eq!(
+                answer(&e, &req("GET", &[("if-none-match", inm)])).0,
+                200,
+                "{inm}"
+            );
         }
         // If-None-Match present and not matching: If-Modified-Since is not looked at.
-        let r = req("GET", &[("if-none-match", "\"v2\""), ("if-modified-since", LM)]);
+        let r = req(
+            "GET",
+            &[("if-none-match", "\"v2\""), ("if-modified-since", LM)],
+        );
         assert_eq!(answer(&e, &r).0, 200);
-        assert_eq!(answer(&e, &req("HEAD", &[("if-none-match", "\"v1\"")])).0, 304);
+        assert_eq!(
+            answer(&e, &req("HEAD", &[("if-none-match", "\"v1\"")])).0,
+            304
+        );
     }
 
     #[test]
@@ -334,21 +357,36 @@ mod tests {
             );
         }
         let no_lm = entry(&[("etag", "\"v1\"")], "x");
-        assert_eq!(answer(&no_lm, &req("GET", &[("if-modified-since", LM)])).0, 200);
+        assert_eq!(
+            answer(&no_lm, &req("GET", &[("if-modified-since", LM)])).0,
+            200
+        );
     }
 
     #[test]
     fn a_304_carries_the_validators_and_caching_headers_only() {
-        let (status, headers, body) = answer(&validated(), &req("GET", &[("if-none-match", "\"v1\"")]));
+        let (status, headers, body) =
+            answer(&validated(), &req("GET", &[("if-none-match", "\"v1\"")]));
         assert_eq!((status, body.as_str()), (304, ""));
         let names: Vec<&str> = headers.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             names,
-            ["etag", "cache-control", "expires", "date", "vary", "x-cache", "age"]
+            [
+                "etag",
+                "cache-control",
+                "expires",
+                "date",
+                "vary",
+                "x-cache",
+                "age"
+            ]
         );
         assert_eq!(get(&headers, "x-cache"), Some("HIT"));
         // Without an ETag, Last-Modified is the validator and comes along.
-        let e = entry(&[("last-modified", LM), ("content-type", "text/plain")], "x");
+        let e = entry(
+            &[("last-modified", LM), ("content-type", "text/plain")],
+            "x",
+        );
         let (status, headers, _) = answer(&e, &req("GET", &[("if-modified-since", LM)]));
         assert_eq!(status, 304);
         assert_eq!(get(&headers, "last-modified"), Some(LM));
@@ -360,7 +398,10 @@ mod tests {
     fn only_a_stored_200_is_validated_or_sliced() {
         let mut e = validated();
         e.status = 404;
-        assert_eq!(answer(&e, &req("GET", &[("if-none-match", "\"v1\"")])).0, 404);
+        assert_eq!(
+            answer(&e, &req("GET", &[("if-none-match", "\"v1\"")])).0,
+            404
+        );
         assert_eq!(answer(&e, &req("GET", &[("range", "bytes=0-1")])).0, 404);
     }
 
@@ -379,7 +420,11 @@ mod tests {
         ] {
             let (status, headers, body) = answer(&e, &req("GET", &[("range", range)]));
             assert_eq!((status, body.as_str()), (206, expect), "{range}");
-            assert_eq!(get(&headers, "content-range"), Some(content_range), "{range}");
+            assert_eq!(
+                get(&headers, "content-range"),
+                Some(content_range),
+                "{range}"
+            );
             assert_eq!(
                 get(&headers, "content-length"),
                 Some(expect.len().to_string().as_str()),
@@ -392,10 +437,19 @@ mod tests {
     #[test]
     fn unsatisfiable_ranges_are_416_and_odd_ones_get_the_whole_response() {
         let e = validated();
-        for range in ["bytes=10-", "bytes=10-20", "bytes=-0", "bytes=99999999999999999999999-"] {
+        for range in [
+            "bytes=10-",
+            "bytes=10-20",
+            "bytes=-0",
+            "bytes=99999999999999999999999-",
+        ] {
             let (status, headers, body) = answer(&e, &req("GET", &[("range", range)]));
             assert_eq!((status, body.as_str()), (416, ""), "{range}");
-            assert_eq!(get(&headers, "content-range"), Some("bytes */10"), "{range}");
+            assert_eq!(
+                get(&headers, "content-range"),
+                Some("bytes */10"),
+                "{range}"
+            );
             assert_eq!(get(&headers, "content-length"), Some("0"));
             assert_eq!(get(&headers, "content-type"), None);
         }
@@ -427,7 +481,13 @@ mod tests {
     #[test]
     fn if_range_needs_a_strong_match() {
         let e = validated();
-        let ranged = |if_range: &str| answer(&e, &req("GET", &[("range", "bytes=0-1"), ("if-range", if_range)])).0;
+        let ranged = |if_range: &str| {
+            answer(
+                &e,
+                &req("GET", &[("range", "bytes=0-1"), ("if-range", if_range)]),
+            )
+            .0
+        };
         assert_eq!(ranged("\"v1\""), 206);
         assert_eq!(ranged(LM), 206);
         assert_eq!(ranged("W/\"v1\""), 200);
@@ -441,7 +501,10 @@ mod tests {
     #[test]
     fn a_matching_precondition_wins_over_range() {
         let e = validated();
-        let r = req("GET", &[("range", "bytes=0-1"), ("if-none-match", "\"v1\"")]);
+        let r = req(
+            "GET",
+            &[("range", "bytes=0-1"), ("if-none-match", "\"v1\"")],
+        );
         assert_eq!(answer(&e, &r).0, 304);
     }
 }
