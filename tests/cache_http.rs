@@ -1023,9 +1023,9 @@ services:
         grown as f64 / MAX as f64
     );
     eprintln!("{report}");
-    // Entries weigh at most two thirds of max_memory; the rest is the allocator's slack.
+    // Entries weigh at most half of max_memory; the rest is the allocator's slack.
     assert!(
-        held > MAX / 2 && held <= MAX / 3 * 2,
+        held > MAX / 3 && held <= MAX / 2,
         "the cache filled: {report}"
     );
     assert!(

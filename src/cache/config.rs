@@ -14,7 +14,7 @@ pub struct CacheConfig {
     pub backend: BackendKind,
     /// Bound of the memory backend, in bytes: what its entries really occupy (each entry is
     /// one allocation holding its headers and body, plus its key and a fixed bookkeeping
-    /// cost, at most two thirds of the bound, the rest being the allocator's slack); the
+    /// cost, at most half of the bound, the rest being the allocator's slack); the
     /// least valuable entries (TinyLFU) are evicted beyond it. Ignored by
     /// `redis`, whose own `maxmemory` applies. Default: `256MiB`.
     pub max_memory: ByteSize,

@@ -4,11 +4,12 @@
 //! `max_memory` is meant as a bound on resident memory, so an entry weighs what it really
 //! costs: its value is one exactly sized allocation (the encoded entry, counted at the size
 //! the allocator really reserves for it: see [`allocated`]), plus its key, plus
-//! [`ENTRY_OVERHEAD`] for what moka spends around them. Entries fill at most two thirds of
-//! the bound: the last third is the allocator's slack under churn (freed memory it keeps
-//! for reuse, pages shared by live and freed blocks), which the churn test measured at 22% to
-//! 72% of what the entries weigh on a loaded 2-core machine (with four fifths for entries
-//! the process went over 1.25 x `max_memory` in one run of five). moka applies evictions in
+//! [`ENTRY_OVERHEAD`] for what moka spends around them. Entries fill at most half of the
+//! bound: the other half is the allocator's slack under churn (freed memory it keeps for
+//! reuse, pages shared by live and freed blocks). The churn test (32 MiB, a loaded 2-core
+//! machine) measured that slack at 5 to 19 MB whether the entries weighed 22 or 27 MB: with
+//! four fifths for entries the process went over 1.25 x `max_memory` in one run of six, with
+//! two thirds it reached 1.24 x in one run of ten. moka applies evictions in
 //! batches; so that a burst of large inserts cannot run far past the bound before the next
 //! batch, pending evictions are settled whenever the bytes inserted since the last
 //! settlement reach a thirty-second of the bound.
@@ -82,7 +83,7 @@ pub fn allocated(n: u64) -> u64 {
 
 /// The share of `max_memory` entries may weigh; the rest is the allocator's slack.
 pub fn entry_budget(max_memory: u64) -> u64 {
-    max_memory / 3 * 2
+    max_memory / 2
 }
 
 impl MemoryBackend {
