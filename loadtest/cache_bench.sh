@@ -72,7 +72,7 @@ wait_http "http://127.0.0.1:$UP_PORT/"
 
 BW_PORT=$(free_port) BW_ADMIN=$(free_port)
 cat >"$LT_TMP/breakwater.yaml" <<EOF
-server: {listen: ["127.0.0.1:$BW_PORT"], threads: 1}
+server: {listen: ["127.0.0.1:$BW_PORT"], threads: 1, grace_period: 1s}
 admin: {listen: "127.0.0.1:$BW_ADMIN"}
 access_log: true
 cache: {backend: memory}
