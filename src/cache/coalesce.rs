@@ -18,12 +18,21 @@ const SHARDS: usize = 64;
 #[derive(Debug, Clone)]
 pub enum FlightState {
     Pending,
-    /// The leader stored this; followers answer from it.
-    Stored(Arc<CachedResponse>),
+    /// The leader stored this (fetched anew, or refreshed by a `304`); followers answer from
+    /// it.
+    Stored(Arc<CachedResponse>, Filled),
     /// The response could not be stored (or the leader went away): followers go upstream.
     NotStored,
     /// The upstream failed: followers holding a stale copy serve it, the rest go upstream.
     UpstreamFailed,
+}
+
+/// How a flight's entry came to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filled {
+    Fetched,
+    /// A stale entry the upstream confirmed with a `304`.
+    Revalidated,
 }
 
 type Flights = HashMap<Box<str>, Arc<watch::Sender<FlightState>>>;
@@ -105,6 +114,11 @@ impl FlightGuard {
     /// from this outcome too.
     pub fn publish(&self, state: FlightState) {
         self.tx.send_replace(state);
+    }
+
+    /// Waits on this flight like a follower (the leader hands the work to someone else).
+    pub fn subscribe(&self) -> watch::Receiver<FlightState> {
+        self.tx.subscribe()
     }
 }
 

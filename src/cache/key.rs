@@ -1,29 +1,33 @@
 //! Cache keys: what makes two requests "the same" for the cache, and the storage key string
 //! both backends use.
 //!
-//! The storage key is `bw:c:<service>:<path>[?<query>]|<host>|GET[|u=<user>]`, every
-//! component percent-escaped so that `:`, `|`, `?`, `%`, glob characters, spaces and
-//! non-ASCII bytes never appear raw. That makes the layout unambiguous (two different requests
-//! can never produce one key) and lets a purge by path prefix be a plain string-prefix match:
-//! `bw:c:<service>:<escaped prefix>*`.
+//! The primary key is `bw:c:<service>:<path>[?<query>]|<scheme>|<host>|GET[|u=<user>]`, every
+//! component percent-escaped so that `:`, `|`, `?`, `%`, glob characters, spaces and non-ASCII
+//! bytes never appear raw. That makes the layout unambiguous (two different requests can never
+//! produce one key) and lets a purge by path prefix be a plain string-prefix match:
+//! `bw:c:<service>:<escaped prefix>*`. A response with `Vary` is stored under a secondary key,
+//! the primary key followed by `|v` and the request's values of the varied headers, so a purge
+//! of the primary key's prefix covers every variant too.
+//!
+//! The query is kept as the client sent it: parameter order and repetition are part of the
+//! key, since many frameworks read `?a=2&a=1` differently from `?a=1&a=2`.
 
+use http::{HeaderMap, HeaderName};
+use std::borrow::Borrow;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 /// The storage key prefix shared by every entry.
 pub const KEY_PREFIX: &str = "bw:c:";
 
-/// Identifies one cached response (before `Vary`, which is checked against the entry).
+/// The storage key of one cached response (or of the variant list of a URL whose responses
+/// vary). Cheap to clone.
 #[derive(Debug, Clone)]
-pub struct CacheKey {
-    service: Arc<str>,
-    path: Box<str>,
-    key: Box<str>,
-}
+pub struct CacheKey(Arc<str>);
 
 impl PartialEq for CacheKey {
     fn eq(&self, other: &Self) -> bool {
-        self.key == other.key
+        self.0 == other.0
     }
 }
 
@@ -31,70 +35,141 @@ impl Eq for CacheKey {}
 
 impl Hash for CacheKey {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        self.key.hash(state)
+        self.0.hash(state)
     }
+}
+
+impl Borrow<str> for CacheKey {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+/// What a request is keyed by, besides `Vary`.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyParts<'a> {
+    pub service: &'a str,
+    /// The client came over TLS: `https` and `http` never share an entry.
+    pub https: bool,
+    pub host: &'a str,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    /// The authenticated user, when the service keys per user.
+    pub user: Option<&'a str>,
 }
 
 impl CacheKey {
     /// GET and HEAD share a key (the method class is always `GET`: nothing else is cached).
-    /// `host` is lower-cased, the query's parameters are sorted by name then value, and an
-    /// empty query counts as none.
-    pub fn new(
-        service: &Arc<str>,
-        host: &str,
-        path: &str,
-        query: Option<&str>,
-        user: Option<&str>,
-    ) -> CacheKey {
-        let mut key =
-            String::with_capacity(KEY_PREFIX.len() + service.len() + path.len() + host.len() + 32);
+    /// `host` is lower-cased; an empty query counts as none.
+    pub fn new(p: KeyParts<'_>) -> CacheKey {
+        let query = p.query.filter(|q| !q.is_empty());
+        let mut key = String::with_capacity(
+            KEY_PREFIX.len()
+                + p.service.len()
+                + p.path.len()
+                + query.map_or(0, str::len)
+                + p.host.len()
+                + p.user.map_or(0, str::len)
+                + 24,
+        );
         key.push_str(KEY_PREFIX);
-        escape_into(&mut key, service);
+        escape_into(&mut key, p.service);
         key.push(':');
-        escape_into(&mut key, path);
-        if let Some(q) = query.and_then(normalize_query) {
+        escape_into(&mut key, p.path);
+        if let Some(q) = query {
             key.push('?');
-            escape_into(&mut key, &q);
+            escape_into(&mut key, q);
         }
-        key.push('|');
-        escape_into(&mut key, &host.to_ascii_lowercase());
+        key.push_str(if p.https { "|https|" } else { "|http|" });
+        escape_into(&mut key, &p.host.to_ascii_lowercase());
         key.push_str("|GET");
-        if let Some(user) = user {
+        if let Some(user) = p.user {
             key.push_str("|u=");
             escape_into(&mut key, user);
         }
-        CacheKey {
-            service: Arc::clone(service),
-            path: path.into(),
-            key: key.into(),
+        CacheKey(key.into())
+    }
+
+    /// The secondary key of the variant a request with `request` headers selects, for a
+    /// response that varies on `names`: per name, `|` then nothing when the request lacks the
+    /// header, else `=` and its (joined, escaped) values. Values are kept whole rather than
+    /// hashed, so two variants can never share a key.
+    pub fn variant(&self, names: &[HeaderName], request: &HeaderMap) -> CacheKey {
+        let mut key = String::with_capacity(self.0.len() + 2 + names.len() * 16);
+        key.push_str(&self.0);
+        key.push_str("|v");
+        for name in names {
+            key.push('|');
+            let mut values = request.get_all(name).iter();
+            if let Some(first) = values.next() {
+                key.push('=');
+                escape_bytes_into(&mut key, first.as_bytes());
+                for v in values {
+                    escape_into(&mut key, ", ");
+                    escape_bytes_into(&mut key, v.as_bytes());
+                }
+            }
         }
+        CacheKey(key.into())
+    }
+
+    /// Rebuilds a key read back from storage (a variant key listed in a variant index).
+    pub fn from_stored(key: &str) -> CacheKey {
+        CacheKey(key.into())
     }
 
     /// The storage key.
     pub fn as_str(&self) -> &str {
-        &self.key
-    }
-
-    /// Whether a purge of `prefix` (optionally only in `service`) covers this key.
-    pub fn matches_purge(&self, prefix: &str, service: Option<&str>) -> bool {
-        service.is_none_or(|s| s == &*self.service) && self.path.starts_with(prefix)
+        &self.0
     }
 }
 
-/// The storage-key prefix every key of `service` (or of any service) under the path `prefix`
-/// starts with, as a Redis `SCAN MATCH` pattern.
-pub fn purge_pattern(prefix: &str, service: Option<&str>) -> String {
-    let mut literal = String::from(KEY_PREFIX);
-    match service {
-        Some(s) => escape_into(&mut literal, s),
-        // Escaped services never contain ':', so this `*` cannot swallow part of the path.
-        None => literal.push('\u{0}'),
+/// Which keys a purge removes: those of one service (or any) whose path starts with a prefix.
+#[derive(Debug, Clone)]
+pub struct PurgeFilter {
+    /// `bw:c:<service>:<path prefix>`, escaped; without a service, just `:<path prefix>`.
+    literal: String,
+    any_service: bool,
+}
+
+impl PurgeFilter {
+    /// Keys whose request path starts with `prefix` (a plain string prefix: `/users/1` also
+    /// covers `/users/10`), in `service` only when given.
+    pub fn new(prefix: &str, service: Option<&str>) -> PurgeFilter {
+        let mut literal = String::new();
+        if let Some(s) = service {
+            literal.push_str(KEY_PREFIX);
+            escape_into(&mut literal, s);
+        }
+        literal.push(':');
+        escape_into(&mut literal, prefix);
+        PurgeFilter {
+            literal,
+            any_service: service.is_none(),
+        }
     }
-    literal.push(':');
-    escape_into(&mut literal, prefix);
-    let mut pattern = glob_escape(&literal).replace('\u{0}', "*");
-    pattern.push('*');
-    pattern
+
+    pub fn matches(&self, key: &str) -> bool {
+        if !self.any_service {
+            return key.starts_with(&self.literal);
+        }
+        // Escaped services never contain ':', so the first one after the prefix ends it.
+        key.strip_prefix(KEY_PREFIX)
+            .and_then(|rest| rest.find(':').map(|i| &rest[i..]))
+            .is_some_and(|rest| rest.starts_with(&self.literal))
+    }
+
+    /// The same set of keys as a Redis `SCAN MATCH` pattern.
+    pub fn pattern(&self) -> String {
+        let mut pattern = String::with_capacity(self.literal.len() + 12);
+        if self.any_service {
+            pattern.push_str(KEY_PREFIX);
+            pattern.push('*');
+        }
+        pattern.push_str(&glob_escape(&self.literal));
+        pattern.push('*');
+        pattern
+    }
 }
 
 /// Escapes Redis glob metacharacters so `s` matches only itself.
@@ -109,32 +184,15 @@ pub fn glob_escape(s: &str) -> String {
     out
 }
 
-/// Sorts the parameters by name, then value; `None` for an empty query.
-pub fn normalize_query(query: &str) -> Option<String> {
-    let mut params: Vec<(&str, &str)> = query
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| (p.split('=').next().unwrap_or(p), p))
-        .collect();
-    if params.is_empty() {
-        return None;
-    }
-    params.sort_unstable();
-    let mut out = String::with_capacity(query.len());
-    for (i, (_, param)) in params.iter().enumerate() {
-        if i > 0 {
-            out.push('&');
-        }
-        out.push_str(param);
-    }
-    Some(out)
+fn escape_into(out: &mut String, s: &str) {
+    escape_bytes_into(out, s.as_bytes())
 }
 
 /// Percent-escapes every byte outside a conservative set, so separators and glob characters
 /// only ever appear where the key layout puts them.
-fn escape_into(out: &mut String, s: &str) {
+fn escape_bytes_into(out: &mut String, s: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    for &b in s.as_bytes() {
+    for &b in s {
         let plain = b.is_ascii_alphanumeric()
             || matches!(
                 b,
@@ -167,25 +225,48 @@ fn escape_into(out: &mut String, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
+
+    fn parts<'a>(
+        https: bool,
+        host: &'a str,
+        path: &'a str,
+        query: Option<&'a str>,
+        user: Option<&'a str>,
+    ) -> KeyParts<'a> {
+        KeyParts {
+            service: "users",
+            https,
+            host,
+            path,
+            query,
+            user,
+        }
+    }
 
     fn key(host: &str, path: &str, query: Option<&str>, user: Option<&str>) -> String {
-        CacheKey::new(&Arc::from("users"), host, path, query, user)
+        CacheKey::new(parts(false, host, path, query, user))
             .as_str()
             .to_string()
     }
 
     #[test]
-    fn query_order_and_host_case_do_not_matter() {
-        let a = key("API.example.com", "/users", Some("b=2&a=1&a=0"), None);
-        let b = key("api.example.com", "/users", Some("a=0&b=2&a=1"), None);
+    fn query_order_matters_and_host_case_does_not() {
+        let a = key("API.example.com", "/users", Some("a=1&b=2"), None);
+        let b = key("api.example.com", "/users", Some("a=1&b=2"), None);
         assert_eq!(a, b);
-        assert_eq!(a, "bw:c:users:/users?a=0&a=1&b=2|api.example.com|GET");
-        assert_eq!(
-            key("h", "/users", Some(""), None),
-            key("h", "/users", None, None)
+        assert_eq!(a, "bw:c:users:/users?a=1&b=2|http|api.example.com|GET");
+        // Repeated parameters in another order are another request to most frameworks.
+        assert_ne!(
+            key("h", "/users", Some("a=2&a=1"), None),
+            key("h", "/users", Some("a=1&a=2"), None)
+        );
+        assert_ne!(
+            key("h", "/users", Some("b=2&a=1"), None),
+            key("h", "/users", Some("a=1&b=2"), None)
         );
         assert_eq!(
-            key("h", "/users", Some("&&"), None),
+            key("h", "/users", Some(""), None),
             key("h", "/users", None, None)
         );
         assert_ne!(
@@ -200,6 +281,22 @@ mod tests {
             key("a.com", "/u", None, None),
             key("b.com", "/u", None, None)
         );
+        // `?` in a path (escaped) and the query separator never meet.
+        assert_ne!(
+            key("h", "/a?b", None, None),
+            key("h", "/a", Some("b"), None)
+        );
+    }
+
+    #[test]
+    fn http_and_https_never_share_a_key() {
+        let http = CacheKey::new(parts(false, "h", "/u", None, None));
+        let https = CacheKey::new(parts(true, "h", "/u", None, None));
+        assert_ne!(http, https);
+        assert_eq!(https.as_str(), "bw:c:users:/u|https|h|GET");
+        // A host cannot smuggle a scheme separator.
+        let crafted = CacheKey::new(parts(false, "https|h", "/u", None, None));
+        assert_ne!(crafted, https);
     }
 
     #[test]
@@ -221,26 +318,73 @@ mod tests {
         let k = key("localhost:8080", "/a:b|c*?[x]%", Some("q=*"), Some("u:1"));
         assert_eq!(
             k,
-            "bw:c:users:/a%3Ab%7Cc%2A%3F%5Bx%5D%25?q=%2A|localhost%3A8080|GET|u=u%3A1"
+            "bw:c:users:/a%3Ab%7Cc%2A%3F%5Bx%5D%25?q=%2A|http|localhost%3A8080|GET|u=u%3A1"
         );
-        // Percent-escaping is per byte, so prefixes of paths stay prefixes of keys.
-        let path_key = key("h", "/users/1/orders", None, None);
-        assert!(path_key.starts_with(&purge_pattern("/users/1", Some("users")).replace('*', "")));
     }
 
     #[test]
-    fn purge_patterns() {
-        assert_eq!(
-            purge_pattern("/users/1", Some("users")),
-            "bw:c:users:/users/1*"
+    fn variants_extend_the_primary_key_unambiguously() {
+        let primary = CacheKey::new(parts(false, "h", "/u", None, None));
+        let names = [
+            HeaderName::from_static("accept-language"),
+            HeaderName::from_static("x-absent"),
+        ];
+        let mut req = HeaderMap::new();
+        req.append("accept-language", HeaderValue::from_static("de"));
+        req.append("accept-language", HeaderValue::from_static("en|x"));
+        let v = primary.variant(&names, &req);
+        assert_eq!(v.as_str(), "bw:c:users:/u|http|h|GET|v|=de,%20en%7Cx|");
+        assert!(v.as_str().starts_with(primary.as_str()));
+        // Absent, empty and "=" values are three different variants.
+        let absent = primary.variant(&names[..1], &HeaderMap::new());
+        let mut empty = HeaderMap::new();
+        empty.insert("accept-language", HeaderValue::from_static(""));
+        let empty = primary.variant(&names[..1], &empty);
+        let mut eq = HeaderMap::new();
+        eq.insert("accept-language", HeaderValue::from_static("="));
+        let eq = primary.variant(&names[..1], &eq);
+        assert_ne!(absent, empty);
+        assert_ne!(empty, eq);
+        assert_ne!(absent, eq);
+        // A value cannot forge the separator of the next name.
+        let mut forged = HeaderMap::new();
+        forged.insert("accept-language", HeaderValue::from_static("de|=x"));
+        let mut two = HeaderMap::new();
+        two.insert("accept-language", HeaderValue::from_static("de"));
+        two.insert("x-absent", HeaderValue::from_static("x"));
+        assert_ne!(
+            primary.variant(&names, &forged),
+            primary.variant(&names, &two)
         );
-        assert_eq!(purge_pattern("/users/1", None), "bw:c:*:/users/1*");
-        assert_eq!(purge_pattern("/a*b", Some("s")), "bw:c:s:/a%2Ab*");
+    }
+
+    #[test]
+    fn purge_filters_and_patterns() {
+        let f = PurgeFilter::new("/users/1", Some("users"));
+        assert_eq!(f.pattern(), "bw:c:users:/users/1*");
+        let any = PurgeFilter::new("/users/1", None);
+        assert_eq!(any.pattern(), "bw:c:*:/users/1*");
+        assert_eq!(
+            PurgeFilter::new("/a*b", Some("s")).pattern(),
+            "bw:c:s:/a%2Ab*"
+        );
         assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
-        let k = CacheKey::new(&Arc::from("users"), "h", "/users/10", None, None);
-        assert!(k.matches_purge("/users/1", None));
-        assert!(k.matches_purge("/users/1", Some("users")));
-        assert!(!k.matches_purge("/users/1", Some("orders")));
-        assert!(!k.matches_purge("/users/2", None));
+
+        let k = key("h", "/users/10", None, None);
+        assert!(f.matches(&k));
+        assert!(any.matches(&k));
+        assert!(!PurgeFilter::new("/users/1", Some("orders")).matches(&k));
+        assert!(!PurgeFilter::new("/users/2", None).matches(&k));
+        // Variants live under their primary key's prefix.
+        let primary = CacheKey::new(parts(true, "h", "/users/1", None, None));
+        let variant = primary.variant(&[HeaderName::from_static("accept")], &HeaderMap::new());
+        assert!(f.matches(variant.as_str()));
+        // A service whose name starts like another's is not covered.
+        let other = CacheKey::new(KeyParts {
+            service: "users2",
+            ..parts(false, "h", "/users/1", None, None)
+        });
+        assert!(!f.matches(other.as_str()));
+        assert!(any.matches(other.as_str()));
     }
 }

@@ -1,5 +1,6 @@
 //! The shared backend: entries in Redis as `SET key <binary entry> PX keep_for`, so every
-//! gateway instance serves what any of them stored.
+//! gateway instance serves what any of them stored. A response that varies takes two
+//! round trips to find: its variant index at the primary key, then the variant.
 //!
 //! Every command is single-key (Cluster-safe), fails fast while the connection is down and is
 //! bounded by [`COMMAND_TIMEOUT`]: a slow or dead Redis costs a request at most that, and the
@@ -8,8 +9,7 @@
 //! moved by a reshard, can be missed).
 
 use super::backend::{CacheBackend, CacheError};
-use super::entry::CachedResponse;
-use super::key::{purge_pattern, CacheKey};
+use super::key::{CacheKey, PurgeFilter};
 use async_trait::async_trait;
 use bytes::Bytes;
 use fred::clients::Pool;
@@ -125,27 +125,21 @@ fn parse_scan(reply: Value) -> Result<(String, Vec<Bytes>), CacheError> {
 
 #[async_trait]
 impl CacheBackend for RedisBackend {
-    async fn get(&self, key: &CacheKey) -> Result<Option<CachedResponse>, CacheError> {
-        let value: Option<Bytes> = bounded(
+    async fn get(&self, key: &CacheKey) -> Result<Option<Bytes>, CacheError> {
+        bounded(
             "GET",
             self.pool
                 .next_connected()
                 .with_options(&self.options)
                 .get(key.as_str()),
         )
-        .await?;
-        match value {
-            None => Ok(None),
-            Some(bytes) => CachedResponse::decode(bytes)
-                .map(Some)
-                .map_err(CacheError::Decode),
-        }
+        .await
     }
 
     async fn put(
         &self,
         key: &CacheKey,
-        entry: CachedResponse,
+        value: Bytes,
         keep_for: Duration,
     ) -> Result<(), CacheError> {
         let ms = i64::try_from(keep_for.as_millis())
@@ -156,19 +150,25 @@ impl CacheBackend for RedisBackend {
             self.pool
                 .next_connected()
                 .with_options(&self.options)
-                .set::<(), _, _>(
-                    key.as_str(),
-                    entry.encode(),
-                    Some(Expiration::PX(ms)),
-                    None,
-                    false,
-                ),
+                .set::<(), _, _>(key.as_str(), value, Some(Expiration::PX(ms)), None, false),
         )
         .await
     }
 
-    async fn purge(&self, path_prefix: &str, service: Option<&str>) -> Result<u64, CacheError> {
-        let pattern = purge_pattern(path_prefix, service);
+    async fn remove(&self, key: &CacheKey) -> Result<(), CacheError> {
+        bounded(
+            "DEL",
+            self.pool
+                .next_connected()
+                .with_options(&self.options)
+                .del::<i64, _>(key.as_str()),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn purge(&self, filter: &PurgeFilter) -> Result<u64, CacheError> {
+        let pattern = filter.pattern();
         let client = self.pool.next_connected();
         if !client.is_clustered() {
             return self.purge_node(client, &pattern).await;

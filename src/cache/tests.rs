@@ -1,5 +1,7 @@
-//! Unit tests of the cache policy, the coalescer wiring and both backends. Time is a
-//! `ManualClock`; nothing sleeps (the Redis tests wait only for a real server to start).
+//! Unit tests of the request path, the coalescer wiring, revalidation and refresh, and both
+//! backends. Time is a `ManualClock`; nothing sleeps (the Redis tests wait only for a real
+//! server to start). The storage rules are tested in `policy`, answers from an entry in
+//! `respond`.
 
 use super::*;
 use crate::clock::ManualClock;
@@ -7,6 +9,7 @@ use crate::redis::tests::TestRedis;
 use crate::values::ByteSize;
 use async_trait::async_trait;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
 
 const T0: u64 = 1_700_000_000_000;
@@ -43,6 +46,12 @@ impl Fixture {
             tokio::task::yield_now().await;
         }
     }
+
+    /// A stored response as the backend holds it.
+    async fn stored(&self, key: &CacheKey) -> Option<Stored> {
+        let bytes = self.cache.backend.get(key).await.unwrap()?;
+        Some(Stored::decode(bytes).unwrap())
+    }
 }
 
 fn req(method: &str, uri: &str, headers: &[(&str, &str)]) -> RequestHeader {
@@ -66,6 +75,30 @@ fn header<'a>(r: &'a ResponseHeader, name: &str) -> Option<&'a str> {
     r.headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+fn key(service: &str, path: &str) -> CacheKey {
+    CacheKey::new(KeyParts {
+        service,
+        https: false,
+        host: "api.test",
+        path,
+        query: None,
+        user: None,
+    })
+}
+
+/// A spawner for tests where no refresh is expected (or possible).
+fn no_spawn(r: Refresh) -> Result<(), Refresh> {
+    Err(r)
+}
+
+async fn look(svc: &ServiceCache, r: &RequestHeader) -> Lookup {
+    svc.lookup(r, None, false, &no_spawn).await
+}
+
+async fn look_as(svc: &ServiceCache, r: &RequestHeader, user: Option<&str>) -> Lookup {
+    svc.lookup(r, user, false, &no_spawn).await
+}
+
 /// Runs a forwarded request's response phases the way the proxy does.
 fn respond(
     state: &mut CacheState,
@@ -78,6 +111,20 @@ fn respond(
     state.push_body(Some(&b), false);
     state.push_body(None, true);
     r
+}
+
+/// Stores `body` for `r` through a full miss.
+async fn fill(
+    f: &Fixture,
+    svc: &ServiceCache,
+    r: &RequestHeader,
+    headers: &[(&str, &str)],
+    body: &str,
+) {
+    let mut s = forward(look(svc, r).await);
+    respond(&mut s, r, resp(200, headers), body);
+    drop(s);
+    f.settle().await;
 }
 
 fn forward(l: Lookup) -> CacheState {
@@ -108,144 +155,50 @@ fn count(service: &str, result: &str) -> u64 {
         .get()
 }
 
-// ----- storability and request rules ---------------------------------------------------------
+/// Refresh tickets handed to the spawner, for the test to run as the subrequest would.
+#[derive(Clone, Default)]
+struct Spawned(Arc<Mutex<Vec<Refresh>>>);
 
-fn hm(headers: &[(&str, &str)]) -> HeaderMap {
-    let mut m = HeaderMap::new();
-    for (n, v) in headers {
-        m.append(
-            HeaderName::from_bytes(n.as_bytes()).unwrap(),
-            HeaderValue::from_str(v).unwrap(),
-        );
+impl Spawned {
+    fn spawner(&self) -> impl Fn(Refresh) -> Result<(), Refresh> + Send + Sync + 'static {
+        let tickets = Arc::clone(&self.0);
+        move |r| {
+            tickets.lock().unwrap().push(r);
+            Ok(())
+        }
     }
-    m
-}
 
-#[test]
-fn only_the_cacheable_statuses_are_stored() {
-    for status in [200, 203, 204, 300, 301, 404, 405, 410, 414, 501] {
-        assert_eq!(
-            storable_ttl(status, &hm(&[]), false, 5000),
-            Some(5000),
-            "{status}"
-        );
+    fn count(&self) -> usize {
+        self.0.lock().unwrap().len()
     }
-    for status in [
-        201, 202, 206, 302, 304, 307, 400, 401, 403, 429, 500, 502, 503, 504,
-    ] {
-        assert_eq!(
-            storable_ttl(status, &hm(&[]), false, 5000),
-            None,
-            "{status}"
-        );
+
+    async fn next(&self) -> Refresh {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(t) = self.0.lock().unwrap().pop() {
+                    return t;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("a refresh was spawned")
     }
 }
 
-#[test]
-fn set_cookie_no_store_no_cache_and_private_are_not_stored() {
-    let none = |h: &[(&str, &str)], per_user| storable_ttl(200, &hm(h), per_user, 5000);
-    assert_eq!(none(&[("set-cookie", "a=b")], true), None);
-    assert_eq!(none(&[("cache-control", "no-store")], true), None);
-    assert_eq!(none(&[("cache-control", "public, No-Store")], true), None);
-    assert_eq!(none(&[("cache-control", "no-cache")], true), None);
-    assert_eq!(
-        none(&[("cache-control", "no-cache=\"set-cookie\"")], true),
-        None
-    );
-    assert_eq!(none(&[("cache-control", "private")], false), None);
-    assert_eq!(
-        none(&[("cache-control", "private, max-age=60")], false),
-        None
-    );
-    // Keyed per user, a private response only ever goes back to its own user.
-    assert_eq!(none(&[("cache-control", "private")], true), Some(5000));
-    assert_eq!(none(&[("cache-control", "public")], false), Some(5000));
-}
-
-#[test]
-fn max_age_and_s_maxage_cap_the_ttl() {
-    let ttl = |h: &[(&str, &str)]| storable_ttl(200, &hm(h), false, 300_000);
-    assert_eq!(ttl(&[("cache-control", "max-age=10")]), Some(10_000));
-    assert_eq!(ttl(&[("cache-control", "max-age=3600")]), Some(300_000));
-    assert_eq!(
-        ttl(&[("cache-control", "max-age=100, s-maxage=20")]),
-        Some(20_000)
-    );
-    assert_eq!(
-        ttl(&[
-            ("cache-control", "s-maxage=20"),
-            ("cache-control", "max-age=5")
-        ]),
-        Some(20_000)
-    );
-    assert_eq!(ttl(&[("cache-control", "s-maxage=\"30\"")]), Some(30_000));
-    assert_eq!(ttl(&[("cache-control", "max-age=0")]), None);
-    assert_eq!(ttl(&[("cache-control", "max-age=soon")]), None);
-}
-
-#[test]
-fn client_no_cache_no_store_and_pragma_bypass() {
-    assert!(request_bypasses(&hm(&[("cache-control", "no-cache")])));
-    assert!(request_bypasses(&hm(&[(
-        "cache-control",
-        "max-age=0, no-store"
-    )])));
-    assert!(request_bypasses(&hm(&[("pragma", "no-cache")])));
-    assert!(!request_bypasses(&hm(&[
-        ("pragma", "no-cache"),
-        ("cache-control", "max-age=5")
-    ])));
-    assert!(!request_bypasses(&hm(&[("cache-control", "max-age=5")])));
-    assert!(!request_bypasses(&hm(&[])));
-}
-
-#[test]
-fn vary_names_are_collected_and_star_is_not_stored() {
-    let req = hm(&[("accept-language", "de"), ("accept-encoding", "gzip")]);
-    let v = vary_values(
-        &hm(&[
-            ("vary", "Accept-Language, accept-encoding"),
-            ("vary", "accept-language"),
-        ]),
-        &req,
-    )
-    .unwrap();
-    assert_eq!(
-        v,
-        vec![
-            (
-                HeaderName::from_static("accept-language"),
-                Some(HeaderValue::from_static("de"))
-            ),
-            (
-                HeaderName::from_static("accept-encoding"),
-                Some(HeaderValue::from_static("gzip"))
-            ),
-        ]
-    );
-    assert_eq!(
-        vary_values(&hm(&[("vary", "x-missing")]), &req).unwrap()[0].1,
-        None
-    );
-    assert!(vary_values(&hm(&[("vary", "accept, *")]), &req).is_none());
-    assert!(vary_values(&hm(&[]), &req).unwrap().is_empty());
-}
-
-#[test]
-fn per_request_and_hop_by_hop_headers_are_not_stored() {
-    let kept = stored_headers(&hm(&[
-        ("content-type", "application/json"),
-        ("connection", "keep-alive"),
-        ("transfer-encoding", "chunked"),
-        ("content-length", "12"),
-        ("x-request-id", "abc"),
-        ("x-cache", "MISS"),
-        ("age", "3"),
-        ("x-ratelimit-remaining", "9"),
-        ("etag", "\"v1\""),
-    ]));
-    let names: Vec<&str> = kept.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["content-type", "etag"]);
+/// Runs a refresh as the subrequest does, against an upstream answering `r` with `body`;
+/// returns the request the upstream got and the response header as tagged.
+fn run_refresh(
+    ticket: Refresh,
+    client: &RequestHeader,
+    r: ResponseHeader,
+    body: &str,
+) -> (RequestHeader, ResponseHeader) {
+    let mut state = CacheState::from(ticket);
+    let mut upstream = client.clone();
+    state.prepare_upstream_request(&mut upstream).unwrap();
+    let r = respond(&mut state, client, r, body);
+    (upstream, r)
 }
 
 // ----- the request path ----------------------------------------------------------------------
@@ -255,7 +208,7 @@ async fn miss_then_hit_with_age_and_head_from_the_get_entry() {
     let f = fixture();
     let svc = f.service("t_basic", "{ttl: 60s}", false);
     let get = req("GET", "/users/1?b=2&a=1", &[]);
-    let mut state = forward(svc.lookup(&get, None).await);
+    let mut state = forward(look(&svc, &get).await);
     assert!(is_leader(&state));
     let r = respond(
         &mut state,
@@ -271,8 +224,8 @@ async fn miss_then_hit_with_age_and_head_from_the_get_entry() {
     f.settle().await;
 
     f.clock.advance(Duration::from_millis(7_500));
-    let same = req("GET", "/users/1?a=1&b=2", &[]);
-    let served = hit(svc.lookup(&same, None).await);
+    let same = req("GET", "/users/1?b=2&a=1", &[]);
+    let served = hit(look(&svc, &same).await);
     assert_eq!(served.header.status.as_u16(), 200);
     assert_eq!(header(&served.header, X_CACHE), Some("HIT"));
     assert_eq!(header(&served.header, "age"), Some("7"));
@@ -280,9 +233,7 @@ async fn miss_then_hit_with_age_and_head_from_the_get_entry() {
     assert_eq!(header(&served.header, "x-served-by"), Some("u1"));
     assert_eq!(&served.body[..], b"{\"id\":1}");
 
-    let served = hit(svc
-        .lookup(&req("HEAD", "/users/1?a=1&b=2", &[]), None)
-        .await);
+    let served = hit(look(&svc, &req("HEAD", "/users/1?b=2&a=1", &[])).await);
     assert_eq!(header(&served.header, X_CACHE), Some("HIT"));
     assert_eq!(header(&served.header, "content-length"), Some("8"));
     assert!(served.body.is_empty());
@@ -292,11 +243,321 @@ async fn miss_then_hit_with_age_and_head_from_the_get_entry() {
 }
 
 #[tokio::test]
+async fn the_key_keeps_the_query_order_and_the_scheme() {
+    let f = fixture();
+    let svc = f.service("t_key", "{}", false);
+    fill(&f, &svc, &req("GET", "/q?a=1&a=2", &[]), &[], "one-two").await;
+    hit(look(&svc, &req("GET", "/q?a=1&a=2", &[])).await);
+    forward(look(&svc, &req("GET", "/q?a=2&a=1", &[])).await);
+    let get = req("GET", "/q?a=1&a=2", &[]);
+    let over_tls = svc.lookup(&get, None, true, &no_spawn).await;
+    assert!(
+        is_leader(&forward(over_tls)),
+        "an https request never gets the http entry"
+    );
+}
+
+#[tokio::test]
+async fn cookies_bypass_a_shared_key_unless_the_service_ignores_them() {
+    let f = fixture();
+    let svc = f.service("t_cookie", "{}", false);
+    fill(&f, &svc, &req("GET", "/c", &[]), &[], "shared").await;
+    let with_cookie = req("GET", "/c", &[("cookie", "session=alice")]);
+    let mut s = forward(look(&svc, &with_cookie).await);
+    assert_eq!(s.x_cache(), Some("BYPASS"));
+    let r = respond(&mut s, &with_cookie, resp(200, &[]), "alice's page");
+    assert_eq!(header(&r, X_CACHE), Some("BYPASS"));
+    drop(s);
+    f.settle().await;
+    assert_eq!(
+        &hit(look(&svc, &req("GET", "/c", &[])).await).body[..],
+        b"shared"
+    );
+
+    let ignoring = f.service("t_cookie", "{ignore_cookies: true}", false);
+    assert_eq!(
+        &hit(look(&ignoring, &with_cookie).await).body[..],
+        b"shared"
+    );
+    // Authorization is never covered by ignore_cookies.
+    let with_token = req("GET", "/c", &[("authorization", "Bearer x")]);
+    assert_eq!(
+        forward(look(&ignoring, &with_token).await).x_cache(),
+        Some("BYPASS")
+    );
+    // Keyed per user, a cookie is no reason to bypass.
+    let per_user = f.service("t_cookie_user", "{}", true);
+    let s = forward(look_as(&per_user, &with_cookie, Some("alice")).await);
+    assert_eq!(s.x_cache(), Some("MISS"));
+}
+
+#[tokio::test]
+async fn conditional_requests_on_a_fresh_entry_get_a_304() {
+    let f = fixture();
+    let svc = f.service("t_304", "{}", false);
+    let get = req("GET", "/v", &[]);
+    fill(
+        &f,
+        &svc,
+        &get,
+        &[("etag", "\"v1\""), ("cache-control", "max-age=60")],
+        "body",
+    )
+    .await;
+    let before = metrics().not_modified.with_label_values(&["t_304"]).get();
+    let served = hit(look(&svc, &req("GET", "/v", &[("if-none-match", "W/\"v1\"")])).await);
+    assert_eq!(served.header.status.as_u16(), 304);
+    assert_eq!(header(&served.header, X_CACHE), Some("HIT"));
+    assert_eq!(header(&served.header, "etag"), Some("\"v1\""));
+    assert!(served.body.is_empty());
+    let served = hit(look(&svc, &req("GET", "/v", &[("if-none-match", "\"v0\"")])).await);
+    assert_eq!(served.header.status.as_u16(), 200);
+    assert_eq!(
+        metrics().not_modified.with_label_values(&["t_304"]).get(),
+        before + 1
+    );
+    assert_eq!(count("t_304", "hit"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_entry_with_a_validator_is_revalidated_and_a_304_refreshes_it() {
+    let f = fixture();
+    let svc = f.service("t_reval", "{ttl: 10s}", false);
+    let get = req("GET", "/r", &[]);
+    let validators = [
+        ("etag", "\"v1\""),
+        ("last-modified", "Tue, 14 Nov 2023 22:13:20 GMT"),
+    ];
+    fill(
+        &f,
+        &svc,
+        &get,
+        &[&validators[..], &[("x-version", "1")]].concat(),
+        "original",
+    )
+    .await;
+    f.clock.advance(Duration::from_secs(11));
+
+    // The client asks with its own validator and a range: the refresh asks for neither.
+    let client = req(
+        "GET",
+        "/r",
+        &[("if-none-match", "\"v1\""), ("range", "bytes=0-1")],
+    );
+    let spawned = Spawned::default();
+    let lookup = {
+        let (svc, client, spawner) = (svc.clone(), client.clone(), spawned.spawner());
+        tokio::spawn(async move { svc.lookup(&client, None, false, &spawner).await })
+    };
+    let ticket = spawned.next().await;
+    let (upstream, r) = run_refresh(
+        ticket,
+        &client,
+        resp(
+            304,
+            &[
+                ("etag", "\"v1\""),
+                ("x-version", "2"),
+                ("cache-control", "max-age=5"),
+            ],
+        ),
+        "",
+    );
+    assert_eq!(header(&r, X_CACHE), Some("REVALIDATED"));
+    assert_eq!(upstream.headers.get("if-none-match").unwrap(), "\"v1\"");
+    assert_eq!(
+        upstream.headers.get("if-modified-since").unwrap(),
+        "Tue, 14 Nov 2023 22:13:20 GMT"
+    );
+    assert!(upstream.headers.get("range").is_none());
+    // The waiting client's validator matches the refreshed entry: 304, tagged REVALIDATED.
+    let served = hit(lookup.await.unwrap());
+    assert_eq!(served.header.status.as_u16(), 304);
+    assert_eq!(header(&served.header, X_CACHE), Some("REVALIDATED"));
+    f.settle().await;
+
+    // Fresh again, with the 304's headers and the old body, for max-age=5.
+    let served = hit(look(&svc, &get).await);
+    assert_eq!(header(&served.header, X_CACHE), Some("HIT"));
+    assert_eq!(header(&served.header, "x-version"), Some("2"));
+    assert_eq!(header(&served.header, "age"), Some("0"));
+    assert_eq!(&served.body[..], b"original");
+    f.clock.advance(Duration::from_secs(6));
+    assert_eq!(spawned.count(), 0);
+    let stale_again = svc.lookup(&get, None, false, &no_spawn).await;
+    assert!(
+        is_leader(&forward(stale_again)),
+        "no spawner: fetched whole by the request"
+    );
+    assert_eq!(
+        metrics()
+            .revalidations
+            .with_label_values(&["t_reval", "not_modified"])
+            .get(),
+        1
+    );
+    assert_eq!(count("t_reval", "revalidated"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revalidation_answered_200_replaces_the_entry_and_a_5xx_keeps_it() {
+    let f = fixture();
+    let svc = f.service("t_reval_200", "{ttl: 10s, stale_if_error: 1m}", false);
+    let get = req("GET", "/r", &[]);
+    fill(&f, &svc, &get, &[("etag", "\"v1\"")], "one").await;
+    f.clock.advance(Duration::from_secs(11));
+
+    // 5xx while validating: the waiting request gets the stale copy, the entry stays.
+    let spawned = Spawned::default();
+    let lookup = {
+        let (svc, get, spawner) = (svc.clone(), get.clone(), spawned.spawner());
+        tokio::spawn(async move { svc.lookup(&get, None, false, &spawner).await })
+    };
+    run_refresh(spawned.next().await, &get, resp(503, &[]), "down");
+    let served = hit(lookup.await.unwrap());
+    assert_eq!(header(&served.header, X_CACHE), Some("STALE"));
+    assert_eq!(&served.body[..], b"one");
+    assert_eq!(
+        metrics()
+            .revalidations
+            .with_label_values(&["t_reval_200", "error"])
+            .get(),
+        1
+    );
+
+    // A 200: the new response replaces the entry; the request that waited says MISS.
+    let lookup = {
+        let (svc, get, spawner) = (svc.clone(), get.clone(), spawned.spawner());
+        tokio::spawn(async move { svc.lookup(&get, None, false, &spawner).await })
+    };
+    run_refresh(
+        spawned.next().await,
+        &get,
+        resp(200, &[("etag", "\"v2\"")]),
+        "two",
+    );
+    let served = hit(lookup.await.unwrap());
+    assert_eq!(header(&served.header, X_CACHE), Some("MISS"));
+    assert_eq!(&served.body[..], b"two");
+    f.settle().await;
+    let served = hit(look(&svc, &get).await);
+    assert_eq!(
+        (header(&served.header, "etag"), &served.body[..]),
+        (Some("\"v2\""), &b"two"[..])
+    );
+    assert_eq!(
+        metrics()
+            .revalidations
+            .with_label_values(&["t_reval_200", "modified"])
+            .get(),
+        1
+    );
+
+    // Now not storable: the stale entry goes.
+    f.clock.advance(Duration::from_secs(11));
+    let lookup = {
+        let (svc, get, spawner) = (svc.clone(), get.clone(), spawned.spawner());
+        tokio::spawn(async move { svc.lookup(&get, None, false, &spawner).await })
+    };
+    run_refresh(
+        spawned.next().await,
+        &get,
+        resp(200, &[("cache-control", "no-store")]),
+        "x",
+    );
+    forward(lookup.await.unwrap());
+    f.settle().await;
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while f.stored(&key("t_reval_200", "/r")).await.is_some() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the unstorable answer removed the stale entry");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn within_stale_while_revalidate_the_stale_copy_is_served_and_one_refresh_runs() {
+    let f = fixture();
+    let svc = f.service("t_swr", "{ttl: 10s, stale_while_revalidate: 30s}", false);
+    let get = req("GET", "/s", &[]);
+    fill(&f, &svc, &get, &[], "old").await;
+    f.clock.advance(Duration::from_secs(15));
+    let spawned = Spawned::default();
+    let spawner = spawned.spawner();
+    for _ in 0..5 {
+        let served = hit(svc.lookup(&get, None, false, &spawner).await);
+        assert_eq!(header(&served.header, X_CACHE), Some("STALE"));
+        assert_eq!(&served.body[..], b"old");
+    }
+    assert_eq!(spawned.count(), 1, "one refresh for five stale answers");
+    // A miss arriving meanwhile (another request without the entry) follows the refresh.
+    let ticket = spawned.next().await;
+    let (_, r) = run_refresh(ticket, &get, resp(200, &[]), "new");
+    assert_eq!(header(&r, X_CACHE), Some("MISS"));
+    f.settle().await;
+    let served = hit(look(&svc, &get).await);
+    assert_eq!(
+        (header(&served.header, X_CACHE), &served.body[..]),
+        (Some("HIT"), &b"new"[..])
+    );
+    let started = metrics()
+        .background_refreshes
+        .with_label_values(&["t_swr", "started"]);
+    assert_eq!(started.get(), 1);
+
+    // A failing refresh keeps the stale copy.
+    f.clock.advance(Duration::from_secs(15));
+    hit(svc.lookup(&get, None, false, &spawner).await);
+    run_refresh(spawned.next().await, &get, resp(500, &[]), "");
+    f.settle().await;
+    let served = hit(svc.lookup(&get, None, false, &spawner).await);
+    assert_eq!(
+        (header(&served.header, X_CACHE), &served.body[..]),
+        (Some("STALE"), &b"new"[..])
+    );
+    drop(spawned.next().await);
+
+    // Beyond the bound of background refreshes, stale copies are served without one.
+    let all = Arc::clone(&f.cache.background)
+        .acquire_many_owned(MAX_BACKGROUND_REFRESHES as u32)
+        .await
+        .unwrap();
+    f.settle().await;
+    hit(svc.lookup(&get, None, false, &spawner).await);
+    assert_eq!(spawned.count(), 0);
+    let skipped = metrics()
+        .background_refreshes
+        .with_label_values(&["t_swr", "skipped"]);
+    assert_eq!(skipped.get(), 1);
+    drop(all);
+    // HEAD never starts one.
+    hit(svc
+        .lookup(&req("HEAD", "/s", &[]), None, false, &spawner)
+        .await);
+    assert_eq!(spawned.count(), 0);
+}
+
+#[tokio::test]
+async fn a_stale_answer_to_a_conditional_request_is_a_304_too() {
+    let f = fixture();
+    let svc = f.service("t_stale_304", "{ttl: 1s, stale_if_error: 1h}", false);
+    let get = req("GET", "/x", &[]);
+    fill(&f, &svc, &get, &[], "x").await;
+    f.clock.advance(Duration::from_secs(5));
+    let cond = req("GET", "/x", &[("if-none-match", "*")]);
+    let mut s = forward(look(&svc, &cond).await);
+    let stale = s.take_stale(&cond).unwrap();
+    assert_eq!(stale.header.status.as_u16(), 304);
+    assert_eq!(header(&stale.header, X_CACHE), Some("STALE"));
+}
+
+#[tokio::test]
 async fn head_misses_are_not_stored_and_other_methods_are_left_alone() {
     let f = fixture();
     let svc = f.service("t_head", "{}", false);
     let head = req("HEAD", "/x", &[]);
-    let mut state = forward(svc.lookup(&head, None).await);
+    let mut state = forward(look(&svc, &head).await);
     assert!(!is_leader(&state));
     let r = respond(
         &mut state,
@@ -307,10 +568,10 @@ async fn head_misses_are_not_stored_and_other_methods_are_left_alone() {
     assert_eq!(header(&r, X_CACHE), Some("MISS"));
     drop(state);
     f.settle().await;
-    forward(svc.lookup(&req("GET", "/x", &[]), None).await);
+    forward(look(&svc, &req("GET", "/x", &[])).await);
 
     let post = req("POST", "/x", &[]);
-    let mut state = forward(svc.lookup(&post, None).await);
+    let mut state = forward(look(&svc, &post).await);
     assert_eq!(state.x_cache(), None);
     let r = respond(&mut state, &post, resp(200, &[]), "created");
     assert_eq!(header(&r, X_CACHE), None);
@@ -321,20 +582,20 @@ async fn a_client_asking_for_no_cache_bypasses_lookup_and_store() {
     let f = fixture();
     let svc = f.service("t_bypass", "{}", false);
     let get = req("GET", "/x", &[]);
-    let mut s = forward(svc.lookup(&get, None).await);
+    let mut s = forward(look(&svc, &get).await);
     respond(&mut s, &get, resp(200, &[]), "v1");
     drop(s);
     f.settle().await;
 
     let fresh = req("GET", "/x", &[("cache-control", "no-cache")]);
-    let mut s = forward(svc.lookup(&fresh, None).await);
+    let mut s = forward(look(&svc, &fresh).await);
     assert_eq!(s.x_cache(), Some("BYPASS"));
     let r = respond(&mut s, &fresh, resp(200, &[]), "v2");
     assert_eq!(header(&r, X_CACHE), Some("BYPASS"));
     drop(s);
     f.settle().await;
     assert_eq!(
-        &hit(svc.lookup(&get, None).await).body[..],
+        &hit(look(&svc, &get).await).body[..],
         b"v1",
         "a bypass never stores"
     );
@@ -346,11 +607,11 @@ async fn authenticated_requests_bypass_a_shared_key_and_users_never_share_entrie
     let f = fixture();
     let shared = f.service("t_auth_shared", "{}", false);
     let alice_get = req("GET", "/me", &[("authorization", "Bearer a")]);
-    let s = forward(shared.lookup(&alice_get, Some("alice")).await);
+    let s = forward(look_as(&shared, &alice_get, Some("alice")).await);
     assert_eq!(s.x_cache(), Some("BYPASS"));
 
     let per_user = f.service("t_auth_user", "{}", true);
-    let mut s = forward(per_user.lookup(&alice_get, Some("alice")).await);
+    let mut s = forward(look_as(&per_user, &alice_get, Some("alice")).await);
     assert_eq!(s.x_cache(), Some("MISS"));
     respond(
         &mut s,
@@ -361,12 +622,12 @@ async fn authenticated_requests_bypass_a_shared_key_and_users_never_share_entrie
     drop(s);
     f.settle().await;
     assert_eq!(
-        &hit(per_user.lookup(&alice_get, Some("alice")).await).body[..],
+        &hit(look_as(&per_user, &alice_get, Some("alice")).await).body[..],
         b"alice's"
     );
 
     let bob_get = req("GET", "/me", &[("authorization", "Bearer b")]);
-    let mut s = forward(per_user.lookup(&bob_get, Some("bob")).await);
+    let mut s = forward(look_as(&per_user, &bob_get, Some("bob")).await);
     respond(
         &mut s,
         &bob_get,
@@ -376,60 +637,98 @@ async fn authenticated_requests_bypass_a_shared_key_and_users_never_share_entrie
     drop(s);
     f.settle().await;
     assert_eq!(
-        &hit(per_user.lookup(&bob_get, Some("bob")).await).body[..],
+        &hit(look_as(&per_user, &bob_get, Some("bob")).await).body[..],
         b"bob's"
     );
     assert_eq!(
-        &hit(per_user.lookup(&alice_get, Some("alice")).await).body[..],
+        &hit(look_as(&per_user, &alice_get, Some("alice")).await).body[..],
         b"alice's"
     );
 
     // Authorization without an identity cannot be keyed per user: bypass.
-    let s = forward(per_user.lookup(&alice_get, None).await);
+    let s = forward(look_as(&per_user, &alice_get, None).await);
     assert_eq!(s.x_cache(), Some("BYPASS"));
     // vary_by_user: false overrides the auth default.
     let off = f.service("t_auth_off", "{vary_by_user: false}", true);
     assert_eq!(
-        forward(off.lookup(&alice_get, Some("alice")).await).x_cache(),
+        forward(look_as(&off, &alice_get, Some("alice")).await).x_cache(),
         Some("BYPASS")
     );
 }
 
 #[tokio::test]
-async fn vary_mismatch_is_a_miss_and_the_new_response_replaces_the_entry() {
-    let f = fixture();
+async fn every_vary_variant_is_kept_under_its_own_key_up_to_max_variants() {
+    let cfg = CacheConfig {
+        max_variants: 2,
+        ..CacheConfig::default()
+    };
+    let f = fixture_with(cfg, Arc::new(MemoryBackend::new(1 << 20)));
     let svc = f.service("t_vary", "{}", false);
-    let de = req("GET", "/greeting", &[("accept-language", "de")]);
-    let en = req("GET", "/greeting", &[("accept-language", "en")]);
-    let mut s = forward(svc.lookup(&de, None).await);
+    let lang = |l: &str| req("GET", "/greeting", &[("accept-language", l)]);
+    let vary = [("vary", "Accept-Language")];
+    fill(&f, &svc, &lang("de"), &vary, "hallo").await;
+    assert_eq!(&hit(look(&svc, &lang("de")).await).body[..], b"hallo");
+    let s = forward(look(&svc, &lang("en")).await);
+    assert!(is_leader(&s), "another variant is a miss of its own");
+    drop(s);
+    f.settle().await;
+    fill(&f, &svc, &lang("en"), &vary, "hello").await;
+    assert_eq!(&hit(look(&svc, &lang("en")).await).body[..], b"hello");
+    assert_eq!(
+        &hit(look(&svc, &lang("de")).await).body[..],
+        b"hallo",
+        "storing English kept German"
+    );
+    // Absent is a variant of its own.
+    fill(&f, &svc, &req("GET", "/greeting", &[]), &vary, "hi").await;
+    let primary = key("t_vary", "/greeting");
+    let Some(Stored::Variants(index)) = f.stored(&primary).await else {
+        panic!("the primary key holds the variant index")
+    };
+    assert_eq!(index.names, [header::ACCEPT_LANGUAGE]);
+    assert_eq!(index.variants.len(), 2, "max_variants: 2");
+    // The oldest (German) went, from the index and from the backend.
+    forward(look(&svc, &lang("de")).await);
+    let de_key = primary.variant(&index.names, &lang("de").headers);
+    assert!(f.cache.backend.get(&de_key).await.unwrap().is_none());
+    assert_eq!(&hit(look(&svc, &lang("en")).await).body[..], b"hello");
+
+    // A miss finds the response now varies on another header: old variants are dropped.
+    let enc = req(
+        "GET",
+        "/greeting",
+        &[("accept-language", "it"), ("accept-encoding", "gzip")],
+    );
+    let mut s = forward(look(&svc, &enc).await);
     respond(
         &mut s,
-        &de,
-        resp(200, &[("vary", "Accept-Language")]),
-        "hallo",
+        &enc,
+        resp(200, &[("vary", "Accept-Encoding")]),
+        "gz",
     );
     drop(s);
     f.settle().await;
-    assert_eq!(&hit(svc.lookup(&de, None).await).body[..], b"hallo");
+    let Some(Stored::Variants(index)) = f.stored(&primary).await else {
+        panic!()
+    };
+    assert_eq!(index.names, [header::ACCEPT_ENCODING]);
+    assert_eq!(index.variants.len(), 1);
+    assert_eq!(&hit(look(&svc, &enc).await).body[..], b"gz");
 
-    let mut s = forward(svc.lookup(&en, None).await);
-    respond(
-        &mut s,
-        &en,
-        resp(200, &[("vary", "Accept-Language")]),
-        "hello",
-    );
-    drop(s);
-    f.settle().await;
-    assert_eq!(&hit(svc.lookup(&en, None).await).body[..], b"hello");
-    forward(svc.lookup(&de, None).await);
-
+    // Vary: * is never stored.
     let any = req("GET", "/star", &[]);
-    let mut s = forward(svc.lookup(&any, None).await);
+    let mut s = forward(look(&svc, &any).await);
     respond(&mut s, &any, resp(200, &[("vary", "*")]), "x");
     drop(s);
     f.settle().await;
-    forward(svc.lookup(&any, None).await);
+    forward(look(&svc, &any).await);
+    assert!(f.stored(&key("t_vary", "/star")).await.is_none());
+
+    // A purge of the URL removes the index and every variant.
+    fill(&f, &svc, &lang("fr"), &vary, "salut").await;
+    let purged = f.cache.purge("/greeting", Some("t_vary")).await.unwrap();
+    assert_eq!(purged, 2, "index and the one variant of the new Vary");
+    forward(look(&svc, &lang("fr")).await);
 }
 
 #[tokio::test]
@@ -446,12 +745,12 @@ async fn unstorable_responses_are_forwarded_every_time() {
     ];
     for (path, status, headers) in cases {
         let get = req("GET", path, &[]);
-        let mut s = forward(svc.lookup(&get, None).await);
+        let mut s = forward(look(&svc, &get).await);
         let r = respond(&mut s, &get, resp(status, headers), "body");
         assert_eq!(header(&r, X_CACHE), Some("MISS"));
         drop(s);
         f.settle().await;
-        forward(svc.lookup(&get, None).await);
+        forward(look(&svc, &get).await);
     }
 }
 
@@ -460,18 +759,18 @@ async fn fresh_then_stale_on_error_then_expired() {
     let f = fixture();
     let svc = f.service("t_stale", "{ttl: 10s, stale_if_error: 1m}", false);
     let get = req("GET", "/orders/7", &[]);
-    let mut s = forward(svc.lookup(&get, None).await);
+    let mut s = forward(look(&svc, &get).await);
     respond(&mut s, &get, resp(200, &[]), "order");
     drop(s);
     f.settle().await;
 
     f.clock.advance(Duration::from_secs(9));
-    hit(svc.lookup(&get, None).await);
+    hit(look(&svc, &get).await);
 
     f.clock.advance(Duration::from_secs(11));
-    let mut s = forward(svc.lookup(&get, None).await);
+    let mut s = forward(look(&svc, &get).await);
     assert_eq!(s.x_cache(), Some("MISS"));
-    let stale = s.take_stale().expect("within stale_if_error");
+    let stale = s.take_stale(&get).expect("within stale_if_error");
     assert_eq!(header(&stale.header, X_CACHE), Some("STALE"));
     assert_eq!(header(&stale.header, "age"), Some("20"));
     assert_eq!(&stale.body[..], b"order");
@@ -480,8 +779,8 @@ async fn fresh_then_stale_on_error_then_expired() {
     assert_eq!(count("t_stale", "stale"), 1);
 
     f.clock.advance(Duration::from_secs(50)); // 70s: ttl 10s + stale_if_error 60s
-    let mut s = forward(svc.lookup(&get, None).await);
-    assert!(s.take_stale().is_none(), "past ttl + stale_if_error");
+    let mut s = forward(look(&svc, &get).await);
+    assert!(s.take_stale(&get).is_none(), "past ttl + stale_if_error");
 }
 
 #[tokio::test]
@@ -489,7 +788,7 @@ async fn max_age_shortens_freshness() {
     let f = fixture();
     let svc = f.service("t_maxage", "{ttl: 5m, stale_if_error: 1h}", false);
     let get = req("GET", "/x", &[]);
-    let mut s = forward(svc.lookup(&get, None).await);
+    let mut s = forward(look(&svc, &get).await);
     respond(
         &mut s,
         &get,
@@ -499,11 +798,11 @@ async fn max_age_shortens_freshness() {
     drop(s);
     f.settle().await;
     f.clock.advance(Duration::from_millis(1_999));
-    hit(svc.lookup(&get, None).await);
+    hit(look(&svc, &get).await);
     f.clock.advance(Duration::from_millis(2));
-    let mut s = forward(svc.lookup(&get, None).await);
+    let mut s = forward(look(&svc, &get).await);
     assert!(
-        s.take_stale().is_some(),
+        s.take_stale(&get).is_some(),
         "stale_if_error still counts from the capped ttl"
     );
 }
@@ -513,7 +812,7 @@ async fn bodies_over_max_body_size_stream_through_unstored() {
     let f = fixture(); // max_body_size 1024
     let svc = f.service("t_big", "{}", false);
     let get = req("GET", "/big", &[]);
-    let mut s = forward(svc.lookup(&get, None).await);
+    let mut s = forward(look(&svc, &get).await);
     let mut r = resp(200, &[]);
     s.start_fill(&get, &mut r);
     let chunk = Bytes::from(vec![b'x'; 600]);
@@ -526,22 +825,22 @@ async fn bodies_over_max_body_size_stream_through_unstored() {
     s.push_body(Some(&chunk), true);
     drop(s);
     f.settle().await;
-    forward(svc.lookup(&get, None).await);
+    forward(look(&svc, &get).await);
 
     // Known too large from Content-Length: not even buffered.
     let get = req("GET", "/big2", &[]);
-    let mut s = forward(svc.lookup(&get, None).await);
+    let mut s = forward(look(&svc, &get).await);
     let mut r = resp(200, &[("content-length", "5000")]);
     s.start_fill(&get, &mut r);
     assert!(matches!(&s.0, Inner::Miss(m) if m.fill.is_none()));
 
     // Exactly the limit is fine.
     let get = req("GET", "/fits", &[]);
-    let mut s = forward(svc.lookup(&get, None).await);
+    let mut s = forward(look(&svc, &get).await);
     respond(&mut s, &get, resp(200, &[]), &"y".repeat(1024));
     drop(s);
     f.settle().await;
-    assert_eq!(hit(svc.lookup(&get, None).await).body.len(), 1024);
+    assert_eq!(hit(look(&svc, &get).await).body.len(), 1024);
 }
 
 #[tokio::test]
@@ -549,12 +848,12 @@ async fn bodyless_responses_complete_at_the_header() {
     let f = fixture();
     let svc = f.service("t_204", "{}", false);
     let get = req("GET", "/empty", &[]);
-    let mut s = forward(svc.lookup(&get, None).await);
+    let mut s = forward(look(&svc, &get).await);
     let mut r = resp(204, &[]);
     s.start_fill(&get, &mut r);
     drop(s);
     f.settle().await;
-    let served = hit(svc.lookup(&get, None).await);
+    let served = hit(look(&svc, &get).await);
     assert_eq!(served.header.status.as_u16(), 204);
     assert!(served.header.headers.get("content-length").is_none());
 }
@@ -572,7 +871,7 @@ async fn purge_by_prefix_and_service() {
         (&other, "/users/1"),
     ] {
         let get = req("GET", path, &[]);
-        let mut s = forward(svc.lookup(&get, None).await);
+        let mut s = forward(look(svc, &get).await);
         respond(&mut s, &get, resp(200, &[]), path);
     }
     f.settle().await;
@@ -580,9 +879,9 @@ async fn purge_by_prefix_and_service() {
         f.cache.purge("/users/1", Some("t_purge_users")).await,
         Ok(3)
     );
-    hit(users.lookup(&req("GET", "/users/2", &[]), None).await);
-    hit(other.lookup(&req("GET", "/users/1", &[]), None).await);
-    forward(users.lookup(&req("GET", "/users/1", &[]), None).await);
+    hit(look(&users, &req("GET", "/users/2", &[])).await);
+    hit(look(&other, &req("GET", "/users/1", &[])).await);
+    forward(look(&users, &req("GET", "/users/1", &[])).await);
     assert_eq!(f.cache.purge("/", None).await, Ok(2));
     assert!(matches!(
         f.cache.purge("users", None).await,
@@ -601,7 +900,7 @@ async fn start_concurrent(
         let svc = svc.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
-            let l = svc.lookup(&req("GET", "/hot", &[]), None).await;
+            let l = look(&svc, &req("GET", "/hot", &[])).await;
             let _ = tx.send(l);
         });
     }
@@ -625,7 +924,7 @@ async fn wait_for_waiters(f: &Fixture, key: &str, n: usize) {
 async fn a_hundred_concurrent_misses_make_one_upstream_request() {
     let f = fixture();
     let svc = f.service("t_coalesce", "{}", false);
-    let key = CacheKey::new(&Arc::from("t_coalesce"), "api.test", "/hot", None, None);
+    let key = key("t_coalesce", "/hot");
     let (mut leader, mut rx) = start_concurrent(&svc, 100).await;
     wait_for_waiters(&f, key.as_str(), 99).await;
     respond(&mut leader, &req("GET", "/hot", &[]), resp(200, &[]), "hot");
@@ -646,7 +945,7 @@ async fn followers_go_upstream_promptly_when_the_leader_stores_nothing() {
     };
     let f = fixture_with(cfg, Arc::new(MemoryBackend::new(1 << 20)));
     let svc = f.service("t_leader_gone", "{}", false);
-    let key = CacheKey::new(&Arc::from("t_leader_gone"), "api.test", "/hot", None, None);
+    let key = key("t_leader_gone", "/hot");
     let (leader, mut rx) = start_concurrent(&svc, 20).await;
     wait_for_waiters(&f, key.as_str(), 19).await;
     let started = Instant::now();
@@ -679,22 +978,16 @@ async fn followers_serve_their_stale_copy_when_the_leaders_upstream_fails() {
     let f = fixture();
     let svc = f.service("t_stale_followers", "{ttl: 1s, stale_if_error: 1h}", false);
     let get = req("GET", "/hot", &[]);
-    let mut s = forward(svc.lookup(&get, None).await);
+    let mut s = forward(look(&svc, &get).await);
     respond(&mut s, &get, resp(200, &[]), "old");
     drop(s);
     f.settle().await;
     f.clock.advance(Duration::from_secs(5));
 
-    let key = CacheKey::new(
-        &Arc::from("t_stale_followers"),
-        "api.test",
-        "/hot",
-        None,
-        None,
-    );
+    let key = key("t_stale_followers", "/hot");
     let (mut leader, mut rx) = start_concurrent(&svc, 10).await;
     wait_for_waiters(&f, key.as_str(), 9).await;
-    let stale = leader.take_stale().expect("leader has the stale copy");
+    let stale = leader.take_stale(&get).expect("leader has the stale copy");
     assert_eq!(header(&stale.header, X_CACHE), Some("STALE"));
     for _ in 0..9 {
         let served = hit(rx.recv().await.unwrap());
@@ -723,14 +1016,17 @@ struct Broken(AtomicBool);
 
 #[async_trait]
 impl CacheBackend for Broken {
-    async fn get(&self, _: &CacheKey) -> Result<Option<CachedResponse>, CacheError> {
+    async fn get(&self, _: &CacheKey) -> Result<Option<Bytes>, CacheError> {
         Err(CacheError::Backend("down".into()))
     }
-    async fn put(&self, _: &CacheKey, _: CachedResponse, _: Duration) -> Result<(), CacheError> {
+    async fn put(&self, _: &CacheKey, _: Bytes, _: Duration) -> Result<(), CacheError> {
         self.0.store(true, Ordering::SeqCst);
         Err(CacheError::Backend("down".into()))
     }
-    async fn purge(&self, _: &str, _: Option<&str>) -> Result<u64, CacheError> {
+    async fn remove(&self, _: &CacheKey) -> Result<(), CacheError> {
+        Err(CacheError::Backend("down".into()))
+    }
+    async fn purge(&self, _: &PurgeFilter) -> Result<u64, CacheError> {
         Err(CacheError::Backend("down".into()))
     }
     fn bytes(&self) -> Option<u64> {
@@ -744,8 +1040,8 @@ async fn a_broken_backend_means_misses_without_coalescing_waits() {
     let f = fixture_with(CacheConfig::default(), backend.clone());
     let svc = f.service("t_broken", "{}", false);
     let get = req("GET", "/x", &[]);
-    let mut a = forward(svc.lookup(&get, None).await);
-    let b = forward(svc.lookup(&get, None).await);
+    let mut a = forward(look(&svc, &get).await);
+    let b = forward(look(&svc, &get).await);
     assert!(!is_leader(&a) && !is_leader(&b));
     let r = respond(&mut a, &get, resp(200, &[]), "x");
     assert_eq!(header(&r, X_CACHE), Some("MISS"));
@@ -760,26 +1056,30 @@ async fn a_broken_backend_means_misses_without_coalescing_waits() {
     assert!(f.cache.purge("/", None).await.is_err());
 }
 
-fn entry(body_len: usize) -> CachedResponse {
+fn entry(body_len: usize) -> Bytes {
     CachedResponse {
         status: 200,
         headers: vec![(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"))],
         body: Bytes::from(vec![b'x'; body_len]),
         stored_at_ms: T0,
         ttl_ms: 60_000,
-        stale_ms: 0,
+        swr_ms: 0,
+        sie_ms: 0,
         vary: vec![],
     }
+    .encode()
 }
 
 fn key_n(service: &str, i: usize) -> CacheKey {
-    CacheKey::new(&Arc::from(service), "h", &format!("/items/{i}"), None, None)
+    key(service, &format!("/items/{i}"))
 }
 
 #[tokio::test]
 async fn memory_backend_stays_within_its_byte_bound() {
-    let max = 64 * 1024;
-    let m = MemoryBackend::new(max);
+    let m = MemoryBackend::new(80 * 1024);
+    let max = memory::entry_budget(80 * 1024);
+    assert_eq!(max, 40 * 1024, "half for entries, half for the allocator");
+    let one = memory::weight(&key_n("s", 0), &entry(4096));
     for i in 0..100 {
         m.put(&key_n("s", i), entry(4096), Duration::from_secs(60))
             .await
@@ -795,8 +1095,8 @@ async fn memory_backend_stays_within_its_byte_bound() {
         }
     }
     assert!(
-        (8..=16).contains(&present),
-        "{present} entries of ~4 KiB in 64 KiB"
+        present as u64 <= max / one && present as u64 * 2 >= max / one,
+        "{present} entries of {one} bytes in {max}"
     );
 
     // An entry larger than the whole cache is never kept.
@@ -811,15 +1111,32 @@ async fn memory_backend_stays_within_its_byte_bound() {
     assert!(m.get(&key_n("s", 1000)).await.unwrap().is_none());
 }
 
+#[test]
+fn an_entry_weighs_its_allocation_its_key_and_the_fixed_overhead() {
+    let k = key_n("s", 1);
+    let value = entry(200);
+    assert_eq!(
+        memory::weight(&k, &value),
+        (k.as_str().len() + value.len() + value.len() / 8) as u64 + ENTRY_OVERHEAD
+    );
+    assert_eq!(memory::allocated(800), 900);
+    assert_eq!(memory::allocated(128 << 10), (128 << 10) + (16 << 10));
+    assert_eq!(memory::allocated(200_000), 256 << 10);
+    assert_eq!(memory::allocated(256 << 10), 256 << 10);
+    assert_eq!(memory::allocated((256 << 10) + 1), 320 << 10);
+}
+
 #[tokio::test]
-async fn memory_backend_round_trip_and_replace() {
+async fn memory_backend_round_trip_replace_and_remove() {
     let m = MemoryBackend::new(1 << 20);
     let k = key_n("s", 1);
     assert_eq!(m.get(&k).await.unwrap(), None);
     m.put(&k, entry(10), Duration::from_secs(60)).await.unwrap();
     assert_eq!(m.get(&k).await.unwrap(), Some(entry(10)));
     m.put(&k, entry(20), Duration::from_secs(60)).await.unwrap();
-    assert_eq!(m.get(&k).await.unwrap().unwrap().body.len(), 20);
+    assert_eq!(m.get(&k).await.unwrap(), Some(entry(20)));
+    m.remove(&k).await.unwrap();
+    assert_eq!(m.get(&k).await.unwrap(), None);
     // A zero keep_for expires at once (moka's own clock).
     m.put(&key_n("s", 2), entry(1), Duration::ZERO)
         .await
@@ -846,57 +1163,64 @@ async fn connected_pool(server: &TestRedis) -> fred::clients::Pool {
 }
 
 #[tokio::test]
-async fn redis_backend_round_trip_expiry_and_purge() {
+async fn redis_backend_round_trip_expiry_remove_and_purge() {
     use fred::prelude::*;
     let server = TestRedis::start();
     let pool = connected_pool(&server).await;
     let r = RedisBackend::new(pool.clone());
-    let k = CacheKey::new(
-        &Arc::from("users"),
-        "h",
-        "/users/1",
-        Some("b=1&a=2"),
-        Some("alice"),
-    );
+    let k = CacheKey::new(KeyParts {
+        service: "users",
+        https: true,
+        host: "h",
+        path: "/users/1",
+        query: Some("b=1&a=2"),
+        user: Some("alice"),
+    });
     assert_eq!(r.get(&k).await.unwrap(), None);
-    let mut e = entry(100);
-    e.vary = vec![(
-        header::ACCEPT_LANGUAGE,
-        Some(HeaderValue::from_static("de")),
-    )];
-    r.put(&k, e.clone(), Duration::from_secs(90)).await.unwrap();
-    assert_eq!(r.get(&k).await.unwrap(), Some(e));
+    r.put(&k, entry(100), Duration::from_secs(90))
+        .await
+        .unwrap();
+    assert_eq!(r.get(&k).await.unwrap(), Some(entry(100)));
     let pttl: i64 = pool.pttl(k.as_str()).await.unwrap();
     assert!((89_000..=90_000).contains(&pttl), "PX keep_for: {pttl}");
     let raw: Bytes = pool.get(k.as_str()).await.unwrap();
-    assert_eq!(raw[0], 1, "version byte first");
+    assert_eq!(raw[0], 2, "version byte first");
+    r.remove(&k).await.unwrap();
+    assert_eq!(r.get(&k).await.unwrap(), None);
 
-    // A value that is not ours reads as an error (the lookup treats it as a miss).
+    // A value that is not ours reads back as is; the cache treats it as a miss.
     let _: () = pool
         .set(k.as_str(), "garbage", None, None, false)
         .await
         .unwrap();
-    assert!(matches!(r.get(&k).await, Err(CacheError::Decode(_))));
+    assert!(Stored::decode(r.get(&k).await.unwrap().unwrap()).is_err());
 
-    for (svc, path) in [
-        ("users", "/users/1"),
-        ("users", "/users/1/orders"),
-        ("users", "/users/2"),
-        ("orders", "/users/1"),
-        ("users", "/a*b"),
+    let primary = key("users", "/users/1");
+    let variant = primary.variant(&[header::ACCEPT], &HeaderMap::new());
+    for k in [
+        primary.clone(),
+        variant,
+        key("users", "/users/1/orders"),
+        key("users", "/users/2"),
+        key("orders", "/users/1"),
+        key("users", "/a*b"),
     ] {
-        let k = CacheKey::new(&Arc::from(svc), "h", path, None, None);
         r.put(&k, entry(1), Duration::from_secs(60)).await.unwrap();
     }
     // The garbage key is /users/1 too (of users, per user alice).
-    assert_eq!(r.purge("/users/1", Some("users")).await, Ok(3));
+    let purge = |prefix, service| {
+        let filter = PurgeFilter::new(prefix, service);
+        let r = &r;
+        async move { r.purge(&filter).await }
+    };
+    assert_eq!(purge("/users/1", Some("users")).await, Ok(4));
     assert_eq!(
-        r.purge("/a*", None).await,
+        purge("/a*", None).await,
         Ok(1),
         "glob characters match literally"
     );
-    assert_eq!(r.purge("/users/1", None).await, Ok(1));
-    assert_eq!(r.purge("/", None).await, Ok(1));
+    assert_eq!(purge("/users/1", None).await, Ok(1));
+    assert_eq!(purge("/", None).await, Ok(1));
     let left: i64 = pool.dbsize().await.unwrap();
     assert_eq!(left, 0);
 }
@@ -909,16 +1233,16 @@ async fn redis_down_every_request_still_forwarded_then_caching_resumes() {
     let svc = f.service("t_redis_down", "{}", false);
     let get = req("GET", "/users/1", &[]);
 
-    let mut s = forward(svc.lookup(&get, None).await);
+    let mut s = forward(look(&svc, &get).await);
     respond(&mut s, &get, resp(200, &[]), "one");
     drop(s);
     f.settle().await;
-    assert_eq!(&hit(svc.lookup(&get, None).await).body[..], b"one");
+    assert_eq!(&hit(look(&svc, &get).await).body[..], b"one");
 
     server.kill();
     for _ in 0..5 {
         let started = Instant::now();
-        let mut s = forward(svc.lookup(&get, None).await);
+        let mut s = forward(look(&svc, &get).await);
         assert!(
             started.elapsed() < Duration::from_millis(600),
             "{:?}",
@@ -932,7 +1256,7 @@ async fn redis_down_every_request_still_forwarded_then_caching_resumes() {
     server.restart();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let mut s = match svc.lookup(&get, None).await {
+        let mut s = match look(&svc, &get).await {
             Lookup::Hit(served) => {
                 assert_eq!(&served.body[..], b"three");
                 break;

@@ -17,7 +17,7 @@ pub mod request_id;
 
 pub use context::RequestCtx;
 
-use crate::cache::Lookup;
+use crate::cache::{CacheState, Lookup, Refresh};
 use crate::edge::auth::{self, AuthMode};
 use crate::edge::cors::Preflight;
 use crate::edge::forwarded::{self, is_tls, Client};
@@ -35,6 +35,7 @@ use bytes::Bytes;
 use context::{Attempt, AttemptEvent, Forwarding};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
+use pingora::proxy::subrequest::Ctx as SubrequestCtx;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
 use request_id::REQUEST_ID;
@@ -58,6 +59,11 @@ impl ProxyHttp for Gateway {
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx::new(Arc::clone(&self.runtime.security_headers))
+    }
+
+    /// The cache refreshes stale entries through subrequests of this same pipeline.
+    fn allow_spawning_subrequest(&self, _session: &Session, _ctx: &RequestCtx) -> bool {
+        true
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
@@ -161,6 +167,9 @@ impl ProxyHttp for Gateway {
         }
         upstream_request.insert_header(REQUEST_ID, ctx.request_id.clone())?;
         ctx.trace.set_upstream_headers(upstream_request);
+        if let Some(cache) = &ctx.cache {
+            cache.prepare_upstream_request(upstream_request)?;
+        }
         forwarded::set_headers(session, &ctx.client, upstream_request)
     }
 
@@ -302,7 +311,11 @@ impl ProxyHttp for Gateway {
             // Pingora closes the client connection after an upstream error; say so, so the
             // client does not reuse it.
             session.set_keepalive(None);
-            let answer = match ctx.cache.as_mut().and_then(|c| c.take_stale()) {
+            let stale = ctx
+                .cache
+                .as_mut()
+                .and_then(|c| c.take_stale(session.req_header()));
+            let answer = match stale {
                 Some(stale) => {
                     error_code = stale.header.status.as_u16();
                     Answer::Cached(stale)
@@ -452,6 +465,10 @@ async fn rate_limit(
     if limiter.needs_identity() != (stage == Stage::AfterAuth) {
         return None;
     }
+    if session.subrequest_ctx.is_some() {
+        // A cache refresh on behalf of a request that was counted already.
+        return None;
+    }
     let t = ctx.trace.phase_start();
     let subject = ctx.identity.as_ref().and_then(|i| i.subject.as_deref());
     let key = limiter.key_for(&ctx.client.addr, subject, &session.req_header().headers);
@@ -473,16 +490,25 @@ async fn rate_limit(
     }
 }
 
-/// Answers from the cache, or keeps the cache's state for filling it from the upstream.
+/// Answers from the cache, or keeps the cache's state for filling it from the upstream. A
+/// cache refresh (a subrequest the cache asked for) goes upstream with its own state.
 async fn cache_lookup(
-    session: &Session,
+    session: &mut Session,
     service: &Service,
     ctx: &mut RequestCtx,
 ) -> Option<Answer> {
     let cache = service.cache.as_ref()?;
+    if let Some(refresh) = refresh_ticket(session) {
+        ctx.cache = Some(CacheState::from(refresh));
+        return None;
+    }
     let t = ctx.trace.phase_start();
     let subject = ctx.identity.as_ref().and_then(|i| i.subject.as_deref());
-    let lookup = cache.lookup(session.req_header(), subject).await;
+    let session = &*session;
+    let spawn = |refresh| spawn_refresh(session, refresh);
+    let lookup = cache
+        .lookup(session.req_header(), subject, is_tls(session), &spawn)
+        .await;
     ctx.trace
         .phase_end(Phase::CacheLookup, t, matches!(lookup, Lookup::Hit(_)));
     match lookup {
@@ -492,6 +518,25 @@ async fn cache_lookup(
             None
         }
     }
+}
+
+/// Runs a cache refresh as a background subrequest of this request: a copy of its header
+/// through the whole pipeline (auth, breaker, timeouts, retries), answering nobody.
+fn spawn_refresh(session: &Session, refresh: Refresh) -> Result<(), Refresh> {
+    let Some(spawner) = &session.subrequest_spawner else {
+        return Err(refresh);
+    };
+    let ctx = SubrequestCtx::builder()
+        .user_ctx(Box::new(Some(refresh)))
+        .build();
+    spawner.spawn_background_subrequest(session.as_ref(), ctx);
+    Ok(())
+}
+
+/// The refresh this request was spawned for, if it is one.
+fn refresh_ticket(session: &mut Session) -> Option<Refresh> {
+    let user_ctx = session.subrequest_ctx.as_mut()?.user_ctx_mut()?;
+    user_ctx.as_mut().downcast_mut::<Option<Refresh>>()?.take()
 }
 
 /// Picks the upstream for the first attempt: one whose health check passes and whose
@@ -508,7 +553,11 @@ fn admit(session: &Session, service: &Service, ctx: &mut RequestCtx) -> Option<A
         }
         None => {
             service.metrics.circuit_rejected.inc();
-            Some(match ctx.cache.as_mut().and_then(|c| c.take_stale()) {
+            let stale = ctx
+                .cache
+                .as_mut()
+                .and_then(|c| c.take_stale(session.req_header()));
+            Some(match stale {
                 Some(stale) => Answer::Cached(stale),
                 None => Answer::Fallback,
             })
