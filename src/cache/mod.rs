@@ -548,7 +548,10 @@ fn request_bypasses(headers: &HeaderMap) -> bool {
 /// How long (ms) a response may be served fresh, or `None` when it must not be stored.
 /// `per_user_key`: the key includes the user, so `private` responses are storable.
 fn storable_ttl(status: u16, headers: &HeaderMap, per_user_key: bool, ttl_ms: u64) -> Option<u64> {
-    if !STORABLE_STATUSES.contains(&status) || headers.contains_key(header::SET_COOKIE) {
+    if !STORABLE_STATUSES.contains(&status)
+        || headers.contains_key(header::SET_COOKIE)
+        || is_event_stream(headers)
+    {
         return None;
     }
     let mut max_age = None;
@@ -570,6 +573,18 @@ fn storable_ttl(status: u16, headers: &HeaderMap, per_user_key: bool, ttl_ms: u6
         None => ttl_ms,
     };
     (ttl > 0).then_some(ttl)
+}
+
+/// A Server-Sent Events stream: live, never finished in the usual sense, and different for
+/// each subscriber, so never stored whatever its `Cache-Control` says. Any `Content-Type`
+/// line naming it counts (parameters, case and spaces aside).
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers.get_all(header::CONTENT_TYPE).iter().any(|v| {
+        v.as_bytes()
+            .split(|b| *b == b';')
+            .next()
+            .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"text/event-stream"))
+    })
 }
 
 /// The request's values for the headers the response varies on; `None` for `Vary: *` or an

@@ -142,6 +142,35 @@ fn only_the_cacheable_statuses_are_stored() {
 }
 
 #[test]
+fn event_streams_are_never_stored() {
+    let ttl = |h: &[(&str, &str)]| storable_ttl(200, &hm(h), false, 5000);
+    for ct in [
+        "text/event-stream",
+        "Text/Event-Stream",
+        " text/event-stream ; charset=utf-8",
+        "text/event-stream;charset=utf-8",
+    ] {
+        let h = [
+            ("content-type", ct),
+            ("cache-control", "public, max-age=60"),
+        ];
+        assert_eq!(ttl(&h), None, "{ct:?}");
+    }
+    // Two Content-Type lines, one of them an event stream.
+    let two = [
+        ("content-type", "application/json"),
+        ("content-type", "text/event-stream"),
+    ];
+    assert_eq!(ttl(&two), None);
+    assert_eq!(
+        ttl(&[("content-type", "text/event-streams")]),
+        Some(5000),
+        "only the exact type"
+    );
+    assert_eq!(ttl(&[("content-type", "application/json")]), Some(5000));
+}
+
+#[test]
 fn set_cookie_no_store_no_cache_and_private_are_not_stored() {
     let none = |h: &[(&str, &str)], per_user| storable_ttl(200, &hm(h), per_user, 5000);
     assert_eq!(none(&[("set-cookie", "a=b")], true), None);
