@@ -47,6 +47,9 @@ pub struct RequestCtx {
     pub(super) forwarding: Option<Forwarding>,
     /// Trace context and, when sampled, the spans being recorded (`ops::tracing`).
     pub(super) trace: RequestTrace,
+    /// Set when the upstream switched protocols (`101`): the request is now a tunnel, counted
+    /// in the service's `tunnels_active` while it lives.
+    pub(super) tunnel: Option<GaugeGuard>,
 }
 
 impl RequestCtx {
@@ -65,6 +68,7 @@ impl RequestCtx {
             error: None,
             forwarding: None,
             trace: RequestTrace::default(),
+            tunnel: None,
         }
     }
 
@@ -88,6 +92,18 @@ impl RequestCtx {
             Arc::clone(self.service.as_ref()?),
             self.forwarding.as_mut()?,
         ))
+    }
+
+    /// The upstream switched protocols: its attempt is judged now, on the handshake alone
+    /// (a `101` is a success, slow only if the handshake was), since the tunnel's length says
+    /// nothing about the upstream's health; the tunnel is counted from here until the request
+    /// ends.
+    pub(super) fn open_tunnel(&mut self) {
+        let Some((service, forwarding)) = self.forwarding() else {
+            return;
+        };
+        forwarding.end_attempt(AttemptEnd::Done(None));
+        self.tunnel = Some(GaugeGuard::new(service.metrics.tunnels.clone()));
     }
 
     /// The headers every answer of a routed service carries, whoever wrote it (the upstream,
@@ -266,7 +282,7 @@ impl Attempt {
 }
 
 /// Holds a gauge one higher while it lives.
-struct GaugeGuard(IntGauge);
+pub(super) struct GaugeGuard(IntGauge);
 
 impl GaugeGuard {
     fn new(gauge: IntGauge) -> GaugeGuard {
