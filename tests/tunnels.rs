@@ -27,7 +27,7 @@ const SECRET: &str = "tunnel-test-secret-0123456789abcdef";
 struct WsServer {
     addr: String,
     /// Request headers of every handshake that reached it, by path.
-    handshakes: Arc<Mutex<Vec<(String, HashMap<String, String>)>>>,
+    handshakes: Arc<Seen>,
     /// Connections whose WebSocket session has ended (closed or broken).
     ended: Arc<AtomicU64>,
 }
@@ -62,8 +62,11 @@ impl WsServer {
     }
 }
 
+/// Path and request headers of each handshake.
 type Seen = Mutex<Vec<(String, HashMap<String, String>)>>;
 
+// The callback's error type is tungstenite's own.
+#[allow(clippy::result_large_err)]
 fn serve(stream: TcpStream, seen: &Seen, ended: &AtomicU64) {
     let mut path = String::new();
     let record = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
