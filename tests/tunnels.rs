@@ -328,6 +328,7 @@ fn tunnel_idle_closes_a_quiet_tunnel_on_both_sides() {
         }
     };
     let after = quiet_since.elapsed();
+    eprintln!("tunnel_idle 1s: the quiet tunnel was closed after {after:?}");
     assert!(
         !matches!(closed, tungstenite::Error::Io(ref e) if e.kind() == std::io::ErrorKind::WouldBlock),
         "the client's own 15 s read timeout fired: the gateway never closed the tunnel"
