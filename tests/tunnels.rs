@@ -21,7 +21,7 @@ use tungstenite::{HandshakeError, Message, WebSocket};
 
 const SECRET: &str = "tunnel-test-secret-0123456789abcdef";
 
-/// A WebSocket server on loopback. On `/…/push` it sends `tick N` every 200 ms, ten times,
+/// A WebSocket server on loopback. On `/…/push` it sends `tick N` every 300 ms, ten times,
 /// reading nothing; on `/…/reset` it echoes one message, then resets the TCP connection; on
 /// any other path it echoes every message back.
 struct WsServer {
@@ -84,7 +84,7 @@ fn serve(stream: TcpStream, seen: &Seen, ended: &AtomicU64) {
     };
     if path.ends_with("/push") {
         for i in 0..10 {
-            thread::sleep(Duration::from_millis(200));
+            thread::sleep(Duration::from_millis(300));
             if ws.send(Message::text(format!("tick {i}"))).is_err() {
                 break;
             }
@@ -229,7 +229,7 @@ services:
   quiet:
     routes: [{{path_prefix: /quiet}}]
     upstreams: ["{up}"]
-    timeouts: {{tunnel_idle: 1s}}
+    timeouts: {{tunnel_idle: 2s}}
     circuit_breaker: {{failure_threshold: 1, reset_timeout: 1m}}
   secure:
     routes: [{{path_prefix: /secure}}]
@@ -318,7 +318,8 @@ fn tunnel_idle_closes_a_quiet_tunnel_on_both_sides() {
     echo(&mut ws, "hello");
     assert_eq!(tunnels_active(&gw, "quiet"), 1);
     let quiet_since = Instant::now();
-    // Nothing sent either way: the gateway closes the tunnel after `tunnel_idle` (1 s).
+    // Nothing sent either way: the gateway closes the tunnel after `tunnel_idle` (2 s), not
+    // after the 1 s that every request timer is set to.
     let closed = loop {
         match ws.read() {
             Ok(Message::Ping(_) | Message::Pong(_)) => continue,
@@ -328,13 +329,13 @@ fn tunnel_idle_closes_a_quiet_tunnel_on_both_sides() {
         }
     };
     let after = quiet_since.elapsed();
-    eprintln!("tunnel_idle 1s: the quiet tunnel was closed after {after:?}");
+    eprintln!("tunnel_idle 2s: the quiet tunnel was closed after {after:?}");
     assert!(
         !matches!(closed, tungstenite::Error::Io(ref e) if e.kind() == std::io::ErrorKind::WouldBlock),
         "the client's own 15 s read timeout fired: the gateway never closed the tunnel"
     );
     assert!(
-        after >= Duration::from_millis(900) && after < Duration::from_secs(8),
+        after >= Duration::from_millis(1800) && after < Duration::from_secs(9),
         "closed after {after:?}"
     );
     poll_until(
@@ -385,8 +386,9 @@ fn traffic_one_way_keeps_a_tunnel_open() {
     let dir = tempfile::tempdir().unwrap();
     let gw = gateway(&server, &dir);
 
-    // The upstream sends for 2 s, 200 ms apart; the client sends nothing, so its side of the
-    // tunnel is silent for twice `tunnel_idle`: the tunnel is idle only when both sides are.
+    // The upstream sends for 3 s, 300 ms apart; the client sends nothing, so its side of the
+    // tunnel is silent for longer than `tunnel_idle` (2 s), and than the 1 s request timers:
+    // the tunnel is idle only when both sides are.
     let mut ws = open(&gw, "/quiet/push", &[]).expect("handshake");
     let mut ticks = Vec::new();
     loop {
