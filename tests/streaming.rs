@@ -10,7 +10,7 @@
 mod common;
 
 use bytes::Bytes;
-use common::Gateway;
+use common::{is_listening, poll_until, Gateway};
 use http_body_util::channel::Channel;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -110,7 +110,7 @@ async fn respond(
 
 /// A `feed` service with the response cache on.
 fn gateway(up: &StreamServer) -> Gateway {
-    Gateway::start(&format!(
+    let gw = Gateway::start(&format!(
         r#"
 server: {{listen: ["${{LISTEN}}"]}}
 admin: {{listen: "${{ADMIN}}"}}
@@ -123,7 +123,15 @@ services:
     cache: {{ttl: 1m}}
 "#,
         up.addr
-    ))
+    ));
+    // `/ready` can answer while Pingora is still retrying to bind the proxy port (taken a
+    // moment by some other socket on a busy machine: "is in use, will try again" in its log).
+    poll_until(
+        Duration::from_secs(10),
+        "the proxy listener is bound",
+        || is_listening(&gw.http),
+    );
+    gw
 }
 
 fn client() -> reqwest::blocking::Client {

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{client, poll_until, Gateway};
+use common::{client, is_listening, poll_until, Gateway};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -208,7 +208,7 @@ fn circuit_state(gw: &Gateway, service: &str, upstream: &str) -> String {
 fn gateway(ws: &WsServer, dir: &tempfile::TempDir) -> Gateway {
     let secret = dir.path().join("jwt.secret");
     std::fs::write(&secret, SECRET).unwrap();
-    Gateway::start(&format!(
+    let gw = Gateway::start(&format!(
         r#"
 server:
   listen: ["${{LISTEN}}"]
@@ -246,7 +246,19 @@ services:
 "#,
         secret = secret.display(),
         up = ws.addr,
-    ))
+    ));
+    wait_for_proxy_listener(&gw);
+    gw
+}
+
+/// `/ready` can answer while Pingora is still retrying to bind the proxy port (taken a moment
+/// by some other socket on a busy machine: "is in use, will try again" in its log).
+fn wait_for_proxy_listener(gw: &Gateway) {
+    poll_until(
+        Duration::from_secs(10),
+        "the proxy listener is bound",
+        || is_listening(&gw.http),
+    );
 }
 
 #[test]
