@@ -22,6 +22,7 @@ const KNOWN_METRICS: &[&str] = &[
     "breakwater_request_duration_seconds",
     "breakwater_upstream_duration_seconds",
     "breakwater_requests_in_flight",
+    "breakwater_tunnels_active",
     "breakwater_upstream_errors_total",
     "breakwater_upstream_healthy",
     "breakwater_circuit_state",

@@ -73,7 +73,10 @@ pub fn storable(
     defaults: Defaults,
     now: SystemTime,
 ) -> Option<Lifetime> {
-    if !STORABLE_STATUSES.contains(&status) || headers.contains_key(header::SET_COOKIE) {
+    if !STORABLE_STATUSES.contains(&status)
+        || headers.contains_key(header::SET_COOKIE)
+        || is_event_stream(headers)
+    {
         return None;
     }
     let mut max_age = None;
@@ -243,6 +246,18 @@ pub fn directives(v: &HeaderValue) -> impl Iterator<Item = (String, Option<&str>
         })
 }
 
+/// A Server-Sent Events stream: live, never finished in the usual sense, and different for
+/// each subscriber, so never stored whatever its `Cache-Control` says. Any `Content-Type`
+/// line naming it counts (parameters, case and spaces aside).
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers.get_all(header::CONTENT_TYPE).iter().any(|v| {
+        v.as_bytes()
+            .split(|b| *b == b';')
+            .next()
+            .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"text/event-stream"))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,6 +309,34 @@ mod tests {
                 "{status}"
             );
         }
+    }
+
+    #[test]
+    fn event_streams_are_never_stored() {
+        for ct in [
+            "text/event-stream",
+            "Text/Event-Stream",
+            " text/event-stream ; charset=utf-8",
+            "text/event-stream;charset=utf-8",
+        ] {
+            let h = [
+                ("content-type", ct),
+                ("cache-control", "public, max-age=60"),
+            ];
+            assert_eq!(ttl(&h), None, "{ct:?}");
+        }
+        // Two Content-Type lines, one of them an event stream.
+        let two = [
+            ("content-type", "application/json"),
+            ("content-type", "text/event-stream"),
+        ];
+        assert_eq!(ttl(&two), None);
+        assert_eq!(
+            ttl(&[("content-type", "text/event-streams")]),
+            Some(60_000),
+            "only the exact type"
+        );
+        assert_eq!(ttl(&[("content-type", "application/json")]), Some(60_000));
     }
 
     #[test]

@@ -263,6 +263,17 @@ impl Cors {
         Preflight::Allowed(out)
     }
 
+    /// Whether the request's `Origin`, if it has one, is one the policy allows.
+    pub fn allows_origin_of(&self, req: &RequestHeader) -> bool {
+        let mut origins = req.headers.get_all(header::ORIGIN).iter();
+        match (origins.next(), origins.next()) {
+            (None, _) => true,
+            (Some(origin), None) => self.allow_origin(origin).is_some(),
+            // Two origins: a browser never sends that.
+            (Some(_), Some(_)) => false,
+        }
+    }
+
     /// Sets the CORS headers of an actual (non-preflight) response for the request's
     /// `Origin`, replacing any the upstream set, and always appends `Vary: Origin` since the
     /// answer depends on it.

@@ -18,6 +18,7 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     pub upstream_duration: HistogramVec,
     pub requests_in_flight: IntGaugeVec,
+    pub tunnels_active: IntGaugeVec,
     pub upstream_errors_total: IntCounterVec,
     pub upstream_healthy: IntGaugeVec,
     pub circuit_state: IntGaugeVec,
@@ -99,6 +100,13 @@ impl Metrics {
                 "Requests being proxied right now, by service.",
                 &["service"],
             ),
+            tunnels_active: gauge(
+                &r,
+                "breakwater_tunnels_active",
+                "Upgraded connections (WebSocket and other Upgrade tunnels) open right now, \
+                 by service.",
+                &["service"],
+            ),
             upstream_errors_total: counter(
                 &r,
                 "breakwater_upstream_errors_total",
@@ -174,6 +182,7 @@ pub struct ServiceMetrics {
     pub request_duration: Histogram,
     pub upstream_duration: Histogram,
     pub in_flight: IntGauge,
+    pub tunnels: IntGauge,
     pub circuit_rejected: IntCounter,
     pub retries_attempted: IntCounter,
     pub retries_budget_exhausted: IntCounter,
@@ -197,6 +206,7 @@ impl ServiceMetrics {
             request_duration: m.request_duration.with_label_values(&[service]),
             upstream_duration: m.upstream_duration.with_label_values(&[service]),
             in_flight: m.requests_in_flight.with_label_values(&[service]),
+            tunnels: m.tunnels_active.with_label_values(&[service]),
             circuit_rejected: m.circuit_rejected_total.with_label_values(&[service]),
             retries_attempted: retries("attempted"),
             retries_budget_exhausted: retries("budget_exhausted"),

@@ -54,6 +54,9 @@ pub struct RequestCtx {
     pub(super) forwarding: Option<Forwarding>,
     /// Trace context and, when sampled, the spans being recorded (`ops::tracing`).
     pub(super) trace: RequestTrace,
+    /// Set when the upstream switched protocols (`101`): the request is now a tunnel, counted
+    /// in the service's `tunnels_active` while it lives.
+    pub(super) tunnel: Option<GaugeGuard>,
 }
 
 impl RequestCtx {
@@ -74,6 +77,7 @@ impl RequestCtx {
             error: None,
             forwarding: None,
             trace: RequestTrace::default(),
+            tunnel: None,
         }
     }
 
@@ -99,6 +103,19 @@ impl RequestCtx {
             self.forwarding.as_mut()?,
             &self.client.addr,
         ))
+    }
+
+    /// The upstream switched protocols: its attempt is judged now, on the handshake alone
+    /// (a `101` is a success, slow only if the handshake was), since the tunnel's length says
+    /// nothing about the upstream's health; the tunnel is counted from here until the request
+    /// ends.
+    pub(super) fn open_tunnel(&mut self) {
+        let Some((service, forwarding, _)) = self.forwarding() else {
+            return;
+        };
+        forwarding.responded(101);
+        forwarding.end_attempt(AttemptEvent::Done(None));
+        self.tunnel = Some(GaugeGuard::new(service.metrics.tunnels.clone()));
     }
 
     /// The headers every answer of a routed service carries, whoever wrote it (the upstream,
@@ -300,7 +317,7 @@ impl Attempt {
 }
 
 /// Holds a gauge one higher while it lives.
-struct GaugeGuard(IntGauge);
+pub(super) struct GaugeGuard(IntGauge);
 
 impl GaugeGuard {
     fn new(gauge: IntGauge) -> GaugeGuard {

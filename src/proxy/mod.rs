@@ -115,6 +115,9 @@ impl ProxyHttp for Gateway {
         if let Some(answer) = cors_preflight(session, &service) {
             return answer.send(session, ctx).await;
         }
+        if let Some(answer) = cross_origin_upgrade(session, &service) {
+            return answer.send(session, ctx).await;
+        }
         if let Some(answer) = self.authenticate(session, &service, ctx).await {
             return answer.send(session, ctx).await;
         }
@@ -144,7 +147,10 @@ impl ProxyHttp for Gateway {
         let Some(attempt) = forwarding.start_attempt(&service, key) else {
             return Error::e_explain(ErrorType::ConnectNoRoute, "no upstream admits the retry");
         };
-        let peer = peer::for_attempt(&attempt.upstream.peer, &service.timeouts, deadline)?;
+        let mut peer = peer::for_attempt(&attempt.upstream.peer, &service.timeouts, deadline)?;
+        if session.is_upgrade_req() {
+            peer::for_tunnel(&mut peer, &service.timeouts);
+        }
         if let Some(upstream) = ctx.forwarding.as_ref().and_then(|f| f.upstream.as_deref()) {
             let state = || upstream.breaker.state().as_str();
             ctx.trace
@@ -175,11 +181,16 @@ impl ProxyHttp for Gateway {
 
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         _end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // Past a `101` the bytes are another protocol's (WebSocket frames), not a body: a
+        // long session may carry any amount.
+        if session.was_upgraded() {
+            return Ok(());
+        }
         if let (Some(chunk), Some(service)) = (body.as_ref(), &ctx.service) {
             ctx.body_bytes += chunk.len() as u64;
             if service.limits.body_exceeds(ctx.body_bytes) {
@@ -196,6 +207,11 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS
+            && session.is_upgrade_req()
+        {
+            open_tunnel(session, ctx);
+        }
         if !upstream_response.status.is_informational() {
             // The breaker judges the attempt now, by its status and time to first byte.
             if let Some(forwarding) = &mut ctx.forwarding {
@@ -264,6 +280,11 @@ impl ProxyHttp for Gateway {
         let status = ctx.last_attempt_status();
         ctx.trace
             .attempt_ended(status, Some(errors::error_kind(e.etype())));
+        if ctx.tunnel.is_some() {
+            // The handshake was judged at the `101`; however the tunnel ends, nothing is
+            // retried and no upstream is blamed.
+            return no_retry(e);
+        }
         let Some((service, forwarding, client)) = ctx.forwarding() else {
             return no_retry(e);
         };
@@ -366,8 +387,9 @@ impl ProxyHttp for Gateway {
             });
         }
         finish_trace(session, ctx, status, e);
-        // Releases the service's in-flight count.
+        // Releases the service's in-flight count, and the tunnel's.
         ctx.forwarding = None;
+        ctx.tunnel = None;
     }
 }
 
@@ -447,6 +469,37 @@ fn cors_preflight(session: &Session, service: &Service) -> Option<Answer> {
     }
 }
 
+/// Browsers apply no CORS to WebSocket handshakes (they send `Origin` and let the server
+/// decide), so a service with a CORS policy refuses an upgrade from an origin the policy
+/// does not allow: otherwise any site could open a socket with the user's cookies. A
+/// handshake without `Origin` (not from a browser) is let through.
+fn cross_origin_upgrade(session: &Session, service: &Service) -> Option<Answer> {
+    let cors = service.cors.as_ref()?;
+    let req = session.req_header();
+    if !session.is_upgrade_req() || cors.allows_origin_of(req) {
+        return None;
+    }
+    Some(Answer::error(
+        http::StatusCode::FORBIDDEN,
+        "origin not allowed to upgrade",
+    ))
+}
+
+/// The upstream answered an upgrade request with `101`: the handshake is settled for the
+/// breaker and the trace, and from here on the session is a tunnel, whose reads and writes
+/// on the client's side wait up to `timeouts.tunnel_idle` (instead of the request body's
+/// `header_read_timeout`); the upstream side got the same when it connected.
+fn open_tunnel(session: &mut Session, ctx: &mut RequestCtx) {
+    let Some(service) = ctx.service.clone() else {
+        return;
+    };
+    ctx.trace.attempt_ended(Some(101), None);
+    ctx.open_tunnel();
+    let idle = Some(service.timeouts.tunnel_idle);
+    session.set_read_timeout(idle);
+    session.set_write_timeout(idle);
+}
+
 /// When a rate limit is checked: before authentication unless it is per user.
 #[derive(PartialEq, Eq)]
 enum Stage {
@@ -498,6 +551,12 @@ async fn cache_lookup(
     ctx: &mut RequestCtx,
 ) -> Option<Answer> {
     let cache = service.cache.as_ref()?;
+    if session.is_upgrade_req() {
+        // A handshake is never answered from a stored copy, and must not wait on another
+        // handshake for the same URL as a cache miss would: its "response" lasts as long as
+        // the tunnel.
+        return None;
+    }
     if let Some(refresh) = refresh_ticket(session) {
         ctx.cache = Some(CacheState::from(refresh));
         return None;
@@ -574,6 +633,10 @@ fn count_request(session: &Session, ctx: &RequestCtx, status: u16, elapsed: Dura
     };
     let m = &service.metrics;
     m.count_request(method, status);
+    if ctx.tunnel.is_some() {
+        // A tunnel lasts as long as its users like: its length is no latency.
+        return;
+    }
     m.request_duration.observe(elapsed.as_secs_f64());
     if let Some(t) = ctx.forwarding.as_ref().and_then(|f| f.first_attempt_at) {
         m.upstream_duration.observe(t.elapsed().as_secs_f64());

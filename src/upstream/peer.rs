@@ -42,6 +42,15 @@ pub struct Timeouts {
         deserialize_with = "crate::values::de_duration"
     )]
     pub idle: Duration,
+    /// How long an upgraded connection (WebSocket and other `Upgrade` tunnels) may carry no
+    /// byte in either direction before both sides are closed. It replaces the read and write
+    /// timeouts for the whole exchange of an upgrade request, the handshake included, and is
+    /// not capped by `total`. Default: 1h.
+    #[serde(
+        default = "default_tunnel_idle_timeout",
+        deserialize_with = "crate::values::de_duration"
+    )]
+    pub tunnel_idle: Duration,
 }
 
 impl Default for Timeouts {
@@ -52,15 +61,20 @@ impl Default for Timeouts {
             write: default_read_timeout(),
             total: None,
             idle: default_idle_timeout(),
+            tunnel_idle: default_tunnel_idle_timeout(),
         }
     }
 }
 
 impl Timeouts {
-    /// Connect and read timeouts of zero would fail every attempt at once.
+    /// Connect and read timeouts of zero would fail every attempt at once, a tunnel idle
+    /// timeout of zero every tunnel.
     pub fn check(&self) -> std::result::Result<(), String> {
         if self.connect.is_zero() || self.read.is_zero() {
             return Err("connect and read timeouts must be greater than zero".into());
+        }
+        if self.tunnel_idle.is_zero() {
+            return Err("tunnel_idle must be greater than zero".into());
         }
         Ok(())
     }
@@ -74,6 +88,12 @@ fn default_read_timeout() -> Duration {
 }
 fn default_idle_timeout() -> Duration {
     Duration::from_secs(60)
+}
+/// An hour: far above the ping interval of WebSocket libraries and browsers' own idle
+/// limits, so a quiet but live session is never cut, while a tunnel whose client vanished
+/// without a FIN (a laptop lid closed, a mobile network gone) is reclaimed the same hour.
+fn default_tunnel_idle_timeout() -> Duration {
+    Duration::from_secs(3600)
 }
 
 /// A service's `tls`, `sni` and `tls_verify`: whether and how its upstreams speak TLS.
@@ -144,6 +164,15 @@ pub fn for_attempt(
         o.write_timeout = Some(t.write.min(left));
     }
     Ok(peer)
+}
+
+/// Turns an attempt's peer into one for an upgrade request (`Upgrade` with
+/// `Connection: upgrade`): Pingora reads and writes the upgraded bytes with the timeouts the
+/// connection was opened with, so they must already be `tunnel_idle`, or a quiet WebSocket
+/// would be cut after `timeouts.read` (and after `total`). The connect timeout keeps its cap.
+pub fn for_tunnel(peer: &mut HttpPeer, t: &Timeouts) {
+    peer.options.read_timeout = Some(t.tunnel_idle);
+    peer.options.write_timeout = Some(t.tunnel_idle);
 }
 
 #[cfg(test)]

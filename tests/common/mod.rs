@@ -359,7 +359,7 @@ impl Gateway {
         loop {
             attempt += 1;
             match Gateway::start_once(config_template, probe_path) {
-                Err(e) if attempt < 3 && e.contains("in use") => continue,
+                Err(e) if attempt < 5 && e.contains("in use") => continue,
                 result => return result,
             }
         }
@@ -417,7 +417,14 @@ impl Gateway {
                     if r.status() == reqwest::StatusCode::OK
                         && (!config_template.contains("${LISTEN}") || is_listening(&gw.http)) =>
                 {
-                    return Ok(gw)
+                    // Pingora retries a bind that failed because the port is in use, and
+                    // reports ready meanwhile: whatever answers on the port may be another
+                    // process. Start again on fresh ports rather than test against it.
+                    if gw.stderr().contains("in use") {
+                        gw.kill();
+                        return Err(format!("a port of {} or {} is in use", gw.http, gw.admin));
+                    }
+                    return Ok(gw);
                 }
                 Ok(r) => format!("{} {}", r.status(), r.text().unwrap_or_default()),
                 Err(e) => e.to_string(),
