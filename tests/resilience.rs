@@ -10,22 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-fn circuit_state(gw: &Gateway, service: &str, upstream: &str) -> String {
-    let body: Value = client()
-        .get(gw.admin_url("/admin/circuits"))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    body["services"][service]["upstreams"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|u| u["upstream"] == upstream)
-        .map(|u| u["state"].as_str().unwrap().to_string())
-        .unwrap_or_default()
-}
-
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -60,8 +44,8 @@ services:
         errors, 3,
         "exactly failure_threshold requests fail before the trip"
     );
-    assert_eq!(circuit_state(&gw, "users", &dying.addr), "open");
-    assert_eq!(circuit_state(&gw, "users", &healthy.addr), "closed");
+    assert_eq!(gw.circuit_state("users", &dying.addr), "open");
+    assert_eq!(gw.circuit_state("users", &healthy.addr), "closed");
     for _ in 0..50 {
         assert_eq!(c.get(gw.url("/users/1")).send().unwrap().status(), 200);
     }
@@ -155,7 +139,7 @@ services:
     orders.kill();
     *killed.lock().unwrap() = Some(Instant::now());
     poll_until(Duration::from_secs(3), "orders breaker open", || {
-        circuit_state(&gw, "orders", &orders.addr) == "open"
+        gw.circuit_state("orders", &orders.addr) == "open"
     });
     let tripped = Instant::now();
     thread::sleep(Duration::from_millis(1200));
@@ -238,7 +222,7 @@ services:
             .unwrap_or(false)
     });
     assert!(back.elapsed() < Duration::from_millis(2500));
-    assert_eq!(circuit_state(&gw, "orders", &orders.addr), "closed");
+    assert_eq!(gw.circuit_state("orders", &orders.addr), "closed");
 }
 
 #[test]
@@ -262,7 +246,7 @@ services:
         assert_eq!(c.get(gw.url("/orders/1")).send().unwrap().status(), 500);
     }
     let opened = Instant::now();
-    assert_eq!(circuit_state(&gw, "orders", &orders.addr), "open");
+    assert_eq!(gw.circuit_state("orders", &orders.addr), "open");
     orders.reset();
     assert_eq!(c.get(gw.url("/orders/1")).send().unwrap().status(), 503);
     assert_eq!(
@@ -281,7 +265,7 @@ services:
     );
     assert!(took < Duration::from_millis(1800), "took {took:?}");
     assert_eq!(orders.requests(), 1, "exactly one probe closed it");
-    assert_eq!(circuit_state(&gw, "orders", &orders.addr), "closed");
+    assert_eq!(gw.circuit_state("orders", &orders.addr), "closed");
 }
 
 #[test]
@@ -428,23 +412,6 @@ services:
     assert_eq!(body["degraded"], true);
 }
 
-/// The breaker's view of one upstream, from the admin API.
-fn circuit(gw: &Gateway, service: &str, upstream: &str) -> Value {
-    let body: Value = client()
-        .get(gw.admin_url("/admin/circuits"))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    body["services"][service]["upstreams"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|u| u["upstream"] == upstream)
-        .cloned()
-        .unwrap_or_default()
-}
-
 /// A client that reads a large response slowly: a small receive buffer and a pause between
 /// small reads. It reports on `header` once the response header arrived, then reads on;
 /// returns the body bytes it read.
@@ -524,7 +491,7 @@ services:
         "the download was not slow: {:?}",
         started.elapsed()
     );
-    let c = circuit(&gw, "big", &up.addr);
+    let c = gw.circuit("big", &up.addr);
     assert_eq!(c["state"], "closed", "{c}");
     assert_eq!(
         (c["window_calls"].as_u64(), c["window_failures"].as_u64()),
@@ -534,17 +501,17 @@ services:
     // Open the breaker, let it half-open: the slow reader is its probe.
     up.fail(503);
     assert_eq!(client().get(gw.url("/x")).send().unwrap().status(), 503);
-    assert_eq!(circuit(&gw, "big", &up.addr)["state"], "open");
+    assert_eq!(gw.circuit("big", &up.addr)["state"], "open");
     up.recover();
     poll_until(Duration::from_secs(5), "half open", || {
-        circuit(&gw, "big", &up.addr)["state"] == "half_open"
+        gw.circuit("big", &up.addr)["state"] == "half_open"
     });
     let (tx, rx) = std::sync::mpsc::channel();
     let (addr, slow_path) = (gw.http.clone(), path.clone());
     let reader = thread::spawn(move || slow_download(&addr, &slow_path, tx));
     assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), 200);
     // Its header arrived: the probe succeeded and its slot is free while it still reads.
-    let c = circuit(&gw, "big", &up.addr);
+    let c = gw.circuit("big", &up.addr);
     assert_eq!(c["state"], "half_open", "{c}");
     assert_eq!(c["probes_in_flight"], 0, "{c}");
     assert!(
@@ -553,7 +520,7 @@ services:
     );
     // So the next request is admitted as the second probe, and closes the breaker.
     assert_eq!(client().get(gw.url("/x")).send().unwrap().status(), 200);
-    assert_eq!(circuit(&gw, "big", &up.addr)["state"], "closed");
+    assert_eq!(gw.circuit("big", &up.addr)["state"], "closed");
     assert_eq!(reader.join().unwrap(), BODY);
 }
 
@@ -606,10 +573,10 @@ services:
         let r = common::raw_request(&gw.http, b"GET /x HTTP/1.1\r\nHost: gw\r\n\r\n");
         assert!(r.status == 200 || r.status == 0, "{r:?}");
         poll_until(Duration::from_secs(5), "the failure counted", || {
-            circuit(&gw, "broken", &up)["window_failures"].as_u64() == Some(i)
+            gw.circuit("broken", &up)["window_failures"].as_u64() == Some(i)
         });
     }
-    let c = circuit(&gw, "broken", &up);
+    let c = gw.circuit("broken", &up);
     assert_eq!(c["state"], "open", "{c}");
     assert_eq!(c["window_calls"].as_u64(), Some(2), "{c}");
 }

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{client, is_listening, poll_until, Gateway};
+use common::{is_listening, poll_until, Gateway};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -186,22 +186,6 @@ fn upstream_errors(gw: &Gateway, service: &str) -> u64 {
         .sum()
 }
 
-fn circuit_state(gw: &Gateway, service: &str, upstream: &str) -> String {
-    let body: Value = client()
-        .get(gw.admin_url("/admin/circuits"))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    body["services"][service]["upstreams"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|u| u["upstream"] == upstream)
-        .map(|u| u["state"].as_str().unwrap().to_string())
-        .unwrap_or_default()
-}
-
 /// Every timer a request knows is 1 s (header deadline, body reads, keep-alive, upstream
 /// reads) and its body may be 1 KiB; `chat`'s breaker opens on one slow (300 ms) call and its
 /// responses are cached.
@@ -308,7 +292,7 @@ fn a_websocket_outlives_every_request_timer_and_the_body_limit() {
 
     // The tunnel took > 2.5 s against a 300 ms slow-call threshold and a breaker that opens
     // on one failure: only the handshake counted, so it is closed and the next one passes.
-    assert_eq!(circuit_state(&gw, "chat", &server.addr), "closed");
+    assert_eq!(gw.circuit_state("chat", &server.addr), "closed");
     let mut again = open(&gw, "/chat/ws", &[]).expect("a second handshake");
     echo(&mut again, "again");
     // The two tunnels that ended are counted as answered requests, with their `101`.
@@ -360,7 +344,7 @@ fn tunnel_idle_closes_a_quiet_tunnel_on_both_sides() {
     });
     // Whichever side's timer fired, the upstream is not blamed (its breaker opens on one
     // failure).
-    assert_eq!(circuit_state(&gw, "quiet", &server.addr), "closed");
+    assert_eq!(gw.circuit_state("quiet", &server.addr), "closed");
     assert_eq!(upstream_errors(&gw, "quiet"), 0);
 }
 
@@ -385,7 +369,7 @@ fn a_tunnel_the_upstream_breaks_does_not_trip_its_breaker() {
     });
     // `chat`'s breaker opens on one failure; the handshake succeeded, and how the tunnel
     // ended afterwards is nobody's failure (and nothing is retried).
-    assert_eq!(circuit_state(&gw, "chat", &server.addr), "closed");
+    assert_eq!(gw.circuit_state("chat", &server.addr), "closed");
     assert_eq!(upstream_errors(&gw, "chat"), 0);
     assert_eq!(server.handshakes_on("/chat").len(), 1, "not retried");
     let mut again = open(&gw, "/chat/ws", &[]).expect("the next handshake");

@@ -472,6 +472,30 @@ impl Gateway {
     }
 
     /// The Prometheus exposition from `GET /metrics` on the admin port.
+    /// The breaker's view of one upstream of `service`, from `/admin/circuits` (`null` when
+    /// the upstream is not listed).
+    pub fn circuit(&self, service: &str, upstream: &str) -> Value {
+        let body: Value = self
+            .http_client
+            .get(self.admin_url("/admin/circuits"))
+            .send()
+            .and_then(|r| r.json())
+            .unwrap_or_else(|e| panic!("GET /admin/circuits: {e}"));
+        body["services"][service]["upstreams"]
+            .as_array()
+            .and_then(|list| list.iter().find(|u| u["upstream"] == upstream))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The breaker state (`closed`, `open`, `half_open`) of one upstream, or "" when unlisted.
+    pub fn circuit_state(&self, service: &str, upstream: &str) -> String {
+        self.circuit(service, upstream)["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
     pub fn metrics(&self) -> String {
         let url = self.admin_url("/metrics");
         let resp = self
