@@ -561,15 +561,6 @@ fn rs256_kid(private: &str, kid: &str, header: impl FnOnce(&mut Header)) -> Stri
     .unwrap()
 }
 
-/// The value of one series in the gateway's `/metrics`, 0 if absent.
-fn metric(gw: &Gateway, series: &str) -> u64 {
-    let prefix = format!("{series} ");
-    gw.metrics()
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map_or(0, |v| v.trim().parse().unwrap())
-}
-
 #[test]
 fn a_jwks_over_https_from_a_private_ca_is_refreshed_and_kept_when_its_server_fails() {
     use std::sync::atomic::Ordering;
@@ -626,10 +617,10 @@ services:
     state.failing.store(true, Ordering::SeqCst);
     const ERRORS: &str = r#"breakwater_jwks_refresh_total{result="error"}"#;
     common::poll_until(Duration::from_secs(10), "a failed refresh", || {
-        metric(&gw, ERRORS) >= 2
+        gw.metric(ERRORS) >= 2
     });
     assert_eq!(get(&gw, "/users/1", Some(&k2), &[]).status, 200);
-    assert!(metric(&gw, r#"breakwater_jwks_refresh_total{result="ok"}"#) >= 1);
+    assert!(gw.metric(r#"breakwater_jwks_refresh_total{result="ok"}"#) >= 1);
     assert!(gw.stderr().contains("keeping the 1 keys already loaded"));
 }
 

@@ -155,22 +155,13 @@ fn token(sub: &str) -> String {
     format!("Bearer {t}")
 }
 
-/// The value of one series in `/metrics`, 0 if absent.
-fn metric(gw: &Gateway, series: &str) -> u64 {
-    let prefix = format!("{series} ");
-    gw.metrics()
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
-}
-
 /// The value of one series once it reaches `want`, or after 5 s. A request's miss or stale
 /// result is counted when the gateway is done with the request, just after the client has
 /// its answer, so right after the answer the series may still lag by that request.
 fn metric_reaching(gw: &Gateway, series: &str, want: u64) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let value = metric(gw, series);
+        let value = gw.metric(series);
         if value >= want || Instant::now() >= deadline {
             return value;
         }
@@ -222,10 +213,7 @@ fn a_miss_then_hits_and_the_upstream_sees_one_request(backend: Backend) {
     assert_eq!(fetch(&s.gw, "/users/3", &[]).1, "MISS");
 
     assert_eq!(
-        metric(
-            &s.gw,
-            r#"breakwater_cache_requests_total{result="hit",service="users"}"#
-        ),
+        s.gw.metric(r#"breakwater_cache_requests_total{result="hit",service="users"}"#),
         6
     );
     assert_eq!(
@@ -237,14 +225,11 @@ fn a_miss_then_hits_and_the_upstream_sees_one_request(backend: Backend) {
         2
     );
     assert_eq!(
-        metric(
-            &s.gw,
-            r#"breakwater_cache_requests_total{result="bypass",service="users"}"#
-        ),
+        s.gw.metric(r#"breakwater_cache_requests_total{result="bypass",service="users"}"#),
         1
     );
     if let Backend::Memory = backend {
-        assert!(metric(&s.gw, "breakwater_cache_bytes") > first_body.len() as u64);
+        assert!(s.gw.metric("breakwater_cache_bytes") > first_body.len() as u64);
     }
 }
 

@@ -380,15 +380,6 @@ fn fetch(s: &Setup, path: &str, headers: &[(&str, &str)]) -> (u16, String, Strin
     (status, cache, resp.text().unwrap())
 }
 
-/// The value of one series in `/metrics`, 0 if absent.
-fn metric(gw: &Gateway, series: &str) -> u64 {
-    let prefix = format!("{series} ");
-    gw.metrics()
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
-}
-
 fn purge(gw: &Gateway, query: &str) -> String {
     let resp = client()
         .delete(gw.admin_url(&format!("/admin/cache?{query}")))
@@ -465,10 +456,7 @@ fn conditional_requests_on_a_fresh_entry_are_answered_304(backend: Backend) {
         "every answer above came from the cache"
     );
     assert_eq!(
-        metric(
-            &s.gw,
-            r#"breakwater_cache_not_modified_total{service="site"}"#
-        ),
+        s.gw.metric(r#"breakwater_cache_not_modified_total{service="site"}"#),
         7
     );
 }
@@ -547,10 +535,9 @@ fn a_stale_entry_is_revalidated_and_a_304_refreshes_it_without_the_body(backend:
         (200, "REVALIDATED", "/doc version 1")
     );
 
-    let revalidated = metric(
-        &s.gw,
-        r#"breakwater_cache_revalidations_total{outcome="not_modified",service="site"}"#,
-    );
+    let revalidated = s
+        .gw
+        .metric(r#"breakwater_cache_revalidations_total{outcome="not_modified",service="site"}"#);
     assert!(revalidated >= 3, "{revalidated}");
     assert_eq!(
         s.origin.requests(),
@@ -559,10 +546,7 @@ fn a_stale_entry_is_revalidated_and_a_304_refreshes_it_without_the_body(backend:
     );
     assert_eq!(s.origin.not_modified(), revalidated);
     assert_eq!(
-        metric(
-            &s.gw,
-            r#"breakwater_cache_requests_total{result="revalidated",service="site"}"#
-        ),
+        s.gw.metric(r#"breakwater_cache_requests_total{result="revalidated",service="site"}"#),
         revalidated
     );
 }
@@ -597,10 +581,9 @@ fn a_revalidation_answered_200_replaces_the_entry_and_a_failure_keeps_it(backend
         ("REVALIDATED", "/doc version 2")
     );
     let outcome = |o: &str| {
-        metric(
-            &s.gw,
-            &format!(r#"breakwater_cache_revalidations_total{{outcome="{o}",service="site"}}"#),
-        )
+        s.gw.metric(&format!(
+            r#"breakwater_cache_revalidations_total{{outcome="{o}",service="site"}}"#
+        ))
     };
     assert_eq!((outcome("modified"), outcome("error")), (1, 1));
     assert!(outcome("not_modified") >= 1);
@@ -662,8 +645,7 @@ fn stale_while_revalidate_serves_at_once_and_refreshes_once(backend: Backend) {
         "the refresh was a conditional request"
     );
     assert_eq!(
-        metric(
-            &s.gw,
+        s.gw.metric(
             r#"breakwater_cache_background_refreshes_total{result="started",service="site"}"#
         ),
         1
@@ -877,10 +859,7 @@ fn query_order_and_credentials_are_part_of_the_key(backend: Backend) {
         "nothing was stored"
     );
     assert_eq!(
-        metric(
-            &s.gw,
-            r#"breakwater_cache_requests_total{result="bypass",service="site"}"#
-        ),
+        s.gw.metric(r#"breakwater_cache_requests_total{result="bypass",service="site"}"#),
         4
     );
 
@@ -1015,7 +994,7 @@ services:
         churn(&gw, "/c", round * 20_000, 20_000, 100);
         peak = peak.max(rss(pid));
     }
-    let held = metric(&gw, "breakwater_cache_bytes");
+    let held = gw.metric("breakwater_cache_bytes");
     let grown = peak.saturating_sub(baseline);
     let report = format!(
         "resident memory: baseline {baseline}, peak {peak}, grown {grown} bytes ({:.2} x \

@@ -490,15 +490,6 @@ fn ambiguous_headers_are_refused_and_never_reach_the_upstream() {
     assert_eq!(r.json()["body_bytes"], 2);
 }
 
-/// The value of one series in the gateway's `/metrics`, 0 if absent.
-fn metric(gw: &Gateway, series: &str) -> u64 {
-    let prefix = format!("{series} ");
-    gw.metrics()
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map_or(0, |v| v.trim().parse().unwrap())
-}
-
 #[test]
 fn twenty_bad_tokens_meet_the_rate_limit_before_their_signatures_are_checked() {
     let up = Upstream::start("sample");
@@ -514,7 +505,7 @@ fn twenty_bad_tokens_meet_the_rate_limit_before_their_signatures_are_checked() {
         ),
     );
     const CHECKS: &str = "breakwater_jwt_signature_checks_total";
-    let checks_before = metric(&gw, CHECKS);
+    let checks_before = gw.metric(CHECKS);
     // Well-formed tokens with a wrong signature: each one that is checked costs a signature.
     let forged = format!(
         "Authorization: Bearer {}\r\n",
@@ -536,7 +527,7 @@ fn twenty_bad_tokens_meet_the_rate_limit_before_their_signatures_are_checked() {
     );
     assert_eq!(statuses[3], 429, "the fourth is limited: {statuses:?}");
     assert_eq!(
-        metric(&gw, CHECKS) - checks_before,
+        gw.metric(CHECKS) - checks_before,
         unauthorized as u64,
         "a limited request costs no signature check"
     );

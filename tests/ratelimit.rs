@@ -51,15 +51,6 @@ fn header_secs(resp: &Response, name: &str) -> u64 {
         .unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
-/// The value of one counter series in the gateway's `/metrics`, 0 if absent.
-fn metric(gw: &Gateway, series: &str) -> u64 {
-    let prefix = format!("{series} ");
-    gw.metrics()
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map_or(0, |v| v.trim().parse().unwrap())
-}
-
 const REDIS_ERRORS: &str = r#"breakwater_redis_errors_total{op="ratelimit"}"#;
 const USERS_REJECTED: &str = r#"breakwater_ratelimit_rejected_total{service="users"}"#;
 
@@ -113,7 +104,7 @@ fn the_sixth_quick_request_gets_429_with_ratelimit_headers_and_never_reaches_the
         5,
         "the rejected request never reached users"
     );
-    assert_eq!(metric(&gw, USERS_REJECTED), 1);
+    assert_eq!(gw.metric(USERS_REJECTED), 1);
 
     // Another service has no limit and is not affected.
     for _ in 0..20 {
@@ -182,7 +173,7 @@ fn two_gateways_sharing_one_redis_enforce_one_combined_limit() {
     );
     assert_eq!(users.requests(), allowed);
     assert_eq!(
-        metric(&gw1, USERS_REJECTED) + metric(&gw2, USERS_REJECTED),
+        gw1.metric(USERS_REJECTED) + gw2.metric(USERS_REJECTED),
         12 - allowed
     );
 }
@@ -204,7 +195,7 @@ fn redis_dies_requests_keep_being_served_and_limiting_resumes_after_it_restarts(
         assert_eq!(get(&gw, "/users/1", Some("k")).status(), 200);
     }
     assert_eq!(get(&gw, "/users/1", Some("k")).status(), 429);
-    let errors_before = metric(&gw, REDIS_ERRORS);
+    let errors_before = gw.metric(REDIS_ERRORS);
 
     redis.kill();
     users.reset();
@@ -224,7 +215,7 @@ fn redis_dies_requests_keep_being_served_and_limiting_resumes_after_it_restarts(
     }
     assert_eq!(users.requests(), 10);
     assert!(
-        metric(&gw, REDIS_ERRORS) > errors_before,
+        gw.metric(REDIS_ERRORS) > errors_before,
         "{REDIS_ERRORS} did not rise"
     );
 
@@ -260,7 +251,7 @@ fn with_failure_mode_closed_a_down_redis_gets_503_and_the_gateway_still_starts()
     let body: Value = resp.json().unwrap();
     assert_eq!(body["error"], "rate limiter unavailable", "{body}");
     assert_eq!(users.requests(), 0);
-    assert!(metric(&gw, REDIS_ERRORS) >= 1);
+    assert!(gw.metric(REDIS_ERRORS) >= 1);
     // Other services do not depend on Redis.
     assert_eq!(get(&gw, "/orders/7", None).status(), 200);
 

@@ -496,6 +496,16 @@ impl Gateway {
             .to_string()
     }
 
+    /// The value of one counter or gauge series, e.g. `breakwater_x_total{service="a"}`,
+    /// from `/metrics`; 0 while the series is not there yet.
+    pub fn metric(&self, series: &str) -> u64 {
+        let prefix = format!("{series} ");
+        self.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+    }
+
     pub fn metrics(&self) -> String {
         let url = self.admin_url("/metrics");
         let resp = self
