@@ -381,6 +381,19 @@ services:
     assert_eq!(a.status, 200, "{:?}", a.body);
     assert_eq!(a.body["headers"]["x-user-id"], "user-42");
 
+    // The same token again is not verified again: one signature check for 21 requests.
+    const CHECKS: &str = "breakwater_jwt_signature_checks_total";
+    const HITS: &str = "breakwater_jwt_verified_cache_total{result=\"hit\"}";
+    let token = rs256("jwt_rsa_private.pem");
+    let checks_before = gw.metric(CHECKS);
+    for _ in 0..20 {
+        let again = get(&gw, "/users/1", Some(&bearer(&token)), &[]);
+        assert_eq!(again.status, 200, "{:?}", again.body);
+        assert_eq!(again.body["headers"]["x-user-id"], "user-42");
+    }
+    assert!(gw.metric(CHECKS) - checks_before <= 1, "{}", gw.metrics());
+    assert!(gw.metric(HITS) >= 20, "{}", gw.metrics());
+
     // The algorithm-confusion attack: HS256 keyed with the (public) PEM bytes.
     let confused = encode(
         &Header::new(Algorithm::HS256),

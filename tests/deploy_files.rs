@@ -41,6 +41,7 @@ const KNOWN_METRICS: &[&str] = &[
     "breakwater_trace_spans_dropped_total",
     "breakwater_trace_spans_exported_total",
     "breakwater_jwt_signature_checks_total",
+    "breakwater_jwt_verified_cache_total",
     "breakwater_jwks_refresh_total",
 ];
 

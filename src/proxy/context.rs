@@ -41,7 +41,7 @@ pub struct RequestCtx {
     /// The request's `Origin`, kept when the service has a CORS policy, for every answer.
     pub(super) origin: Option<HeaderValue>,
     /// The verified token's identity, when the service uses auth and one was presented.
-    pub(super) identity: Option<Identity>,
+    pub(super) identity: Option<Arc<Identity>>,
     /// `RateLimit-*` headers for the response.
     pub(super) rate_limit_headers: Vec<(HeaderName, HeaderValue)>,
     /// The response cache's view of this request: what to fill, or a stale copy to serve.

@@ -166,7 +166,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if let Some(authenticator) = &self.runtime.authenticator {
-            authenticator.forward_identity(ctx.identity.as_ref(), upstream_request)?;
+            authenticator.forward_identity(ctx.identity.as_deref(), upstream_request)?;
         }
         if let Some(route) = &ctx.route {
             route.rewrite_path(upstream_request)?;

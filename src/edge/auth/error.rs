@@ -156,6 +156,7 @@ pub fn register_metrics() {
     Lazy::force(&AUTH_FAILURES);
     Lazy::force(&SIGNATURE_CHECKS);
     super::keys::register_metrics();
+    super::verified::register_metrics();
 }
 
 /// Counts one signature check.

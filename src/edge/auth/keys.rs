@@ -58,6 +58,9 @@ pub(super) enum Keys {
 pub(super) struct Jwks {
     source: JwksSource,
     set: ArcSwap<Vec<JwksKey>>,
+    /// Bumped after each new set is stored: what the verified-token cache checks an entry's
+    /// key set by.
+    generation: AtomicU64,
     refetch_interval_ms: u64,
     /// How often a `jwks_url` is fetched again in the background.
     refresh_interval: Duration,
@@ -222,11 +225,23 @@ pub(super) enum Lookup {
     Unknown,
 }
 
+impl Keys {
+    /// Which key set is current: read before the keys a token is checked against, so a
+    /// verdict is never filed under a newer set than the one that gave it.
+    pub(super) fn generation(&self) -> u64 {
+        match self {
+            Keys::Single(_) => 0,
+            Keys::Jwks(jwks) => jwks.generation.load(Ordering::SeqCst),
+        }
+    }
+}
+
 impl Jwks {
     fn new(source: JwksSource, set: Vec<JwksKey>, cfg: &JwtConfig, clock: Arc<dyn Clock>) -> Jwks {
         Jwks {
             source,
             set: ArcSwap::from_pointee(set),
+            generation: AtomicU64::new(0),
             refetch_interval_ms: millis(cfg.jwks_refetch_interval),
             refresh_interval: cfg.jwks_refresh_interval,
             fetch_timeout: cfg.jwks_fetch_timeout,
@@ -345,6 +360,7 @@ impl Jwks {
                     set.len()
                 );
                 self.set.store(Arc::new(set));
+                self.generation.fetch_add(1, Ordering::SeqCst);
                 self.failures.store(0, Ordering::SeqCst);
                 REFRESHES.with_label_values(&["ok"]).inc();
             }

@@ -14,6 +14,7 @@ mod error;
 mod fetch;
 mod identity;
 mod keys;
+mod verified;
 mod verify;
 
 pub use config::{AuthConfig, AuthMode, JwtConfig, ServiceAuth};

@@ -94,7 +94,7 @@ fn b64(v: &Value) -> String {
 async fn check(auth: &Authenticator, header: Option<HeaderValue>) -> Result<String, AuthError> {
     auth.authenticate(header.as_ref())
         .await
-        .map(|id| id.subject.unwrap_or_default())
+        .map(|id| id.subject.clone().unwrap_or_default())
 }
 
 #[tokio::test]
@@ -215,6 +215,131 @@ async fn token_table() {
     for (name, header, expected) in cases {
         assert_eq!(check(&auth, header).await, expected, "case: {name}");
     }
+}
+
+fn bytes(n: &str) -> usize {
+    n.parse::<crate::values::ByteSize>().unwrap().0 as usize
+}
+
+/// An RS256 authenticator with `verified_cache_size` set to `size`.
+fn rs256(size: &str) -> (Authenticator, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(&dir, "public.pem", RSA_PUBLIC.as_bytes());
+    let cfg = config(&format!(
+        "algorithms: [RS256]\npublic_key_file: {path}\nissuer: https://auth.example.com\n\
+         audience: api\nverified_cache_size: {size}\n"
+    ));
+    (Authenticator::new(&cfg).expect("authenticator"), dir)
+}
+
+fn rs(claims: Value) -> String {
+    sign(
+        Header::new(Algorithm::RS256),
+        &claims,
+        &EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes()).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn a_repeated_token_is_served_from_the_verified_cache_until_its_exp() {
+    let (auth, _dir) = rs256("8MiB");
+    let t = now() as u64;
+    let exp = t + 600;
+    let token = rs(claims(json!({"exp": exp})));
+    let first = auth
+        .authenticate_at(bearer(&token).as_ref(), t)
+        .await
+        .unwrap();
+    let again = auth
+        .authenticate_at(bearer(&token).as_ref(), t + 599)
+        .await
+        .unwrap();
+    assert!(Arc::ptr_eq(&first, &again), "the second use is a cache hit");
+    assert_eq!(auth.verified_tokens().len(), 1);
+
+    // At `exp` the entry is no longer used: the token is checked again (and, within the
+    // leeway, still passes), as a fresh identity.
+    let at_exp = auth
+        .authenticate_at(bearer(&token).as_ref(), exp)
+        .await
+        .unwrap();
+    assert!(!Arc::ptr_eq(&first, &at_exp), "checked again at exp");
+
+    // The same claims under another spelling of the scheme are the same token.
+    let spelled = HeaderValue::from_str(&format!("bearer   {token}")).unwrap();
+    let hit = auth.authenticate_at(Some(&spelled), t + 1).await.unwrap();
+    assert_eq!(hit.subject.as_deref(), Some("user-1"));
+}
+
+#[tokio::test]
+async fn refused_tokens_are_never_cached_and_never_match_a_cached_one() {
+    let (auth, _dir) = rs256("8MiB");
+    let valid = rs(claims(json!({})));
+    auth.authenticate(bearer(&valid).as_ref()).await.unwrap();
+    assert_eq!(auth.verified_tokens().len(), 1);
+
+    // Same header and payload, altered signature: a different digest, so the full check.
+    let (unsigned, signature) = valid.rsplit_once('.').unwrap();
+    let mut forged_sig = signature.as_bytes().to_vec();
+    forged_sig[10] = if forged_sig[10] == b'A' { b'B' } else { b'A' };
+    let forged = format!("{unsigned}.{}", String::from_utf8(forged_sig).unwrap());
+    // The payload of the cached token under a signature by another key.
+    let other_key = sign(
+        Header::new(Algorithm::RS256),
+        &claims(json!({})),
+        &EncodingKey::from_rsa_pem(RSA_OTHER_PRIVATE.as_bytes()).unwrap(),
+    );
+    let refused = [
+        forged,
+        other_key,
+        format!("{valid}."),
+        format!(".{valid}"),
+        rs(claims(json!({"exp": now() - 3600}))),
+        rs(claims(json!({"aud": "other"}))),
+        rs(claims(json!({"iss": "https://evil.example.com"}))),
+        rs(claims(json!({"nbf": now() + 3600}))),
+    ];
+    for token in &refused {
+        for _ in 0..3 {
+            let verdict = auth.authenticate(bearer(token).as_ref()).await;
+            assert!(verdict.is_err(), "{token} refused");
+        }
+    }
+    assert_eq!(auth.verified_tokens().len(), 1, "no refused token was kept");
+}
+
+#[tokio::test]
+async fn the_cache_stays_within_its_size_and_can_be_turned_off() {
+    let (auth, _dir) = rs256("16KiB");
+    for i in 0..200 {
+        let token = rs(claims(json!({"sub": format!("user-{i}")})));
+        auth.authenticate(bearer(&token).as_ref()).await.unwrap();
+    }
+    let held = auth.verified_tokens().weight() as usize;
+    assert!(held <= bytes("16KiB"), "{held} bytes held");
+    assert!(auth.verified_tokens().len() > 0);
+
+    let (off, _dir) = rs256("0");
+    let token = rs(claims(json!({})));
+    let first = off.authenticate(bearer(&token).as_ref()).await.unwrap();
+    let again = off.authenticate(bearer(&token).as_ref()).await.unwrap();
+    assert!(!Arc::ptr_eq(&first, &again), "every use is checked");
+    assert_eq!(off.verified_tokens().len(), 0);
+}
+
+#[tokio::test]
+async fn a_cached_identity_still_needs_each_services_scopes() {
+    let (auth, _dir) = rs256("8MiB");
+    let token = rs(claims(json!({"scope": "read"})));
+    let reader = ServiceAuth::compile(AuthMode::Required, &["read".into()]).unwrap();
+    let writer = ServiceAuth::compile(AuthMode::Required, &["write".into()]).unwrap();
+    let header = bearer(&token);
+    assert!(reader.verify(&auth, header.as_ref()).await.is_ok());
+    assert_eq!(
+        writer.verify(&auth, header.as_ref()).await.unwrap_err(),
+        AuthError::InsufficientScope("write".into())
+    );
+    assert_eq!(auth.verified_tokens().len(), 1);
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@ use super::config::{AuthConfig, AuthMode, CheckedJwt, JwtConfig, ServiceAuth};
 use super::error::{self, AuthError};
 use super::identity::{self, check_scopes, Identity};
 use super::keys::{self, Keys, Lookup};
+use super::verified::VerifiedTokens;
 use crate::clock::{Clock, MonotonicClock};
 use base64::Engine;
 use http::{HeaderName, HeaderValue};
@@ -28,6 +29,7 @@ pub struct Authenticator {
     validations: Vec<(Algorithm, Validation)>,
     keys: Keys,
     forwarded: Vec<(String, HeaderName)>,
+    verified: VerifiedTokens,
 }
 
 /// Why `auth:` does not compile.
@@ -63,7 +65,7 @@ impl ServiceAuth {
         &self,
         authenticator: &Authenticator,
         authorization: Option<&HeaderValue>,
-    ) -> Result<Option<Identity>, AuthError> {
+    ) -> Result<Option<Arc<Identity>>, AuthError> {
         match (self.mode, authorization) {
             (AuthMode::None, _) => return Ok(None),
             (AuthMode::Optional, None) if self.required_scopes.is_empty() => return Ok(None),
@@ -128,6 +130,7 @@ impl Authenticator {
             validations,
             keys,
             forwarded: checked.forwarded,
+            verified: VerifiedTokens::new(cfg.verified_cache_size.0),
         })
     }
 
@@ -167,8 +170,41 @@ impl Authenticator {
     pub async fn authenticate(
         &self,
         authorization: Option<&HeaderValue>,
-    ) -> Result<Identity, AuthError> {
+    ) -> Result<Arc<Identity>, AuthError> {
+        self.authenticate_at(authorization, jsonwebtoken::get_current_timestamp())
+            .await
+    }
+
+    /// [`Authenticator::authenticate`] with the time (Unix seconds) that the verified-token
+    /// cache judges expiry by; the claims themselves are checked against the real clock.
+    pub(super) async fn authenticate_at(
+        &self,
+        authorization: Option<&HeaderValue>,
+        now: u64,
+    ) -> Result<Arc<Identity>, AuthError> {
         let token = bearer_token(authorization)?;
+        if !self.verified.enabled() {
+            return self.check_token(token).await.map(Arc::new);
+        }
+        let digest = VerifiedTokens::digest(token);
+        let generation = self.keys.generation();
+        if let Some(identity) = self.verified.get(&digest, now, generation) {
+            return Ok(identity);
+        }
+        let identity = Arc::new(self.check_token(token).await?);
+        self.verified
+            .insert(digest, &identity, token.len(), now, generation);
+        Ok(identity)
+    }
+
+    /// The verified-token cache; for tests.
+    #[cfg(test)]
+    pub(super) fn verified_tokens(&self) -> &VerifiedTokens {
+        &self.verified
+    }
+
+    /// Checks a token's algorithm, signature and claims.
+    async fn check_token(&self, token: &str) -> Result<Identity, AuthError> {
         let header = TokenHeader::parse(token)?;
         let validation = self
             .validations
