@@ -207,8 +207,8 @@ impl GrpcHealthCheck {
         protocol: Protocol,
     ) -> std::result::Result<GrpcHealthCheck, String> {
         let invalid = |e: Box<Error>| format!("cannot build the gRPC health check request: {e}");
-        let mut req = RequestHeader::build("POST", b"/grpc.health.v1.Health/Check", None)
-            .map_err(invalid)?;
+        let mut req =
+            RequestHeader::build("POST", b"/grpc.health.v1.Health/Check", None).map_err(invalid)?;
         for (name, value) in [
             ("host", host),
             ("content-type", "application/grpc"),
@@ -496,7 +496,10 @@ mod tests {
         assert_eq!(serving_status(&grpc_frame(b"\x08\x02")), Some(2));
         // Absent field: the default, UNKNOWN; unknown fields are skipped.
         assert_eq!(serving_status(&grpc_frame(b"")), Some(0));
-        assert_eq!(serving_status(&grpc_frame(b"\x12\x01x\x08\x01")), Some(SERVING));
+        assert_eq!(
+            serving_status(&grpc_frame(b"\x12\x01x\x08\x01")),
+            Some(SERVING)
+        );
         // Truncated or compressed: no verdict.
         assert_eq!(serving_status(b"\0\0\0\0\x05\x08"), None);
         assert_eq!(serving_status(b"\x01\0\0\0\x02\x08\x01"), None);

@@ -245,7 +245,10 @@ mod tests {
     #[test]
     fn h2_needs_tls_and_h2c_refuses_it() {
         assert!(Protocol::H2.check(false).unwrap_err().contains("tls: true"));
-        assert!(Protocol::H2c.check(true).unwrap_err().contains("tls: false"));
+        assert!(Protocol::H2c
+            .check(true)
+            .unwrap_err()
+            .contains("tls: false"));
         for ok in [
             (Protocol::H2, true),
             (Protocol::H2c, false),
