@@ -9,6 +9,7 @@ use crate::runtime::Service;
 use crate::upstream::peer::Protocol;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::http::ServerSession;
 use pingora::proxy::Session;
 use pingora::Result;
 use std::time::Duration;
@@ -57,6 +58,12 @@ pub async fn send_status(
         header.insert_header(name.clone(), value.clone())?;
     }
     decorate(&mut header);
+    // Pingora's `Session::write_response_header` never ends an h2 stream with the header, and
+    // a gRPC client reads `grpc-status` from a header only when that header ends the stream
+    // (else it waits for trailers and reports the call as broken).
+    if let ServerSession::H2(h2) = session.as_downstream_mut() {
+        return h2.write_response_header(Box::new(header), true);
+    }
     session.write_response_header(Box::new(header), true).await
 }
 
