@@ -138,7 +138,7 @@ impl Answer {
 impl Answer {
     /// The refusal as a gRPC status, message and extra headers; `None` for what is no refusal
     /// (an allowed preflight, a cached copy, `OPTIONS *`).
-    fn grpc_status(&self) -> Option<(u32, &'static str, &[(HeaderName, HeaderValue)])> {
+    fn grpc_status(&self) -> Option<(u32, &'static str, &ExtraHeaders)> {
         match self {
             Answer::Error(status, reason, _, headers) => {
                 Some((grpc_code(*status), reason, headers))
@@ -182,6 +182,9 @@ async fn send_fallback(
     )
     .await
 }
+
+/// Headers an answer adds to the usual ones (`Retry-After`, rate-limit state, ...).
+type ExtraHeaders = [(HeaderName, HeaderValue)];
 
 /// Adds the headers every answer of a service carries (security headers, CORS, ...).
 pub type Decorate<'a> = dyn Fn(&mut ResponseHeader) + Send + Sync + 'a;

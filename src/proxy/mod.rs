@@ -177,7 +177,7 @@ impl ProxyHttp for Gateway {
         if let Some(cache) = &ctx.cache {
             cache.prepare_upstream_request(upstream_request)?;
         }
-        if let Some((service, forwarding, _)) = ctx.forwarding() {
+        if let (Some(service), Some(forwarding)) = (&ctx.service, &ctx.forwarding) {
             if service.protocol == Protocol::Grpc {
                 // The upstream hears the deadline the gateway keeps, not the client's.
                 upstream_request.remove_header(grpc::GRPC_TIMEOUT);
@@ -227,7 +227,7 @@ impl ProxyHttp for Gateway {
         if !upstream_response.status.is_informational() {
             // The breaker judges the attempt now, by its status and time to first byte (a
             // gRPC call's success waits for its status, here for a trailers-only answer).
-            if let Some((service, forwarding, _)) = ctx.forwarding() {
+            if let (Some(service), Some(forwarding)) = (&ctx.service, &mut ctx.forwarding) {
                 forwarding.responded(upstream_response.status.as_u16());
                 if service.protocol == Protocol::Grpc {
                     if let Some(code) = grpc::status_of(&upstream_response.headers) {
@@ -249,7 +249,7 @@ impl ProxyHttp for Gateway {
         trailers: &mut http::HeaderMap,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let Some((service, forwarding, _)) = ctx.forwarding() {
+        if let (Some(service), Some(forwarding)) = (&ctx.service, &mut ctx.forwarding) {
             if service.protocol == Protocol::Grpc {
                 if let Some(code) = grpc::status_of(trailers) {
                     forwarding.grpc_status(code);
