@@ -39,8 +39,19 @@ struct GrpcServer {
 
 impl GrpcServer {
     fn start() -> GrpcServer {
+        GrpcServer::start_with(&[])
+    }
+
+    /// Over TLS (h2 by ALPN) with the test certificate.
+    fn start_tls() -> GrpcServer {
+        let fixture = |name: &str| format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        GrpcServer::start_with(&["--tls", &fixture("tls_cert.pem"), &fixture("tls_key.pem")])
+    }
+
+    fn start_with(args: &[&str]) -> GrpcServer {
         let mut child = Command::new(python())
             .arg(script("server.py"))
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -69,6 +80,27 @@ impl GrpcServer {
             json!([unary_to("/test.Control/Serving", request)]),
         );
         assert_eq!(r[0]["code"], "OK", "{r:?}");
+    }
+}
+
+impl GrpcServer {
+    /// [`GrpcServer::set_serving`] through a gateway-less TLS channel is more than the test
+    /// client does; the control call goes through a plain gateway instead.
+    fn set_serving_tls(&self, serving: bool) {
+        let gw = gateway(&format!(
+            r#"
+  control:
+    protocol: grpc
+    tls: true
+    tls_verify: false
+    routes: [{{path_prefix: /test.Control}}]
+    upstreams: ["{}"]
+"#,
+            self.addr
+        ));
+        let request = if serving { "1" } else { "0" };
+        let r = call(&gw.http, unary_to("/test.Control/Serving", request));
+        assert_eq!(r["code"], "OK", "{r:?}");
     }
 }
 
@@ -156,6 +188,45 @@ fn unary_and_streaming_calls_pass_through_to_an_h2c_upstream() {
     assert_eq!(r[2]["details"], "asked for status:5");
     assert_eq!(r[3]["code"], "NOT_FOUND");
     assert_eq!(r[3]["details"], "asked for only:5");
+}
+
+#[test]
+fn grpc_over_tls_upstreams_speaks_h2_by_alpn_and_checks_health_there() {
+    let up = GrpcServer::start_tls();
+    let gw = gateway(&format!(
+        r#"
+  echo:
+    protocol: grpc
+    tls: true
+    sni: localhost
+    tls_verify: false
+    routes: [{{path_prefix: /test.Echo}}]
+    upstreams: ["{}"]
+    health_check: {{grpc: true, interval: 200ms, timeout: 1s}}
+"#,
+        up.addr
+    ));
+    let r = calls(
+        &gw.http,
+        json!([
+            unary("echo:tls"),
+            {"method": "/test.Echo/Stream", "request": "3", "stream": true},
+            unary("status:14"),
+        ]),
+    );
+    assert_eq!(r[0]["responses"], json!(["echo:tls"]), "{r:?}");
+    assert_eq!(
+        r[1]["responses"],
+        json!(["msg-0", "msg-1", "msg-2"]),
+        "{r:?}"
+    );
+    assert_eq!(r[2]["code"], "UNAVAILABLE");
+    assert_eq!(r[2]["details"], "asked for status:14");
+    // The gRPC health check over TLS passes, and then fails when the upstream stops serving.
+    up.set_serving_tls(false);
+    poll_until(Duration::from_secs(10), "unhealthy over TLS", || {
+        gw.circuit("echo", &up.addr)["healthy"] == false
+    });
 }
 
 #[test]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A real gRPC server for tests/grpc.rs (Debian's python3-grpcio), with generic handlers on
-raw bytes so no protoc is needed. Listens on 127.0.0.1 (port 0 unless given), plaintext
-(h2c), and prints "PORT <n>" once it serves.
+raw bytes so no protoc is needed. Listens on a free 127.0.0.1 port, plaintext (h2c), or TLS
+(h2 by ALPN) with `--tls CERT KEY`, and prints "PORT <n>" once it serves.
 
 /test.Echo/Unary takes a command as its request:
   echo:X        answers "echo:X"
@@ -64,7 +64,6 @@ def set_serving(request, context):
 
 
 def main():
-    port = int(sys.argv[1]) if len(sys.argv) > 1 else 0
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
     server.add_generic_rpc_handlers(
         (
@@ -85,7 +84,12 @@ def main():
             ),
         )
     )
-    port = server.add_insecure_port(f"127.0.0.1:{port}")
+    if sys.argv[1:2] == ["--tls"]:
+        with open(sys.argv[2], "rb") as cert, open(sys.argv[3], "rb") as key:
+            credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+        port = server.add_secure_port("127.0.0.1:0", credentials)
+    else:
+        port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     print(f"PORT {port}", flush=True)
     # Ends when the test closes our stdin (or kills us).
