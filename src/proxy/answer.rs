@@ -79,8 +79,9 @@ impl Answer {
         // the rest.
         let with_cors = !matches!(self, Answer::Preflight(_) | Answer::PreflightRejected);
         let finish = |h: &mut ResponseHeader| ctx.decorate(h, tls, with_cors);
-        if super::grpc::wants_grpc_answers(session.req_header(), ctx.service.as_deref()) {
-            if let Some((code, message, headers)) = self.grpc_status() {
+        // Cheap first (a cache hit is no refusal), then the request's content type.
+        if let Some((code, message, headers)) = self.grpc_status() {
+            if super::grpc::wants_grpc_answers(session.req_header(), ctx.service.as_deref()) {
                 super::grpc::send_status(session, code, message, id, headers, &finish).await?;
                 return Ok(true);
             }
