@@ -165,7 +165,13 @@ impl Route {
             Some(q) => format!("{path}?{q}"),
             None => path.to_string(),
         };
-        let uri: http::Uri = path_and_query.parse().map_err(|e| {
+        let invalid =
+            |e| pingora::Error::because(pingora::ErrorType::InvalidHTTPHeader, "rewriting path", e);
+        // The scheme and authority stay: an HTTP/2 request has no `Host` header, only its
+        // URI's authority, which becomes the upstream's `Host` or `:authority`.
+        let mut parts = upstream_request.uri.clone().into_parts();
+        parts.path_and_query = Some(path_and_query.parse().map_err(invalid)?);
+        let uri = http::Uri::from_parts(parts).map_err(|e| {
             pingora::Error::because(pingora::ErrorType::InvalidHTTPHeader, "rewriting path", e)
         })?;
         upstream_request.set_uri(uri);
@@ -298,6 +304,24 @@ services:
         assert_eq!(strip_prefix("/users", "/users"), "/");
         assert_eq!(strip_prefix("/users/", "/users/1"), "/1");
         assert_eq!(strip_prefix("/", "/a"), "/a");
+    }
+
+    #[test]
+    fn stripping_a_prefix_keeps_the_query_and_an_http2_requests_authority() {
+        let route = Route {
+            prefix: "/api".into(),
+            host: None,
+            strip_prefix: true,
+            service: 0,
+        };
+        let mut h1 = RequestHeader::build("GET", b"/api/a?b=1", None).unwrap();
+        route.rewrite_path(&mut h1).unwrap();
+        assert_eq!(h1.uri.to_string(), "/a?b=1");
+        // An HTTP/2 request's URI carries its authority (it has no `Host` header).
+        let mut h2 = RequestHeader::build("GET", b"/api/a", None).unwrap();
+        h2.set_uri("http://example.com:8080/api/a".parse().unwrap());
+        route.rewrite_path(&mut h2).unwrap();
+        assert_eq!(h2.uri.to_string(), "http://example.com:8080/a");
     }
 
     #[test]

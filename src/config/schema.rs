@@ -19,7 +19,7 @@ use crate::routing::RouteConfig;
 use crate::upstream::breaker::BreakerConfig;
 use crate::upstream::fallback::FallbackConfig;
 use crate::upstream::health::HealthCheckConfig;
-use crate::upstream::peer::Timeouts;
+use crate::upstream::peer::{Protocol, Timeouts};
 use crate::upstream::pool::{Algorithm, HashKey, UpstreamSpec};
 use crate::upstream::retry::RetryBudgetConfig;
 use serde::de::{self, Deserializer};
@@ -258,6 +258,11 @@ pub struct ServiceConfig {
     /// Connect to the upstreams over TLS. Default: false.
     #[serde(default)]
     pub tls: bool,
+    /// What the gateway speaks to the upstreams: `http1`, `h2` (HTTP/2 over TLS through ALPN,
+    /// needs `tls: true`), `h2c` (HTTP/2 with prior knowledge, no TLS) or `grpc` (h2 with
+    /// `tls: true`, else h2c; the gateway's own answers in gRPC's form). Default: http1.
+    #[serde(default)]
+    pub protocol: Protocol,
     /// SNI and certificate name for TLS upstreams. Default: the upstream's host.
     #[serde(default)]
     pub sni: Option<String>,

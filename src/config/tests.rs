@@ -193,3 +193,42 @@ fn admin_token_needs_the_exact_bearer_token() {
     assert!(!token.accepts(None));
     assert!(AdminConfig::default().token().unwrap().is_none());
 }
+
+#[test]
+fn protocol_and_tls_must_agree_and_errors_name_the_protocol_line() {
+    let service = |extra: &str| {
+        format!("services:\n  a:\n    routes: [{{path_prefix: /a}}]\n    upstreams: [\"127.0.0.1:1\"]\n{extra}")
+    };
+    let e = parse(&service("    protocol: h2\n")).unwrap_err();
+    assert_eq!(e.field, "services.a.protocol", "{e}");
+    assert_eq!(e.line, Some(5), "{e}");
+    assert!(e.message.contains("tls: true"), "{e}");
+    let e = parse(&service("    tls: true\n    protocol: h2c\n")).unwrap_err();
+    assert_eq!(e.field, "services.a.protocol", "{e}");
+    assert_eq!(e.line, Some(6), "{e}");
+    let e = parse(&service("    protocol: http2\n")).unwrap_err();
+    assert_eq!(e.line, Some(5), "{e}");
+    assert!(e.message.contains("h2c"), "{e}");
+    let e = parse(&service("    health_check: {grpc: true}\n")).unwrap_err();
+    assert!(e.field.starts_with("services.a.health_check"), "{e}");
+    let e = parse(&service(
+        "    protocol: grpc\n    circuit_breaker: {grpc_failure_codes: [14, 17]}\n",
+    ))
+    .unwrap_err();
+    assert_eq!(
+        e.field, "services.a.circuit_breaker.grpc_failure_codes",
+        "{e}"
+    );
+    for ok in [
+        "    protocol: h2\n    tls: true\n",
+        "    protocol: h2c\n    health_check: {path: /health}\n",
+        "    protocol: grpc\n    health_check: {grpc: true, grpc_service: svc}\n",
+        "    protocol: grpc\n    tls: true\n",
+    ] {
+        let c = parse(&service(ok)).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        assert_ne!(
+            c.services["a"].protocol,
+            crate::upstream::peer::Protocol::Http1
+        );
+    }
+}

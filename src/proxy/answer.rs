@@ -1,9 +1,11 @@
 //! The answers the gateway writes itself, without an upstream: JSON errors, CORS preflights,
 //! refused tokens, cached copies and the service's fallback. Every one carries the request id
 //! and the headers every answer of its service gets; errors have a JSON body, so a client
-//! always gets a machine-readable reason and never a bare page.
+//! always gets a machine-readable reason and never a bare page. A gRPC client gets each
+//! refusal as a gRPC status instead (`grpc`), since it cannot read a JSON body.
 
 use super::context::RequestCtx;
+use super::errors::{grpc, grpc_code};
 use super::request_id::REQUEST_ID;
 use crate::cache::Served;
 use crate::edge::auth::AuthError;
@@ -77,6 +79,13 @@ impl Answer {
         // the rest.
         let with_cors = !matches!(self, Answer::Preflight(_) | Answer::PreflightRejected);
         let finish = |h: &mut ResponseHeader| ctx.decorate(h, tls, with_cors);
+        // Cheap first (a cache hit is no refusal), then the request's content type.
+        if let Some((code, message, headers)) = self.grpc_status() {
+            if super::grpc::wants_grpc_answers(session.req_header(), ctx.service.as_deref()) {
+                super::grpc::send_status(session, code, message, id, headers, &finish).await?;
+                return Ok(true);
+            }
+        }
         match self {
             Answer::Error(status, _, mut body, headers) => {
                 if let Some(service) = &ctx.service {
@@ -127,6 +136,27 @@ impl Answer {
     }
 }
 
+impl Answer {
+    /// The refusal as a gRPC status, message and extra headers; `None` for what is no refusal
+    /// (an allowed preflight, a cached copy, `OPTIONS *`).
+    fn grpc_status(&self) -> Option<(u32, &'static str, &ExtraHeaders)> {
+        match self {
+            Answer::Error(status, reason, _, headers) => {
+                Some((grpc_code(*status), reason, headers))
+            }
+            Answer::Unauthorized(e) => {
+                let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
+                Some((grpc_code(status), e.reason(), &[]))
+            }
+            Answer::PreflightRejected => {
+                Some((grpc::PERMISSION_DENIED, "cors preflight rejected", &[]))
+            }
+            Answer::Fallback => Some((grpc::UNAVAILABLE, "no upstream available", &[])),
+            Answer::Preflight(_) | Answer::Cached(_) | Answer::ServerOptions => None,
+        }
+    }
+}
+
 /// Answers with the service's fallback, with `Retry-After` unless the config sets one.
 async fn send_fallback(
     session: &mut Session,
@@ -153,6 +183,9 @@ async fn send_fallback(
     )
     .await
 }
+
+/// Headers an answer adds to the usual ones (`Retry-After`, rate-limit state, ...).
+type ExtraHeaders = [(HeaderName, HeaderValue)];
 
 /// Adds the headers every answer of a service carries (security headers, CORS, ...).
 pub type Decorate<'a> = dyn Fn(&mut ResponseHeader) + Send + Sync + 'a;

@@ -7,7 +7,8 @@
 //! [`Attempt`], a breaker's half-open probe slot by the attempt's permit. A breaker hears how
 //! an attempt went in one place, [`Attempt::record`]: when the upstream's response header
 //! arrives (status and time to first byte decide; a probe's slot is freed) and when the
-//! attempt ends (a body that broke off on the upstream's side makes it a failure).
+//! attempt ends (a body that broke off on the upstream's side makes it a failure). A gRPC
+//! call's success waits for the status its upstream ends it with (the trailers).
 
 use crate::cache::CacheState;
 use crate::edge::auth::Identity;
@@ -17,13 +18,14 @@ use crate::ops::tracing::RequestTrace;
 use crate::routing::Route;
 use crate::runtime::Service;
 use crate::upstream::breaker::{Outcome, Permit};
+use crate::upstream::peer::Protocol;
 use crate::upstream::state::{InFlight, Upstream};
 use http::{HeaderName, HeaderValue};
 use pingora::http::ResponseHeader;
 use pingora::{Error, ErrorSource};
 use prometheus::IntGauge;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Per-request state shared between the phases.
 pub struct RequestCtx {
@@ -138,8 +140,12 @@ impl RequestCtx {
 pub(super) struct Forwarding {
     /// Counts the request in the service's `requests_in_flight` while it lives.
     _in_flight: GaugeGuard,
-    /// When `timeouts.total` runs out, counted from the request's arrival.
+    /// When `timeouts.total` (or a shorter `grpc-timeout` of the client's) runs out, counted
+    /// from the request's arrival.
     pub(super) deadline: Option<Instant>,
+    /// The client's `grpc-timeout` is shorter than the service's read timeout and total
+    /// budget: a timeout is then the client's choice, not the upstream's fault.
+    pub(super) client_deadline: bool,
     /// Upstreams already tried, so a retry goes elsewhere when it can.
     pub(super) tried: Vec<usize>,
     pub(super) retries: u32,
@@ -152,11 +158,25 @@ pub(super) struct Forwarding {
 }
 
 impl Forwarding {
-    /// Forwarding of a request that arrived at `start`, to the upstream `first` admitted.
-    pub(super) fn new(service: &Service, start: Instant, first: Attempt) -> Forwarding {
+    /// Forwarding of a request that arrived at `start`, to the upstream `first` admitted;
+    /// `client_timeout` is a gRPC call's `grpc-timeout`.
+    pub(super) fn new(
+        service: &Service,
+        start: Instant,
+        first: Attempt,
+        client_timeout: Option<Duration>,
+    ) -> Forwarding {
+        let t = &service.timeouts;
+        let budget = match (t.total, client_timeout) {
+            (Some(total), Some(client)) => Some(total.min(client)),
+            (total, client) => total.or(client),
+        };
+        let client_deadline =
+            client_timeout.is_some_and(|c| c < t.read && t.total.is_none_or(|total| c < total));
         Forwarding {
             _in_flight: GaugeGuard::new(service.metrics.in_flight.clone()),
-            deadline: service.timeouts.total.map(|total| start + total),
+            deadline: budget.map(|budget| start + budget),
+            client_deadline,
             tried: Vec::new(),
             retries: 0,
             first_attempt_at: None,
@@ -198,6 +218,13 @@ impl Forwarding {
     pub(super) fn responded(&mut self, status: u16) {
         if let Some(attempt) = &mut self.attempt {
             attempt.record(AttemptEvent::Responded(status));
+        }
+    }
+
+    /// The current attempt's gRPC upstream ended the call with `code`.
+    pub(super) fn grpc_status(&mut self, code: u32) {
+        if let Some(attempt) = &mut self.attempt {
+            attempt.record(AttemptEvent::GrpcStatus(code));
         }
     }
 
@@ -245,6 +272,8 @@ pub(super) struct Attempt {
     started: Option<Started>,
     /// Status of the upstream's response header, once it arrived.
     status: Option<u16>,
+    /// A gRPC call: a response header that is a success waits for the call's `grpc-status`.
+    grpc: bool,
 }
 
 struct Started {
@@ -258,6 +287,9 @@ struct Started {
 pub(super) enum AttemptEvent<'a> {
     /// The upstream's response header arrived, with this status.
     Responded(u16),
+    /// A gRPC upstream ended the call with this `grpc-status` (in its trailers, or in a
+    /// trailers-only response header).
+    GrpcStatus(u32),
     /// Connecting failed, or the exchange broke off on the upstream's side (before or after
     /// the response header).
     UpstreamFailed,
@@ -276,6 +308,7 @@ impl Attempt {
             permit: Some(permit),
             started: None,
             status: None,
+            grpc: service.protocol == Protocol::Grpc,
         }
     }
 
@@ -288,10 +321,18 @@ impl Attempt {
         let Some(started) = &self.started else {
             return;
         };
-        if let AttemptEvent::Responded(status) = event {
-            self.status = Some(status);
-            let outcome = self.upstream.breaker.judge(status, started.at.elapsed());
-            if let Some(permit) = &mut self.permit {
+        let judged = match event {
+            AttemptEvent::Responded(status) => {
+                self.status = Some(status);
+                let outcome = self.upstream.breaker.judge(status, started.at.elapsed());
+                // A gRPC call that failed tells in its trailers, after a `200`.
+                (outcome == Outcome::Failure || !self.grpc).then_some(outcome)
+            }
+            AttemptEvent::GrpcStatus(code) => Some(self.upstream.breaker.judge_grpc(code)),
+            _ => None,
+        };
+        if let AttemptEvent::Responded(_) | AttemptEvent::GrpcStatus(_) = event {
+            if let (Some(outcome), Some(permit)) = (judged, &mut self.permit) {
                 permit.responded(outcome);
             }
             return;
@@ -307,7 +348,10 @@ impl Attempt {
             }
             // The upstream answered; the client going away later is not its doing.
             AttemptEvent::Abandoned | AttemptEvent::Done(_) if answered => Some(Outcome::Success),
-            AttemptEvent::Abandoned | AttemptEvent::Done(_) | AttemptEvent::Responded(_) => None,
+            AttemptEvent::Abandoned
+            | AttemptEvent::Done(_)
+            | AttemptEvent::Responded(_)
+            | AttemptEvent::GrpcStatus(_) => None,
         };
         // Without an outcome the permit is dropped, which frees a probe slot.
         if let Some(outcome) = outcome {

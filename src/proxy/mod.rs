@@ -13,6 +13,7 @@
 mod answer;
 mod context;
 mod errors;
+mod grpc;
 pub mod request_id;
 
 pub use context::RequestCtx;
@@ -28,7 +29,7 @@ use crate::ops::tracing::{Phase, RequestSummary, RequestTrace};
 use crate::ops::{access_log, metrics};
 use crate::routing::{normalize_host, request_host};
 use crate::runtime::{Runtime, Service};
-use crate::upstream::peer;
+use crate::upstream::peer::{self, Protocol};
 use answer::{Answer, ErrorBody};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -176,6 +177,17 @@ impl ProxyHttp for Gateway {
         if let Some(cache) = &ctx.cache {
             cache.prepare_upstream_request(upstream_request)?;
         }
+        if let (Some(service), Some(forwarding)) = (&ctx.service, &ctx.forwarding) {
+            if service.protocol == Protocol::Grpc {
+                // The upstream hears the deadline the gateway keeps, not the client's.
+                upstream_request.remove_header(grpc::GRPC_TIMEOUT);
+                if let Some(deadline) = forwarding.deadline {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    upstream_request
+                        .insert_header(grpc::GRPC_TIMEOUT, grpc::timeout_value(left))?;
+                }
+            }
+        }
         forwarded::set_headers(session, &ctx.client, upstream_request)
     }
 
@@ -213,13 +225,35 @@ impl ProxyHttp for Gateway {
             open_tunnel(session, ctx);
         }
         if !upstream_response.status.is_informational() {
-            // The breaker judges the attempt now, by its status and time to first byte.
-            if let Some(forwarding) = &mut ctx.forwarding {
+            // The breaker judges the attempt now, by its status and time to first byte (a
+            // gRPC call's success waits for its status, here for a trailers-only answer).
+            if let (Some(service), Some(forwarding)) = (&ctx.service, &mut ctx.forwarding) {
                 forwarding.responded(upstream_response.status.as_u16());
+                if service.protocol == Protocol::Grpc {
+                    if let Some(code) = grpc::status_of(&upstream_response.headers) {
+                        forwarding.grpc_status(code);
+                    }
+                }
             }
             // Before any per-request header is added, so none of them is stored.
             if let Some(cache) = &mut ctx.cache {
                 cache.start_fill(session.req_header(), upstream_response);
+            }
+        }
+        Ok(())
+    }
+
+    fn upstream_response_trailer_filter(
+        &self,
+        _session: &mut Session,
+        trailers: &mut http::HeaderMap,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let (Some(service), Some(forwarding)) = (&ctx.service, &mut ctx.forwarding) {
+            if service.protocol == Protocol::Grpc {
+                if let Some(code) = grpc::status_of(trailers) {
+                    forwarding.grpc_status(code);
+                }
             }
         }
         Ok(())
@@ -261,6 +295,10 @@ impl ProxyHttp for Gateway {
         let Some((service, forwarding, client)) = ctx.forwarding() else {
             return no_retry(e);
         };
+        if client_deadline_passed(forwarding, &e) {
+            forwarding.end_attempt(AttemptEvent::Abandoned);
+            return no_retry(e);
+        }
         upstream_failed(&service, forwarding, &e);
         // Nothing was sent, so any method may go to another upstream.
         let retry = forwarding.plan_retry(&service, || hash_key(session, &service, client));
@@ -289,8 +327,9 @@ impl ProxyHttp for Gateway {
             return no_retry(e);
         };
         let responded = forwarding.got_header();
-        if e.esource() != &ErrorSource::Upstream {
-            // The client went away or sent garbage: not the upstream's fault.
+        if e.esource() != &ErrorSource::Upstream || client_deadline_passed(forwarding, &e) {
+            // The client went away, sent garbage or let its own deadline pass: not the
+            // upstream's fault.
             forwarding.end_attempt(AttemptEvent::Abandoned);
             return no_retry(e);
         }
@@ -606,7 +645,11 @@ fn admit(session: &Session, service: &Service, ctx: &mut RequestCtx) -> Option<A
     match service.pool.admit(&key, |_| true) {
         Some((index, permit)) => {
             let first = Attempt::planned(service, index, permit);
-            ctx.forwarding = Some(Forwarding::new(service, ctx.start, first));
+            let client_timeout = match service.protocol {
+                Protocol::Grpc => grpc::timeout_of(session.req_header()),
+                _ => None,
+            };
+            ctx.forwarding = Some(Forwarding::new(service, ctx.start, first, client_timeout));
             service.retry_budget.record_request();
             None
         }
@@ -650,6 +693,17 @@ fn upstream_failed(service: &Service, forwarding: &mut Forwarding, e: &Error) {
     service
         .metrics
         .upstream_error(errors::error_kind(e.etype()));
+}
+
+/// A timeout of a gRPC call whose `grpc-timeout` was shorter than anything the gateway
+/// would wait: the client chose it, so it is no upstream failure and is not retried (else
+/// any client could open a breaker by asking for tiny deadlines).
+fn client_deadline_passed(forwarding: &Forwarding, e: &Error) -> bool {
+    forwarding.client_deadline
+        && matches!(
+            e.etype(),
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+        )
 }
 
 /// Hands the request's spans to the exporter, when its trace is sampled.

@@ -26,7 +26,7 @@ use crate::ops::tracing::TracingPlan;
 use crate::redis::Redis;
 use crate::routing::Router;
 use crate::upstream::fallback::Fallback;
-use crate::upstream::peer::{Timeouts, UpstreamTls};
+use crate::upstream::peer::{Protocol, Timeouts, UpstreamTls};
 use crate::upstream::pool::{PoolConfig, PoolPlan};
 use crate::upstream::retry::{check_retries, RetryBudgetConfig};
 use crate::values::FieldError;
@@ -77,6 +77,7 @@ pub struct ConnectionLimits {
 pub(super) struct CompiledService {
     pub(super) name: String,
     pub(super) pool: PoolPlan,
+    pub(super) protocol: Protocol,
     pub(super) timeouts: Timeouts,
     pub(super) retries: u32,
     pub(super) retry_budget: RetryBudgetConfig,
@@ -268,6 +269,7 @@ fn compile_service(
         load_balancing: svc.load_balancing,
         hash_key: &svc.hash_key,
         tls: &tls,
+        protocol: svc.protocol,
         timeouts: &svc.timeouts,
         health_check: svc.health_check.as_ref(),
         circuit_breaker: &svc.circuit_breaker,
@@ -298,6 +300,7 @@ fn compile_service(
     Ok(CompiledService {
         name: name.to_string(),
         pool,
+        protocol: svc.protocol,
         timeouts: svc.timeouts.clone(),
         retries: svc.retries,
         retry_budget: svc.retry_budget.clone(),

@@ -27,7 +27,7 @@ use crate::ops::tracing::Tracer;
 use crate::redis::{self, Redis};
 use crate::routing::Router;
 use crate::upstream::fallback::Fallback;
-use crate::upstream::peer::Timeouts;
+use crate::upstream::peer::{Protocol, Timeouts};
 use crate::upstream::pool::{BackgroundTask, Pool};
 use crate::upstream::retry::RetryBudget;
 use compile::CompiledService;
@@ -67,6 +67,8 @@ pub struct Runtime {
 pub struct Service {
     pub name: String,
     pub pool: Pool,
+    /// What the gateway speaks to the upstreams (`grpc`: gateway answers in gRPC's form).
+    pub protocol: Protocol,
     pub timeouts: Timeouts,
     /// Retries a failed request may make (each on an upstream not yet tried).
     pub retries: u32,
@@ -138,6 +140,7 @@ fn install_service(
     let (pool, health_check) = s.pool.start(Arc::clone(clock))?;
     let service = Service {
         pool,
+        protocol: s.protocol,
         timeouts: s.timeouts,
         retries: s.retries,
         retry_budget: RetryBudget::new(s.retry_budget, Arc::clone(clock)),

@@ -78,6 +78,10 @@ pub struct BreakerConfig {
     /// read the body does not count. Default: none.
     #[serde(deserialize_with = "crate::values::de_opt_duration")]
     pub slow_call_threshold: Option<Duration>,
+    /// gRPC statuses that count as failures when a `protocol: grpc` upstream ends a call with
+    /// them (in its trailers, or a trailers-only answer). Default: [14, 4, 13] (UNAVAILABLE,
+    /// DEADLINE_EXCEEDED, INTERNAL).
+    pub grpc_failure_codes: Vec<u32>,
 }
 
 impl Default for BreakerConfig {
@@ -93,6 +97,7 @@ impl Default for BreakerConfig {
             success_threshold: 1,
             failure_statuses: vec![500, 502, 503, 504],
             slow_call_threshold: None,
+            grpc_failure_codes: vec![14, 4, 13],
         }
     }
 }
@@ -133,6 +138,12 @@ impl BreakerConfig {
             return Err(FieldError::new(
                 field(".failure_statuses"),
                 format!("{bad} is not an HTTP status"),
+            ));
+        }
+        if let Some(bad) = self.grpc_failure_codes.iter().find(|c| **c > 16) {
+            return Err(FieldError::new(
+                field(".grpc_failure_codes"),
+                format!("{bad} is not a gRPC status code (0 to 16)"),
             ));
         }
         Ok(())
@@ -428,6 +439,15 @@ impl CircuitBreaker {
             .slow_call_threshold
             .is_some_and(|limit| took > limit);
         if slow || self.config.failure_statuses.contains(&status) {
+            Outcome::Failure
+        } else {
+            Outcome::Success
+        }
+    }
+
+    /// How a gRPC call went by the status its upstream ended it with.
+    pub fn judge_grpc(&self, code: u32) -> Outcome {
+        if self.config.grpc_failure_codes.contains(&code) {
             Outcome::Failure
         } else {
             Outcome::Success

@@ -1,15 +1,20 @@
 //! Active health checks of a service's upstreams: the `health_check:` section, the probe
 //! request compiled from it, and the check Pingora's load balancer runs in the background,
 //! observed so that every result reaches the upstream's state (its health flag, metric and
-//! circuit breaker).
+//! circuit breaker). A service may ask for the gRPC health protocol instead
+//! (`grpc.health.v1.Health/Check`), sent over the service's own HTTP/2 (h2 or h2c).
 
-use super::peer::UpstreamTls;
+use super::peer::{Protocol, UpstreamTls};
 use super::state::Upstream;
 use crate::values::PathPrefix;
 use async_trait::async_trait;
+use bytes::{Buf, Bytes, BytesMut};
+use pingora::connectors::http::Connector;
 use pingora::http::RequestHeader;
 use pingora::lb::health_check::{HealthCheck, HttpHealthCheck};
 use pingora::lb::Backend;
+use pingora::prelude::HttpPeer;
+use pingora::protocols::http::client::HttpSession;
 use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
 use pingora::{Error, ErrorType, Result};
 use serde::Deserialize;
@@ -45,6 +50,15 @@ pub struct HealthCheckConfig {
     /// Consecutive failures that make a healthy upstream unhealthy. Default: 1.
     #[serde(default = "default_one")]
     pub unhealthy_threshold: usize,
+    /// Use the gRPC health protocol (`grpc.health.v1.Health/Check`) instead of `GET path`:
+    /// the check passes when the call ends with `grpc-status` 0 and the answer is `SERVING`.
+    /// Needs `protocol: grpc`, `h2` or `h2c`. Default: false.
+    #[serde(default)]
+    pub grpc: bool,
+    /// The `service` asked about in the gRPC health request; empty asks about the server as
+    /// a whole. Default: "".
+    #[serde(default)]
+    pub grpc_service: String,
 }
 
 fn default_one() -> usize {
@@ -63,7 +77,29 @@ fn default_health_timeout() -> Duration {
 /// A service's compiled health check: how often, and the probe Pingora sends.
 pub struct HealthCheckPlan {
     pub interval: Duration,
-    check: HttpHealthCheck,
+    check: Probe,
+}
+
+/// The probe: Pingora's HTTP check, or the gRPC health call.
+enum Probe {
+    Http(Box<HttpHealthCheck>),
+    Grpc(Box<GrpcHealthCheck>),
+}
+
+impl Probe {
+    async fn check(&self, target: &Backend) -> Result<()> {
+        match self {
+            Probe::Http(check) => check.check(target).await,
+            Probe::Grpc(check) => check.check(target).await,
+        }
+    }
+
+    fn health_threshold(&self, success: bool) -> usize {
+        match self {
+            Probe::Http(check) => check.health_threshold(success),
+            Probe::Grpc(check) => check.thresholds.of(success),
+        }
+    }
 }
 
 impl HealthCheckConfig {
@@ -74,6 +110,7 @@ impl HealthCheckConfig {
         &self,
         first_upstream: &str,
         tls: &UpstreamTls,
+        protocol: Protocol,
     ) -> std::result::Result<HealthCheckPlan, String> {
         if self.interval.is_zero() || self.timeout.is_zero() {
             return Err("interval and timeout must be greater than zero".into());
@@ -85,6 +122,16 @@ impl HealthCheckConfig {
         // Checked before Pingora builds its probe, which unwraps the header it adds.
         if http::HeaderValue::from_str(host).is_err() {
             return Err(format!("host {host:?} is not a valid Host header value"));
+        }
+        if self.grpc {
+            if !protocol.is_h2() {
+                return Err("grpc: true needs the service's protocol: grpc, h2 or h2c".into());
+            }
+            let check = GrpcHealthCheck::new(self, host, tls, protocol)?;
+            return Ok(HealthCheckPlan {
+                interval: self.interval,
+                check: Probe::Grpc(Box::new(check)),
+            });
         }
         let mut check = HttpHealthCheck::new(host, tls.enabled);
         let invalid = |e: Box<Error>| format!("cannot build the health check request: {e}");
@@ -101,6 +148,7 @@ impl HealthCheckConfig {
             check.peer_template.sni = tls.sni_for(host);
             tls.apply(&mut check.peer_template);
         }
+        protocol.apply(&mut check.peer_template);
         check.consecutive_success = self.healthy_threshold;
         check.consecutive_failure = self.unhealthy_threshold;
         check.validator = Some(Box::new(|resp| {
@@ -115,9 +163,217 @@ impl HealthCheckConfig {
         }));
         Ok(HealthCheckPlan {
             interval: self.interval,
-            check,
+            check: Probe::Http(Box::new(check)),
         })
     }
+}
+
+/// `healthy_threshold` and `unhealthy_threshold`.
+struct Thresholds {
+    success: usize,
+    failure: usize,
+}
+
+impl Thresholds {
+    fn of(&self, success: bool) -> usize {
+        if success {
+            self.success
+        } else {
+            self.failure
+        }
+    }
+}
+
+/// The gRPC health protocol's unary `Check` call over HTTP/2, on a fresh connection each time
+/// (as the HTTP check: a pooled connection can hide a broken path to the upstream).
+struct GrpcHealthCheck {
+    peer_template: HttpPeer,
+    req: RequestHeader,
+    /// The framed `HealthCheckRequest`.
+    body: Bytes,
+    timeout: Duration,
+    thresholds: Thresholds,
+    connector: Connector,
+}
+
+/// `grpc.health.v1.HealthCheckResponse.ServingStatus.SERVING`.
+const SERVING: u64 = 1;
+
+impl GrpcHealthCheck {
+    fn new(
+        config: &HealthCheckConfig,
+        host: &str,
+        tls: &UpstreamTls,
+        protocol: Protocol,
+    ) -> std::result::Result<GrpcHealthCheck, String> {
+        let invalid = |e: Box<Error>| format!("cannot build the gRPC health check request: {e}");
+        let mut req =
+            RequestHeader::build("POST", b"/grpc.health.v1.Health/Check", None).map_err(invalid)?;
+        for (name, value) in [
+            ("host", host),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+            ("user-agent", "breakwater-health-check"),
+        ] {
+            req.insert_header(name, value).map_err(invalid)?;
+        }
+        let sni = if tls.enabled {
+            tls.sni_for(host)
+        } else {
+            String::new()
+        };
+        let mut peer = HttpPeer::new("0.0.0.0:1", tls.enabled, sni);
+        tls.apply(&mut peer);
+        protocol.apply(&mut peer);
+        peer.options.connection_timeout = Some(config.timeout);
+        peer.options.total_connection_timeout = Some(config.timeout);
+        peer.options.read_timeout = Some(config.timeout);
+        Ok(GrpcHealthCheck {
+            peer_template: peer,
+            req,
+            body: grpc_frame(&health_check_request(&config.grpc_service)),
+            timeout: config.timeout,
+            thresholds: Thresholds {
+                success: config.healthy_threshold,
+                failure: config.unhealthy_threshold,
+            },
+            connector: Connector::new(None),
+        })
+    }
+
+    async fn check(&self, target: &Backend) -> Result<()> {
+        let mut peer = self.peer_template.clone();
+        peer._address = target.addr.clone();
+        // The whole call, connecting included, within the timeout.
+        match tokio::time::timeout(self.timeout, self.call(&peer)).await {
+            Ok(result) => result,
+            Err(_) => Error::e_explain(ErrorType::ReadTimedout, "gRPC health check timed out"),
+        }
+    }
+
+    async fn call(&self, peer: &HttpPeer) -> Result<()> {
+        let (session, _) = self.connector.get_http_session(peer).await?;
+        let HttpSession::H2(mut session) = session else {
+            return Error::e_explain(
+                ErrorType::InvalidHTTPHeader,
+                "the upstream did not speak HTTP/2 to the gRPC health check",
+            );
+        };
+        session.read_timeout = Some(self.timeout);
+        session.write_request_header(Box::new(self.req.clone()), false)?;
+        session.write_request_body(self.body.clone(), true).await?;
+        session.read_response_header().await?;
+        let header = session.response_header().cloned();
+        let mut body = BytesMut::new();
+        while let Some(chunk) = session.read_response_body().await? {
+            body.extend_from_slice(&chunk);
+        }
+        let trailers = session.read_trailers().await?;
+        let header_status = header.as_ref().and_then(|h| grpc_status(&h.headers));
+        let status = trailers.as_ref().and_then(grpc_status).or(header_status);
+        if let Some(h) = &header {
+            if !h.status.is_success() {
+                return health_failure(h.status.as_u16().into(), "gRPC health check HTTP status");
+            }
+        }
+        match status {
+            Some(0) => {}
+            Some(code) => return health_failure(code, "gRPC health check status"),
+            None => return health_failure(2, "gRPC health check without grpc-status"),
+        }
+        match serving_status(&body) {
+            Some(SERVING) => Ok(()),
+            other => health_failure(
+                other.unwrap_or(0) as u32,
+                "gRPC health check: the upstream is not SERVING",
+            ),
+        }
+    }
+}
+
+fn health_failure(code: u32, what: &'static str) -> Result<()> {
+    Error::e_explain(ErrorType::CustomCode(what, code as u16), what)
+}
+
+/// The `grpc-status` header or trailer.
+fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
+    std::str::from_utf8(headers.get("grpc-status")?.as_bytes())
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// `HealthCheckRequest { string service = 1; }` in protobuf's wire form.
+fn health_check_request(service: &str) -> Vec<u8> {
+    let mut message = Vec::with_capacity(service.len() + 6);
+    if !service.is_empty() {
+        message.push(0x0a); // field 1, length-delimited
+        put_varint(&mut message, service.len() as u64);
+        message.extend_from_slice(service.as_bytes());
+    }
+    message
+}
+
+/// A gRPC length-prefixed message: not compressed, 4-byte big-endian length, the message.
+fn grpc_frame(message: &[u8]) -> Bytes {
+    let mut frame = Vec::with_capacity(5 + message.len());
+    frame.push(0);
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(message);
+    Bytes::from(frame)
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn get_varint(buf: &mut &[u8]) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *buf.first()?;
+        buf.advance(1);
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte < 0x80 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// The `status` of the first `HealthCheckResponse` in a gRPC response body (0, UNKNOWN, when
+/// the field is absent, as protobuf leaves defaults out); `None` when the body is malformed or
+/// compressed.
+fn serving_status(body: &[u8]) -> Option<u64> {
+    let (&compressed, rest) = body.split_first()?;
+    let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+    if compressed != 0 {
+        return None;
+    }
+    let mut message = rest.get(4..4 + len)?;
+    let mut status = 0;
+    while !message.is_empty() {
+        let key = get_varint(&mut message)?;
+        match key & 7 {
+            0 => {
+                let value = get_varint(&mut message)?;
+                if key >> 3 == 1 {
+                    status = value;
+                }
+            }
+            2 => {
+                let n = get_varint(&mut message)? as usize;
+                message = message.get(n..)?;
+            }
+            1 => message = message.get(8..)?,
+            5 => message = message.get(4..)?,
+            _ => return None,
+        }
+    }
+    Some(status)
 }
 
 impl HealthCheckPlan {
@@ -135,7 +391,7 @@ impl HealthCheckPlan {
 /// (metrics now, the circuit breaker too) on every check, not only on a health flip.
 pub(super) struct ObservedHealthCheck {
     service: String,
-    inner: HttpHealthCheck,
+    inner: Probe,
     upstreams: Vec<Arc<Upstream>>,
 }
 
@@ -182,28 +438,70 @@ mod tests {
         }
     }
 
+    fn http_probe(plan: &HealthCheckPlan) -> &HttpHealthCheck {
+        match &plan.check {
+            Probe::Http(check) => check,
+            Probe::Grpc(_) => panic!("an HTTP probe was expected"),
+        }
+    }
+
     #[test]
     fn the_probe_asks_the_first_upstream_unless_a_host_is_set() {
         let plan = config("{path: /ready}")
-            .compile("10.0.0.1:80", &plain())
+            .compile("10.0.0.1:80", &plain(), Protocol::Http1)
             .unwrap();
-        assert_eq!(plan.check.req.uri.path(), "/ready");
-        assert_eq!(plan.check.req.headers["host"], "10.0.0.1:80");
+        assert_eq!(http_probe(&plan).req.uri.path(), "/ready");
+        assert_eq!(http_probe(&plan).req.headers["host"], "10.0.0.1:80");
         let plan = config("{host: api.internal}")
-            .compile("10.0.0.1:80", &plain())
+            .compile("10.0.0.1:80", &plain(), Protocol::Http1)
             .unwrap();
-        assert_eq!(plan.check.req.headers["host"], "api.internal");
+        assert_eq!(http_probe(&plan).req.headers["host"], "api.internal");
+    }
+
+    #[test]
+    fn the_probe_speaks_the_services_protocol() {
+        let plan = config("{}")
+            .compile("10.0.0.1:80", &plain(), Protocol::H2c)
+            .unwrap();
+        let alpn = &http_probe(&plan).peer_template.options.alpn;
+        assert_eq!(*alpn, pingora::protocols::ALPN::H2);
+        let plan = config("{grpc: true}")
+            .compile("10.0.0.1:80", &plain(), Protocol::Grpc)
+            .unwrap();
+        assert!(matches!(plan.check, Probe::Grpc(_)));
     }
 
     #[test]
     fn bad_settings_are_refused_when_compiled() {
         let refused = |yaml: &str, needle: &str| {
-            let err = config(yaml).compile("10.0.0.1:80", &plain()).err().unwrap();
+            let err = config(yaml)
+                .compile("10.0.0.1:80", &plain(), Protocol::Http1)
+                .err()
+                .unwrap();
             assert!(err.contains(needle), "{yaml}: {err}");
         };
         refused("{interval: 0s}", "greater than zero");
         refused("{healthy_threshold: 0}", "at least 1");
         // Pingora would panic building its probe with this Host header.
         refused("{host: \"a\\u0001b\"}", "not a valid Host header value");
+        refused("{grpc: true}", "needs the service's protocol");
+    }
+
+    #[test]
+    fn health_messages_in_protobufs_wire_form() {
+        assert_eq!(health_check_request(""), b"");
+        assert_eq!(health_check_request("svc"), b"\x0a\x03svc");
+        assert_eq!(&grpc_frame(b"ab")[..], b"\0\0\0\0\x02ab");
+        assert_eq!(serving_status(&grpc_frame(b"\x08\x01")), Some(SERVING));
+        assert_eq!(serving_status(&grpc_frame(b"\x08\x02")), Some(2));
+        // Absent field: the default, UNKNOWN; unknown fields are skipped.
+        assert_eq!(serving_status(&grpc_frame(b"")), Some(0));
+        assert_eq!(
+            serving_status(&grpc_frame(b"\x12\x01x\x08\x01")),
+            Some(SERVING)
+        );
+        // Truncated or compressed: no verdict.
+        assert_eq!(serving_status(b"\0\0\0\0\x05\x08"), None);
+        assert_eq!(serving_status(b"\x01\0\0\0\x02\x08\x01"), None);
     }
 }

@@ -1,8 +1,10 @@
 //! How the gateway connects to a service's upstreams: the `timeouts:` section, TLS with its
 //! SNI and certificate checks, the peer prepared once per upstream, and the copy an attempt
-//! connects with, its timeouts capped by what is left of the request's total budget.
+//! connects with, its timeouts capped by what is left of the request's total budget, and the
+//! `protocol` the gateway speaks to the upstreams (HTTP/1.1, h2 over TLS, h2c, gRPC).
 
 use pingora::prelude::HttpPeer;
+use pingora::protocols::ALPN;
 use pingora::{Error, ErrorType, Result};
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -96,6 +98,54 @@ fn default_tunnel_idle_timeout() -> Duration {
     Duration::from_secs(3600)
 }
 
+/// A service's `protocol`: what the gateway speaks to its upstreams, whatever the client spoke.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1 (over TLS with `tls: true`).
+    #[default]
+    Http1,
+    /// HTTP/2 over TLS, negotiated with ALPN (an upstream that picks HTTP/1.1 gets HTTP/1.1).
+    H2,
+    /// HTTP/2 with prior knowledge on a plain connection.
+    H2c,
+    /// gRPC: HTTP/2 over TLS with `tls: true`, h2c without; gateway answers in gRPC's form,
+    /// `grpc-status` judged by the breaker, `grpc-timeout` capped.
+    Grpc,
+}
+
+/// Streams one upstream HTTP/2 connection carries at once before another is opened.
+const MAX_H2_STREAMS: usize = 100;
+
+impl Protocol {
+    /// `h2` needs TLS to negotiate, `h2c` has none.
+    pub fn check(self, tls: bool) -> std::result::Result<(), String> {
+        match (self, tls) {
+            (Protocol::H2, false) => {
+                Err("protocol h2 needs tls: true (use h2c for HTTP/2 without TLS)".into())
+            }
+            (Protocol::H2c, true) => {
+                Err("protocol h2c is HTTP/2 without TLS: set tls: false, or use h2".into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Sets what a peer offers: HTTP/2 through ALPN on TLS, or with prior knowledge on a
+    /// plain connection (Pingora speaks h2c when a plain peer's lowest version is 2).
+    pub fn apply(self, peer: &mut HttpPeer) {
+        if self != Protocol::Http1 {
+            peer.options.alpn = ALPN::H2;
+            peer.options.max_h2_streams = MAX_H2_STREAMS;
+        }
+    }
+
+    /// Whether the gateway speaks HTTP/2 to the upstreams.
+    pub fn is_h2(self) -> bool {
+        self != Protocol::Http1
+    }
+}
+
 /// A service's `tls`, `sni` and `tls_verify`: whether and how its upstreams speak TLS.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamTls {
@@ -128,8 +178,14 @@ pub fn upstream_host(name: &str) -> String {
         .to_string()
 }
 
-/// The peer of one upstream, prepared once: address, TLS and the configured timeouts.
-pub fn prepare(addr: SocketAddr, name: &str, tls: &UpstreamTls, t: &Timeouts) -> HttpPeer {
+/// The peer of one upstream, prepared once: address, TLS, protocol and the configured timeouts.
+pub fn prepare(
+    addr: SocketAddr,
+    name: &str,
+    tls: &UpstreamTls,
+    protocol: Protocol,
+    t: &Timeouts,
+) -> HttpPeer {
     let mut peer = HttpPeer::new(addr, tls.enabled, tls.sni_for(name));
     peer.options.connection_timeout = Some(t.connect);
     peer.options.total_connection_timeout = Some(t.connect);
@@ -137,6 +193,7 @@ pub fn prepare(addr: SocketAddr, name: &str, tls: &UpstreamTls, t: &Timeouts) ->
     peer.options.write_timeout = Some(t.write);
     peer.options.idle_timeout = Some(t.idle);
     tls.apply(&mut peer);
+    protocol.apply(&mut peer);
     peer
 }
 
@@ -183,5 +240,40 @@ mod tests {
     fn sni_defaults_to_upstream_host() {
         assert_eq!(upstream_host("api.internal:443"), "api.internal");
         assert_eq!(upstream_host("[::1]:443"), "::1");
+    }
+
+    #[test]
+    fn h2_needs_tls_and_h2c_refuses_it() {
+        assert!(Protocol::H2.check(false).unwrap_err().contains("tls: true"));
+        assert!(Protocol::H2c
+            .check(true)
+            .unwrap_err()
+            .contains("tls: false"));
+        for ok in [
+            (Protocol::H2, true),
+            (Protocol::H2c, false),
+            (Protocol::Http1, true),
+            (Protocol::Grpc, true),
+            (Protocol::Grpc, false),
+        ] {
+            assert!(ok.0.check(ok.1).is_ok(), "{ok:?}");
+        }
+    }
+
+    #[test]
+    fn http2_peers_offer_h2_and_http1_peers_do_not() {
+        let tls = |enabled| UpstreamTls {
+            enabled,
+            sni: None,
+            verify: true,
+        };
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let t = Timeouts::default();
+        let peer = prepare(addr, "a:1", &tls(false), Protocol::H2c, &t);
+        assert_eq!(peer.options.alpn, ALPN::H2);
+        let peer = prepare(addr, "a:1", &tls(true), Protocol::Grpc, &t);
+        assert_eq!(peer.options.alpn, ALPN::H2);
+        let peer = prepare(addr, "a:1", &tls(false), Protocol::Http1, &t);
+        assert_eq!(peer.options.alpn, ALPN::H1);
     }
 }

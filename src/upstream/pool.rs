@@ -6,7 +6,7 @@
 
 use super::breaker::{BreakerConfig, Permit};
 use super::health::{HealthCheckConfig, HealthCheckPlan, ObservedHealthCheck};
-use super::peer::{self, Timeouts, UpstreamTls};
+use super::peer::{self, Protocol, Timeouts, UpstreamTls};
 use super::state::{Upstream, UpstreamPlan};
 use crate::clock::Clock;
 use crate::values::FieldError;
@@ -171,6 +171,7 @@ pub struct PoolConfig<'a> {
     pub load_balancing: Algorithm,
     pub hash_key: &'a HashKey,
     pub tls: &'a UpstreamTls,
+    pub protocol: Protocol,
     pub timeouts: &'a Timeouts,
     pub health_check: Option<&'a HealthCheckConfig>,
     pub circuit_breaker: &'a BreakerConfig,
@@ -190,6 +191,9 @@ impl PoolConfig<'_> {
     /// Checks the upstreams (each resolves, none twice), the health check and the breaker
     /// settings, and prepares each upstream's peer. Errors name the field below the service.
     pub fn compile(&self, service: &str) -> std::result::Result<PoolPlan, FieldError> {
+        self.protocol
+            .check(self.tls.enabled)
+            .map_err(|e| FieldError::new(".protocol", e))?;
         let mut seen = HashSet::new();
         let mut upstreams = Vec::with_capacity(self.upstreams.len());
         for (i, u) in self.upstreams.iter().enumerate() {
@@ -205,12 +209,12 @@ impl PoolConfig<'_> {
                 name: u.name.clone(),
                 addr: u.addr,
                 weight: u.weight,
-                peer: peer::prepare(u.addr, &u.name, self.tls, self.timeouts),
+                peer: peer::prepare(u.addr, &u.name, self.tls, self.protocol, self.timeouts),
             });
         }
         let health_check = match (self.health_check, upstreams.first()) {
             (Some(hc), Some(first)) => Some(
-                hc.compile(&first.name, self.tls)
+                hc.compile(&first.name, self.tls, self.protocol)
                     .map_err(|e| FieldError::new(".health_check", e))?,
             ),
             _ => None,
