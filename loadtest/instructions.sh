@@ -139,8 +139,10 @@ run() {
   if [[ $TOOL == callgrind ]]; then
     [[ -s $out ]] || die "$name: no callgrind output (see $dir/valgrind.log)"
     awk '/^(summary|totals):/ {print $2; exit}' "$out"
-    ((ANNOTATE > 0)) && callgrind_annotate --auto=no --inclusive=no --threshold=100 "$out" \
-      >"$LT_TMP/annotate-$name-$extra.txt" 2>/dev/null
+    if ((ANNOTATE > 0)); then
+      callgrind_annotate --auto=no --inclusive=no --threshold=100 "$out" \
+        >"$LT_TMP/annotate-$name-$extra.txt" 2>/dev/null
+    fi
   else
     # dhat's summary line: "Total:     1,234 bytes in 56 blocks".
     sed -n 's/.*Total: *[0-9,]* bytes in \([0-9,]*\) blocks.*/\1/p' "$dir/valgrind.log" | tr -d , |
