@@ -6,13 +6,21 @@
 //!     (e.g. bare_pingora 127.0.0.1:8000 127.0.0.1:3001)
 //!
 //! With `BARE_H2C=1` in the environment it also takes HTTP/2 with prior knowledge (h2c).
+//! With `BARE_FRONT=1` the proxy runs behind Breakwater's connection front
+//! (`breakwater::server::front`: whole-header deadline, idle wait without a buffer, connection
+//! count), with Breakwater's defaults, so that the bench can tell what the front costs.
 
 use async_trait::async_trait;
+use breakwater::server::front::{Front, FrontSettings};
 use pingora::apps::HttpServerOptions;
 use pingora::prelude::*;
+use pingora::proxy::HttpProxy;
 use pingora::server::configuration::ServerConf;
+use pingora::services::listening::Service as ListeningService;
 use std::net::SocketAddr;
+use std::time::Duration;
 
+#[cfg(not(feature = "heap-profiling"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -41,15 +49,37 @@ fn main() {
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let mut proxy = http_proxy_service(&server.configuration, Bare(upstream));
-    if std::env::var_os("BARE_H2C").is_some_and(|v| v == "1") {
+    let h2c = std::env::var_os("BARE_H2C").is_some_and(|v| v == "1");
+    let options = h2c.then(|| {
         let mut options = HttpServerOptions::default();
         options.h2c = true;
+        options
+    });
+    if std::env::var_os("BARE_FRONT").is_some_and(|v| v == "1") {
+        let mut http = HttpProxy::new(Bare(upstream), server.configuration.clone());
+        http.server_options = options;
+        http.handle_init_modules();
+        // Breakwater's defaults: 10 s header deadline, 60 s keep-alive, 32 KiB header.
+        let front = Front::new(
+            http,
+            FrontSettings {
+                header_timeout: Duration::from_secs(10),
+                keepalive_timeout: Duration::from_secs(60),
+                max_header_size: 32 * 1024,
+                max_connections: 100_000,
+                h2c,
+            },
+        );
+        let mut proxy = ListeningService::new("bare pingora behind the front".to_string(), front);
+        proxy.add_tcp(listen);
+        server.add_service(proxy);
+    } else {
+        let mut proxy = http_proxy_service(&server.configuration, Bare(upstream));
         if let Some(app) = proxy.app_logic_mut() {
-            app.server_options = Some(options);
+            app.server_options = options;
         }
+        proxy.add_tcp(listen);
+        server.add_service(proxy);
     }
-    proxy.add_tcp(listen);
-    server.add_service(proxy);
     server.run_forever();
 }

@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # Throughput, latency and CPU per request of Breakwater beside the same upstream reached
 # directly, nginx as a plain reverse proxy and a bare Pingora proxy (examples/bare_pingora.rs),
+# bare Pingora behind Breakwater's connection front (what the whole-header deadline costs),
 # then Breakwater with one feature more per row (JWT HS256/RS256/ES256, a memory-cache hit, a
-# local rate limit), with the same wrk load, in one run. Prints a Markdown table with ratios
-# against bare Pingora and nginx and writes it to loadtest/results/bench-latest.md.
+# local rate limit), with the same wrk load, in one run; then HTTP/2 over TLS (h2load against
+# nginx's `http2` listener and Breakwater's TLS listener, a self-signed certificate made per
+# run). Prints Markdown tables with ratios against bare Pingora and nginx and writes them to
+# loadtest/results/bench-latest.md.
 #
 #   loadtest/bench.sh [--duration 5s] [--warmup 1s] [--connections 64] [--threads 1]
 #                     [--rounds 1] [--only T1,T2,...] [--list] [--scale] [--flamegraphs]
 #                     [--flame-duration 4] [--flame-freq 299] [--flame-no-inline]
-#                     [--nginx-access-log on|off] [--no-pin]
+#                     [--nginx-access-log on|off] [--no-pin] [--h2-connections 16] [--h2-streams 4]
 #                     [--client-cpu 1] [--proxy-cpu 0] [--upstream-cpu 0] [--scale-cpus 0,1]
 #
 # --rounds N runs every target N times, round-robin, and reports the medians (CPU min-max too).
+# --h2-connections C --h2-streams S: the h2 rows' load, h2load -c C -m S (C x S = 64 requests in
+# flight by default, as wrk's 64 connections).
 # --scale adds nginx, bare Pingora and Breakwater with 1 and then 2 workers on --scale-cpus.
 # --flamegraphs records each proxy with perf (DWARF call graphs) during an extra wrk run and
 # writes loadtest/results/flame-<target>.svg (needs perf and `cargo install inferno`).
@@ -19,11 +24,11 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-ALL_TARGETS=(direct nginx pingora breakwater breakwater-jwt-hs256 breakwater-jwt-rs256
-  breakwater-jwt-es256 breakwater-cache-hit breakwater-ratelimit)
+ALL_TARGETS=(direct nginx pingora pingora-front breakwater breakwater-jwt-hs256 breakwater-jwt-rs256
+  breakwater-jwt-es256 breakwater-cache-hit breakwater-ratelimit nginx-h2 breakwater-h2)
 DURATION=5s CONNECTIONS=64 THREADS=1 WARMUP=1s NGINX_ACCESS_LOG=on PIN=1 ONLY="" ROUNDS=1
 CLIENT_CPU=1 PROXY_CPU=0 UPSTREAM_CPU=0 SCALE=0 SCALE_CPUS=0,1
-FLAMEGRAPHS=0 FLAME_DURATION=4 FLAME_FREQ=299 FLAME_INLINE=1
+FLAMEGRAPHS=0 FLAME_DURATION=4 FLAME_FREQ=299 FLAME_INLINE=1 H2_CONNECTIONS=16 H2_STREAMS=4
 while (($#)); do
   case $1 in
     --duration) DURATION=$2; shift 2 ;;
@@ -41,10 +46,12 @@ while (($#)); do
     --flame-no-inline) FLAME_INLINE=0; shift ;;
     --nginx-access-log) NGINX_ACCESS_LOG=$2; shift 2 ;;
     --no-pin) PIN=0; shift ;;
+    --h2-connections) H2_CONNECTIONS=$2; shift 2 ;;
+    --h2-streams) H2_STREAMS=$2; shift 2 ;;
     --client-cpu) CLIENT_CPU=$2; shift 2 ;;
     --proxy-cpu) PROXY_CPU=$2; shift 2 ;;
     --upstream-cpu) UPSTREAM_CPU=$2; shift 2 ;;
-    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
 done
@@ -56,6 +63,9 @@ if [[ -n $ONLY ]]; then
 fi
 selected() { [[ -z $ONLY || $ONLY == *",$1,"* ]]; }
 command -v wrk >/dev/null || die "wrk is not installed (apt-get install -y wrk)"
+if { selected nginx-h2 || selected breakwater-h2; } && ! command -v h2load >/dev/null; then
+  die "h2load is not installed (apt-get install -y nghttp2-client), or leave out the h2 rows with --only"
+fi
 NGINX="$(find_nginx)"
 if ((PIN)) && { ! command -v taskset >/dev/null || (($(nproc) < 2)); }; then
   log "taskset missing or a single CPU: not pinning"
@@ -111,6 +121,12 @@ TOKEN[hs256]=$(python3 "$LT_DIR/mint_jwt.py" HS256 "$LT_TMP/jwt.secret")
 TOKEN[rs256]=$(python3 "$LT_DIR/mint_jwt.py" RS256 "$FIX/jwt_rsa_private.pem")
 TOKEN[es256]=$(python3 "$LT_DIR/mint_jwt.py" ES256 "$FIX/jwt_ec_private.pem")
 
+# --- a self-signed certificate for the h2 rows (P-256, valid one day) ---
+if selected nginx-h2 || selected breakwater-h2; then
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=localhost \
+    -keyout "$LT_TMP/tls.key" -out "$LT_TMP/tls.crt" 2>/dev/null || die "openssl could not make a certificate"
+fi
+
 # start_target NAME [WORKERS] [CPUS]: starts the server of a target (not `direct`, which is the
 # upstream) and sets T_PID, T_URL, T_SIG (its fast-shutdown signal) and T_HDR (wrk/curl headers).
 start_target() {
@@ -129,14 +145,22 @@ start_target() {
       start_nginx "$dir" "${ON[@]}"
       T_PID=$NGINX_PID T_SIG=TERM
       ;;
-    pingora)
-      "${ON[@]}" "$LT_BIN/examples/bare_pingora" "127.0.0.1:$port" "$UPSTREAM" "$workers" \
+    nginx-h2)
+      nginx_proxy_conf "$dir" "$port" "$UPSTREAM" "$NGINX_ACCESS_LOG" "$workers" 4096 \
+        "ssl http2; ssl_certificate $LT_TMP/tls.crt; ssl_certificate_key $LT_TMP/tls.key"
+      start_nginx "$dir" "${ON[@]}"
+      T_PID=$NGINX_PID T_SIG=TERM T_URL="https://127.0.0.1:$port/users/1"
+      ;;
+    pingora|pingora-front)
+      local front=0
+      [[ $name == pingora-front ]] && front=1
+      BARE_FRONT=$front "${ON[@]}" "$LT_BIN/examples/bare_pingora" "127.0.0.1:$port" "$UPSTREAM" "$workers" \
         >"$dir/stdout" 2>"$dir/stderr" &
       T_PID=$!
       track "$T_PID"
       ;;
     breakwater*)
-      local top="" users="" admin
+      local top="" users="" admin server=""
       admin=$(free_port)
       case $name in
         breakwater-jwt-hs256) top="auth: {jwt: {algorithms: [HS256], secret_file: $LT_TMP/jwt.secret}}" ;;
@@ -145,22 +169,31 @@ start_target() {
         breakwater-cache-hit) top="cache: {backend: memory}" users="    cache: {ttl: 1h}" ;;
         breakwater-ratelimit)
           users="    rate_limit: {requests_per_second: 1000000, burst: 1000000, key: ip, backend: local}" ;;
+        breakwater-h2)
+          local tls_port
+          tls_port=$(free_port)
+          server="  tls: [{listen: \"127.0.0.1:$tls_port\", cert: $LT_TMP/tls.crt, key: $LT_TMP/tls.key}]" ;;
       esac
       if [[ $name == breakwater-jwt-* ]]; then
         users="    auth: required"
         T_HDR=(-H "Authorization: Bearer ${TOKEN[${name#breakwater-jwt-}]}")
       fi
-      breakwater_conf "$dir/breakwater.yaml" "$port" "$admin" "$UPSTREAM" "$workers" "$top" "$users"
+      breakwater_conf "$dir/breakwater.yaml" "$port" "$admin" "$UPSTREAM" "$workers" "$top" "$users" "$server"
       "${ON[@]}" "$LT_BIN/breakwater" -c "$dir/breakwater.yaml" \
         >"$dir/access.log" 2>"$dir/breakwater.err" &
       T_PID=$!
       track "$T_PID"
       wait_http "http://127.0.0.1:$admin/ready"
+      [[ -n $server ]] && T_URL="https://127.0.0.1:$tls_port/users/1"
       ;;
     *) die "no server for target $name" ;;
   esac
   wait_http "$T_URL"
-  curl -sf -o /dev/null "${T_HDR[@]}" "$T_URL" || die "$name: $T_URL does not answer 2xx"
+  curl -skf -o /dev/null "${T_HDR[@]}" "$T_URL" || die "$name: $T_URL does not answer 2xx"
+  if [[ $name == *-h2 ]]; then
+    [[ $(curl -sk --http2 -o /dev/null -w '%{http_version}' "$T_URL") == 2 ]] ||
+      die "$name: $T_URL does not answer over HTTP/2"
+  fi
   if [[ $name == breakwater-cache-hit ]]; then
     local headers
     headers=$(curl -s -D - -o /dev/null "$T_URL")
@@ -184,6 +217,28 @@ measure() {
   L_RPS[$key]+="$WRK_RPS " L_P50[$key]+="$WRK_P50 " L_P99[$key]+="$WRK_P99 "
   L_MAXL[$key]+="$WRK_MAX " L_ERRS[$key]+="$((WRK_SOCKET_ERRORS + WRK_NON2XX)) "
   ((WRK_REQS > 0)) && L_CPU[$key]+="$(awk -v t=$((t1 - t0)) -v hz="$TICK_HZ" -v n="$WRK_REQS" \
+    'BEGIN{printf "%.1f", t / hz * 1e6 / n}') "
+  return 0
+}
+
+# measure_h2 KEY PID URL: as `measure`, with h2load over TLS (h2, ALPN); the mean time per
+# request goes into the p50 column's list (h2load reports no percentiles).
+measure_h2() {
+  local key=$1 pid=$2 url=$3 out="$LT_TMP/h2load-$1.txt" t0 t1 done ok
+  on "$CLIENT_CPU"
+  log "$key: warm-up $WARMUP, then h2load -t1 -c$H2_CONNECTIONS -m$H2_STREAMS -D $DURATION $url"
+  "${ON[@]}" h2load -t1 -c"$H2_CONNECTIONS" -m"$H2_STREAMS" -D "$WARMUP" "$url" >/dev/null 2>&1 || true
+  t0=$(cpu_ticks "$pid")
+  "${ON[@]}" h2load -t1 -c"$H2_CONNECTIONS" -m"$H2_STREAMS" -D "$DURATION" "$url" >"$out" 2>&1 || true
+  t1=$(cpu_ticks "$pid")
+  grep -q "Application protocol: h2" "$out" || die "$key: h2load did not speak h2: $(tail -3 "$out")"
+  H2_TLS=$(awk '/^TLS Protocol:/ {print $3; exit}' "$out")
+  done=$(awk '/^requests:/ {print $8; exit}' "$out")
+  ok=$(awk '/^status codes:/ {print $3; exit}' "$out")
+  L_RPS[$key]+="$(awk '/^finished in/ {print $4; exit}' "$out") "
+  L_P50[$key]+="$(awk '/^time for request:/ {v=$6; u=v; sub(/[a-z]+$/, "", v); gsub(/[0-9.]/, "", u); if (u == "us") v /= 1000; if (u == "s") v *= 1000; print v; exit}' "$out") "
+  L_ERRS[$key]+="$((${done:-0} - ${ok:-0})) " L_P99[$key]+="- " L_MAXL[$key]+="- "
+  ((${ok:-0} > 0)) && L_CPU[$key]+="$(awk -v t=$((t1 - t0)) -v hz="$TICK_HZ" -v n="$ok" \
     'BEGIN{printf "%.1f", t / hz * 1e6 / n}') "
   return 0
 }
@@ -239,6 +294,9 @@ describe() {
     direct) echo "the upstream itself (nginx \`return 200\`)" ;;
     nginx) echo "nginx reverse proxy, keep-alive upstream block, access_log $NGINX_ACCESS_LOG" ;;
     pingora) echo "bare Pingora: examples/bare_pingora.rs (only \`upstream_peer\`, mimalloc)" ;;
+    pingora-front) echo "the same bare Pingora behind Breakwater's connection front (\`BARE_FRONT=1\`: whole-header deadline, idle wait without a buffer, connection count)" ;;
+    nginx-h2) echo "nginx \`listen ... ssl http2\`, same proxy settings as nginx (self-signed P-256 certificate)" ;;
+    breakwater-h2) echo "Breakwater's \`server.tls\` listener (h2 by ALPN), the breakwater row's config" ;;
     breakwater) echo "routing (2 services), breaker, health checks, metrics, JSON access log to a file" ;;
     breakwater-jwt-hs256) echo "+ \`auth: required\`, JWT HS256 (secret_file), the same token on every request" ;;
     breakwater-jwt-rs256) echo "+ \`auth: required\`, JWT RS256 (2048-bit public_key_file), the same token on every request" ;;
@@ -264,6 +322,11 @@ for round in $(seq "$ROUNDS"); do
       continue
     fi
     start_target "$t" 1
+    if [[ $t == *-h2 ]]; then
+      measure_h2 "$t" "$T_PID" "$T_URL"
+      stop_pid "$T_PID" "$T_SIG"
+      continue
+    fi
     measure "$t" "$T_PID" "$T_URL" "${T_HDR[@]}"
     ((FLAMEGRAPHS && round == 1)) && flamegraph "$t" "$T_PID" "$T_URL" "${T_HDR[@]}"
     [[ $t == breakwater ]] && ACCESS_LINES=$(wc -l <"$LT_TMP/breakwater-1w/access.log")
@@ -328,13 +391,14 @@ REPORT="$LT_DIR/results/bench-latest.md"
   echo "| target | req/s | p50 ms | p99 ms | max ms | errors | CPU µs/req | req/s ÷ nginx | req/s ÷ pingora | CPU ÷ pingora |"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
   for t in "${RUN_TARGETS[@]}"; do
+    [[ $t == *-h2 ]] && continue
     if [[ $t == direct ]]; then r1="—" r2="—" r3="—"; else
       r1=$(ratio "${RPS[$t]}" "$NX_RPS") r2=$(ratio "${RPS[$t]}" "$PG_RPS") r3=$(ratio "${CPU[$t]}" "$PG_CPU")
     fi
     echo "| $t | ${RPS[$t]} | ${P50[$t]} | ${P99[$t]} | ${MAXL[$t]} | ${ERRS[$t]} | ${CPU[$t]}${CPUR[$t]} | $r1 | $r2 | $r3 |"
   done
   echo
-  for t in "${RUN_TARGETS[@]}"; do echo "- **$t**: $(describe "$t")"; done
+  for t in "${RUN_TARGETS[@]}"; do [[ $t == *-h2 ]] || echo "- **$t**: $(describe "$t")"; done
   echo
   echo "errors = wrk socket errors + non-2xx responses. CPU µs/req = CPU time (user + system) of the"
   echo "process answering wrk (the upstream for \`direct\`, else the proxy, not counting the upstream)"
@@ -354,6 +418,31 @@ REPORT="$LT_DIR/results/bench-latest.md"
       feats+=("a cache hit costs $(ratio "${CPU[breakwater-cache-hit]}" "$PG_CPU") a bare-Pingora proxied request (issue 13 aims at <= 0.6x)")
     ((${#feats[@]})) && echo "CPU per request over plain Breakwater: $(IFS=';'; echo "${feats[*]}" | sed 's/;/; /g')."
     [[ -n ${ACCESS_LINES:-} ]] && echo "Breakwater's access log: $ACCESS_LINES lines written in its run."
+  fi
+  if [[ -n ${CPU[pingora-front]:-} && -n $PG_CPU ]]; then
+    echo
+    echo "The connection front (whole-header deadline, server::front) in front of bare Pingora:" \
+      "$(diff_us "${CPU[pingora-front]}" "$PG_CPU") ($(pct "${CPU[pingora-front]}" "$PG_CPU")) CPU per request," \
+      "$(ratio "${RPS[pingora-front]}" "$PG_RPS") its req/s (\`loadtest/instructions.sh\` counts it in instructions)."
+  fi
+  H2_TARGETS=()
+  for t in "${RUN_TARGETS[@]}"; do [[ $t == *-h2 ]] && H2_TARGETS+=("$t"); done
+  if ((${#H2_TARGETS[@]})); then
+    echo
+    echo "### HTTP/2 over TLS (h2load)"
+    echo
+    echo "h2load $(h2load --version 2>&1 | awk '{print $2; exit}') \`-t1 -c$H2_CONNECTIONS -m$H2_STREAMS -D $DURATION\` (h2 by ALPN, ${H2_TLS:-TLS}, a self-signed"
+    echo "P-256 certificate), after a $WARMUP warm-up, same upstream and placement as above."
+    echo
+    echo "| target | req/s | mean ms | errors | CPU µs/req | req/s ÷ nginx-h2 | CPU ÷ nginx-h2 |"
+    echo "|---|---:|---:|---:|---:|---:|---:|"
+    for t in "${H2_TARGETS[@]}"; do
+      echo "| $t | ${RPS[$t]} | ${P50[$t]} | ${ERRS[$t]} | ${CPU[$t]}${CPUR[$t]} | $(ratio "${RPS[$t]}" "${RPS[nginx-h2]:-}") | $(ratio "${CPU[$t]}" "${CPU[nginx-h2]:-}") |"
+    done
+    echo
+    for t in "${H2_TARGETS[@]}"; do echo "- **$t**: $(describe "$t")"; done
+    echo
+    echo "errors = requests h2load finished without a 2xx status."
   fi
   if ((${#SCALE_TARGETS[@]})); then
     echo

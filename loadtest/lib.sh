@@ -5,7 +5,7 @@
 
 LT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 LT_DIR="$LT_ROOT/loadtest"
-LT_BIN="$LT_ROOT/target/release"
+LT_BIN="${LT_BIN:-$LT_ROOT/target/release}"
 LT_PIDS=()
 LT_GROUPS=()
 LT_TMP=""
@@ -136,13 +136,13 @@ http {
 EOF
 }
 
-# nginx_proxy_conf DIR PORT UPSTREAM ACCESS_LOG(on|off) [WORKERS] [WORKER_CONNECTIONS]: nginx as
+# nginx_proxy_conf DIR PORT UPSTREAM ACCESS_LOG(on|off) [WORKERS] [WORKER_CONNECTIONS] [LISTEN_EXTRA]: nginx as
 # a plain reverse proxy to UPSTREAM with keep-alive to it (an upstream block, HTTP/1.1).
 nginx_proxy_conf() {
   local dir=$1 port=$2 upstream=$3 alog="access_log off;"
   [[ $4 == on ]] && alog="access_log $dir/access.log;"
   nginx_conf "$dir" "server {
-    listen 127.0.0.1:$port;
+    listen 127.0.0.1:$port ${7:-};
     $alog
     location / {
       proxy_pass http://backend;
@@ -163,10 +163,11 @@ start_nginx() {
   track "$NGINX_PID"
 }
 
-# breakwater_conf FILE PORT ADMIN UPSTREAM [THREADS] [TOP_EXTRA] [USERS_EXTRA]: the load tests'
-# Breakwater: routing over two services (users, orders), circuit breaker, health checks,
-# Prometheus metrics and the JSON access log (stdout; the scripts send it to a file). TOP_EXTRA
-# is YAML added at the top level; USERS_EXTRA, lines indented by 4, to the users service.
+# breakwater_conf FILE PORT ADMIN UPSTREAM [THREADS] [TOP_EXTRA] [USERS_EXTRA] [SERVER_EXTRA]: the
+# load tests' Breakwater: routing over two services (users, orders), circuit breaker, health
+# checks, Prometheus metrics and the JSON access log (stdout; the scripts send it to a file).
+# TOP_EXTRA is YAML added at the top level; USERS_EXTRA, lines indented by 4, to the users
+# service; SERVER_EXTRA, lines indented by 2, to `server`.
 breakwater_conf() {
   local file=$1 port=$2 admin=$3 upstream=$4 threads=${5:-1}
   cat >"$file" <<EOF
@@ -176,6 +177,7 @@ server:
   upgrade_sock: $file.upgrade.sock
   pid_file: $file.pid
   grace_period: 1s
+${8:-}
 admin: {listen: "127.0.0.1:$admin"}
 access_log: true
 ${6:-}
@@ -203,7 +205,7 @@ free_port() {
 # wait_http URL [SECONDS]: until URL answers anything over HTTP.
 wait_http() {
   local url=$1 deadline=$((SECONDS + ${2:-15}))
-  until curl -s -o /dev/null --max-time 1 "$url"; do
+  until curl -sk -o /dev/null --max-time 1 "$url"; do
     ((SECONDS < deadline)) || die "$url did not answer in ${2:-15}s"
     sleep 0.1
   done

@@ -197,8 +197,8 @@ pub fn request_host(req: &RequestHeader) -> Option<&str> {
         .or_else(|| req.uri.authority().map(|a| a.as_str()))
 }
 
-/// The request host, lower-case and without its port.
-pub fn normalize_host(raw: &str) -> String {
+/// The request host, lower-case and without its port (borrowed when it already is).
+pub fn normalize_host(raw: &str) -> std::borrow::Cow<'_, str> {
     let host = if let Some(rest) = raw.strip_prefix('[') {
         // IPv6 literal: keep the brackets' content.
         rest.split(']').next().unwrap_or(rest)
@@ -211,7 +211,11 @@ pub fn normalize_host(raw: &str) -> String {
             }
         })
     };
-    host.to_ascii_lowercase()
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(host)
+    }
 }
 
 #[cfg(test)]

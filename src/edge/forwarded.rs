@@ -14,7 +14,7 @@ use http::{HeaderName, HeaderValue};
 use ipnet::IpNet;
 use pingora::http::RequestHeader;
 use pingora::proxy::Session;
-use pingora::Result;
+use pingora::{ErrorType, OrErr, Result};
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use std::net::{IpAddr, SocketAddr};
@@ -138,7 +138,7 @@ impl Client {
             peer
         };
         Client {
-            addr: client.map(|c| c.to_string()).unwrap_or_default(),
+            addr: client.map(ip_text).unwrap_or_default(),
             via_trusted_proxy,
             peer,
         }
@@ -183,6 +183,32 @@ fn parse_entry(entry: &[u8]) -> Option<IpAddr> {
     Some(canonical(ip))
 }
 
+/// `ip` as text, as `Display` writes it; IPv4 without the formatting machinery, which cost
+/// more than the rest of working out the client.
+fn ip_text(ip: IpAddr) -> String {
+    let IpAddr::V4(v4) = ip else {
+        return ip.to_string();
+    };
+    let mut text = String::with_capacity(15);
+    push_ipv4(&mut text, v4);
+    text
+}
+
+fn push_ipv4(text: &mut String, v4: std::net::Ipv4Addr) {
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            text.push('.');
+        }
+        if octet >= 100 {
+            text.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            text.push(char::from(b'0' + octet / 10 % 10));
+        }
+        text.push(char::from(b'0' + octet % 10));
+    }
+}
+
 /// IPv4-mapped IPv6 (`::ffff:192.0.2.1`) as IPv4, so one address has one spelling.
 fn canonical(ip: IpAddr) -> IpAddr {
     ip.to_canonical()
@@ -197,8 +223,35 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
-static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+
+/// The names as written on the wire. Pingora keeps each name's case beside the header map;
+/// given a `HeaderName` it would copy the name into a new buffer for that on every request.
+mod wire {
+    use bytes::Bytes;
+    pub const X_FORWARDED_FOR: Bytes = Bytes::from_static(b"x-forwarded-for");
+    pub const X_FORWARDED_PROTO: Bytes = Bytes::from_static(b"x-forwarded-proto");
+    pub const X_FORWARDED_HOST: Bytes = Bytes::from_static(b"x-forwarded-host");
+    pub const X_FORWARDED_PORT: Bytes = Bytes::from_static(b"x-forwarded-port");
+    pub const X_REAL_IP: Bytes = Bytes::from_static(b"x-real-ip");
+    pub const FORWARDED: Bytes = Bytes::from_static(b"forwarded");
+}
+
+/// `X-Forwarded-Port` of the last listener port seen on this thread: a listener's port is
+/// the same on every request, so its header value is made once.
+fn port_value(port: u16) -> HeaderValue {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(u16, HeaderValue)>> = const { std::cell::RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| match last {
+        Some((p, value)) if *p == port => value.clone(),
+        _ => {
+            let value = HeaderValue::from(port);
+            *last = Some((port, value.clone()));
+            value
+        }
+    })
+}
 
 /// Sets the forwarding headers of the upstream request. A client's own claims were removed
 /// when its request arrived (`edge::headers`); what a trusted proxy sent is kept and
@@ -208,7 +261,6 @@ pub fn set_headers(
     client: &Client,
     upstream_request: &mut RequestHeader,
 ) -> Result<()> {
-    let peer = client.peer.map(|p| p.to_string()).unwrap_or_default();
     let trusted = client.via_trusted_proxy;
     let prior = |req: &RequestHeader, name: &HeaderName| {
         req.headers
@@ -218,15 +270,31 @@ pub fn set_headers(
             .map(str::to_owned)
     };
 
-    let xff = match prior(upstream_request, &X_FORWARDED_FOR) {
-        Some(prior) => format!("{prior}, {peer}"),
-        None => peer,
+    // Unless the peer is a trusted proxy, the client is the peer: one value for both headers.
+    let real_ip = HeaderValue::from_str(&client.addr)
+        .explain_err(ErrorType::InvalidHTTPHeader, |_| "client address")?;
+    // The peer as text: the client's own text unless the peer is a trusted proxy.
+    let peer_text = || match (trusted, client.peer) {
+        (true, Some(peer)) => ip_text(peer),
+        (true, None) => String::new(),
+        (false, _) => client.addr.clone(),
     };
-    upstream_request.insert_header(X_FORWARDED_FOR.clone(), xff)?;
-    upstream_request.insert_header(X_REAL_IP.clone(), client.addr.as_str())?;
+    let xff = match prior(upstream_request, &X_FORWARDED_FOR) {
+        Some(prior) => {
+            let peer = peer_text();
+            HeaderValue::try_from(format!("{prior}, {peer}"))
+                .explain_err(ErrorType::InvalidHTTPHeader, |_| "X-Forwarded-For")?
+        }
+        None if trusted => HeaderValue::try_from(peer_text())
+            .explain_err(ErrorType::InvalidHTTPHeader, |_| "X-Forwarded-For")?,
+        None => real_ip.clone(),
+    };
+    upstream_request.insert_header(wire::X_FORWARDED_FOR, xff)?;
+    upstream_request.insert_header(wire::X_REAL_IP, real_ip)?;
 
     let tls = is_tls(session);
     let proto = if tls { "https" } else { "http" };
+    let proto_value = HeaderValue::from_static(proto);
     let host = session
         .req_header()
         .headers
@@ -234,10 +302,10 @@ pub fn set_headers(
         .cloned();
     let keep = |req: &RequestHeader, name: &HeaderName| trusted && req.headers.contains_key(name);
     if !keep(upstream_request, &X_FORWARDED_PROTO) {
-        upstream_request.insert_header(X_FORWARDED_PROTO.clone(), proto)?;
+        upstream_request.insert_header(wire::X_FORWARDED_PROTO, proto_value)?;
     }
     if let (false, Some(host)) = (keep(upstream_request, &X_FORWARDED_HOST), &host) {
-        upstream_request.insert_header(X_FORWARDED_HOST.clone(), host)?;
+        upstream_request.insert_header(wire::X_FORWARDED_HOST, host)?;
     }
     if !keep(upstream_request, &X_FORWARDED_PORT) {
         if let Some(port) = session
@@ -245,7 +313,7 @@ pub fn set_headers(
             .and_then(|a| a.as_inet())
             .map(|a| a.port())
         {
-            upstream_request.insert_header(X_FORWARDED_PORT.clone(), HeaderValue::from(port))?;
+            upstream_request.insert_header(wire::X_FORWARDED_PORT, port_value(port))?;
         }
     }
 
@@ -254,14 +322,19 @@ pub fn set_headers(
         Some(prior) => format!("{prior}, {element}"),
         None => element,
     };
-    upstream_request.insert_header(FORWARDED.clone(), forwarded)?;
+    upstream_request.insert_header(wire::FORWARDED, forwarded)?;
     Ok(())
 }
 
 /// One RFC 7239 element: `for=192.0.2.1;host="api.example.com";proto=https`.
 fn forwarded_element(peer: Option<IpAddr>, host: Option<&HeaderValue>, proto: &str) -> String {
     let mut element = match peer {
-        Some(IpAddr::V4(ip)) => format!("for={ip}"),
+        Some(IpAddr::V4(ip)) => {
+            let mut element = String::with_capacity(64);
+            element.push_str("for=");
+            push_ipv4(&mut element, ip);
+            element
+        }
         Some(IpAddr::V6(ip)) => format!("for=\"[{ip}]\""),
         None => "for=unknown".to_string(),
     };
@@ -281,6 +354,26 @@ fn forwarded_element(peer: Option<IpAddr>, host: Option<&HeaderValue>, proto: &s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "9.10.99.100",
+            "127.0.0.1",
+            "192.0.2.255",
+            "255.255.255.255",
+            "2001:db8::1",
+            "::1",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_text(ip), ip.to_string());
+        }
+        for n in [0u32, 1, 0x0a0b0c0d, 0x7f000001, 0xc0a80164, u32::MAX] {
+            let ip = IpAddr::V4(n.into());
+            assert_eq!(ip_text(ip), ip.to_string());
+        }
+    }
 
     fn trusted(nets: &[&str]) -> TrustedProxies {
         let nets: Vec<ProxyNet> = nets

@@ -59,11 +59,26 @@ impl LimitsConfig {
     }
 }
 
+/// The length of `value` as text, counted without writing it anywhere.
+fn display_len(value: &impl std::fmt::Display) -> usize {
+    struct Count(usize);
+    impl std::fmt::Write for Count {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            self.0 += s.len();
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Counting never fails.
+    let _ = std::fmt::write(&mut count, format_args!("{value}"));
+    count.0
+}
+
 impl Limits {
     /// Checks what is known from the header alone: its own size and a declared body length.
     pub fn check_header(&self, req: &RequestHeader) -> Option<(StatusCode, &'static str)> {
         let header_size: usize = req.method.as_str().len()
-            + req.uri.to_string().len()
+            + display_len(&req.uri)
             + req
                 .headers
                 .iter()
@@ -99,6 +114,19 @@ impl Limits {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn a_target_is_measured_as_it_is_written() {
+        for target in [
+            "/",
+            "/users/1?a=b&c=%20",
+            "http://example.com:8080/x?y",
+            "*",
+        ] {
+            let uri: http::Uri = target.parse().unwrap();
+            assert_eq!(display_len(&uri), uri.to_string().len(), "{target}");
+        }
+    }
 
     /// The top-level `limits` and each service's, from a config file's text.
     #[derive(Deserialize)]

@@ -3,6 +3,7 @@
 //! responses: headers the gateway adds unless the upstream set them, and headers that leak
 //! implementation details removed.
 
+use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue};
 use pingora::http::ResponseHeader;
 use serde::Deserialize;
@@ -48,10 +49,30 @@ impl Default for SecurityHeadersConfig {
 #[derive(Debug, Clone, Default)]
 pub struct SecurityHeaders {
     /// Added unless the response has them.
-    add: Vec<(HeaderName, HeaderValue)>,
+    add: Vec<Added>,
     /// Added on TLS listeners only, unless the response has it.
-    hsts: Option<HeaderValue>,
+    hsts: Option<Added>,
     remove: Vec<HeaderName>,
+}
+
+/// A header to add, with its name also as the bytes written on the wire: Pingora keeps each
+/// name's case beside the header map and would otherwise copy the name into a new buffer on
+/// every response.
+#[derive(Debug, Clone)]
+struct Added {
+    name: HeaderName,
+    wire_name: Bytes,
+    value: HeaderValue,
+}
+
+impl Added {
+    fn new(name: HeaderName, value: HeaderValue) -> Added {
+        Added {
+            wire_name: Bytes::copy_from_slice(name.as_str().as_bytes()),
+            name,
+            value,
+        }
+    }
 }
 
 impl SecurityHeadersConfig {
@@ -89,10 +110,11 @@ impl SecurityHeadersConfig {
             ),
         ] {
             if let Some(v) = value(field, v)? {
-                add.push((name, v));
+                add.push(Added::new(name, v));
             }
         }
-        let hsts = value("hsts", &cfg.hsts)?;
+        let hsts =
+            value("hsts", &cfg.hsts)?.map(|v| Added::new(header::STRICT_TRANSPORT_SECURITY, v));
         let remove = cfg
             .remove
             .iter()
@@ -114,15 +136,11 @@ impl SecurityHeaders {
         for name in &self.remove {
             resp.remove_header(name);
         }
-        let hsts = self
-            .hsts
-            .as_ref()
-            .filter(|_| tls)
-            .map(|v| (&header::STRICT_TRANSPORT_SECURITY, v));
-        for (name, value) in self.add.iter().map(|(n, v)| (n, v)).chain(hsts) {
-            if !resp.headers.contains_key(name) {
-                // Typed name and value: inserting cannot fail.
-                let _ = resp.insert_header(name.clone(), value.clone());
+        let hsts = self.hsts.as_ref().filter(|_| tls);
+        for added in self.add.iter().chain(hsts) {
+            if !resp.headers.contains_key(&added.name) {
+                // A valid name and value: inserting cannot fail.
+                let _ = resp.insert_header(added.wire_name.clone(), added.value.clone());
             }
         }
     }

@@ -303,8 +303,17 @@ where
 /// `from` is how much was already scanned. Bare `\n` line ends are accepted, as Pingora's
 /// parser does.
 fn header_complete(buf: &[u8], from: usize) -> bool {
-    let tail = &buf[from.saturating_sub(3)..];
-    tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n")
+    // One pass from line end to line end (the header is scanned once per read).
+    let mut at = from.saturating_sub(3);
+    while let Some(n) = buf[at..].iter().position(|&b| b == b'\n') {
+        let end = at + n;
+        match buf.get(end + 1) {
+            Some(b'\n') => return true,
+            Some(b'\r') if buf.get(end + 2) == Some(&b'\n') => return true,
+            _ => at = end + 1,
+        }
+    }
+    false
 }
 
 /// Whether `bytes`, the start of a connection, could be the HTTP/2 preface.
@@ -409,6 +418,10 @@ mod tests {
         for split in 1..whole.len() {
             assert!(header_complete(whole, split), "split at {split}");
         }
+        assert!(!header_complete(b"GET / HTTP/1.1\r\nHost: a\r\n\r", 0));
+        assert!(!header_complete(b"\r\n\r", 0));
+        assert!(header_complete(b"\n\n", 0));
+        assert!(!header_complete(b"", 0));
     }
 
     #[test]

@@ -1,0 +1,198 @@
+#!/usr/bin/env bash
+# Instructions (or heap allocations) per proxied request, counted by valgrind: deterministic
+# where wall-clock CPU on a shared machine is not, so that steps of a few percent show.
+#
+#   loadtest/instructions.sh [--requests 10000] [--warmup 500] [--connections 16]
+#                            [--only pingora,pingora-front,breakwater] [--tool callgrind|dhat]
+#                            [--annotate 25] [--list]
+#
+# Each target runs twice under valgrind (callgrind: instructions; dhat: heap blocks), each run
+# started afresh: h2load --h1 sends WARMUP requests, then --connections more (the pool of
+# upstream connections is warm, connection set-up is counted alike), and in the second run
+# REQUESTS more besides. (count of run 2 - count of run 1) / REQUESTS is the cost of one
+# keep-alive request, start-up, shutdown and connection set-up cancelled out.
+# --tool dhat builds with `--features heap-profiling` (the system allocator, which dhat sees;
+# mimalloc hides the allocations) and restores the normal build afterwards (with BUILD=0 it
+# takes the binaries in LT_BIN, default target/release, to be such a build).
+# --annotate N writes the top N functions by self instructions per request (inlined code counts
+# where it was inlined; the difference of the two runs' callgrind_annotate, divided by REQUESTS)
+# per target to results/instructions-<target>.txt (0: none).
+# Upstream: nginx `return 200` (as bench.sh), or sample-service. Loopback only, ephemeral ports;
+# everything started is stopped on exit. Writes results/instructions-latest.md.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+ALL_TARGETS=(pingora pingora-front breakwater)
+REQUESTS=10000 WARMUP=500 CONNECTIONS=16 ONLY="" TOOL=callgrind ANNOTATE=25
+while (($#)); do
+  case $1 in
+    --requests) REQUESTS=$2; shift 2 ;;
+    --warmup) WARMUP=$2; shift 2 ;;
+    --connections) CONNECTIONS=$2; shift 2 ;;
+    --only) ONLY=",$2,"; shift 2 ;;
+    --tool) TOOL=$2; shift 2 ;;
+    --annotate) ANNOTATE=$2; shift 2 ;;
+    --list) printf '%s\n' "${ALL_TARGETS[@]}"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) die "unknown argument $1 (see --help)" ;;
+  esac
+done
+[[ $TOOL == callgrind || $TOOL == dhat ]] || die "--tool callgrind|dhat"
+[[ $REQUESTS =~ ^[1-9][0-9]*$ && $WARMUP =~ ^[0-9]+$ && $CONNECTIONS =~ ^[1-9][0-9]*$ ]] ||
+  die "--requests, --warmup and --connections take numbers"
+if [[ -n $ONLY ]]; then
+  for t in ${ONLY//,/ }; do [[ " ${ALL_TARGETS[*]} " == *" $t "* ]] || die "unknown target $t (see --list)"; done
+fi
+selected() { [[ -z $ONLY || $ONLY == *",$1,"* ]]; }
+command -v valgrind >/dev/null || die "valgrind is not installed (apt-get install -y valgrind)"
+command -v h2load >/dev/null || die "h2load is not installed (apt-get install -y nghttp2-client)"
+
+lt_init
+BIN="$LT_BIN"
+if [[ $TOOL == dhat && ${BUILD:-1} == 0 ]]; then
+  log "BUILD=0: taking $LT_BIN to be a heap-profiling build"
+  lt_build examples
+elif [[ $TOOL == dhat ]]; then
+  # The heap-profiling build replaces the binaries in target/release: copy it aside, then
+  # put the normal build back (cargo keeps both in deps/, so that is a relink at most).
+  log "cargo build --release --bins --examples --features heap-profiling"
+  (cd "$LT_ROOT" && cargo build --release --bins --examples --features heap-profiling --quiet) ||
+    die "build failed"
+  BIN="$LT_TMP/bin"
+  mkdir -p "$BIN/examples"
+  cp "$LT_BIN/breakwater" "$LT_BIN/sample-service" "$BIN/"
+  cp "$LT_BIN/examples/bare_pingora" "$BIN/examples/"
+  (cd "$LT_ROOT" && cargo build --release --bins --examples --quiet) || die "build failed"
+else
+  lt_build examples
+fi
+
+BODY='{"id":1,"name":"Ada Lovelace","email":"ada.1@example.com","service":"users"}'
+NGINX="$(find_nginx)"
+if [[ -n $NGINX ]]; then
+  UP_PORT=$(free_port)
+  nginx_conf "$LT_TMP/upstream" "server {
+    listen 127.0.0.1:$UP_PORT;
+    access_log off;
+    location / { default_type application/json; return 200 '$BODY'; }
+  }"
+  start_nginx "$LT_TMP/upstream"
+  UPSTREAM="127.0.0.1:$UP_PORT" UPSTREAM_DESC="nginx \`return 200\` of a ${#BODY}-byte JSON body"
+else
+  start_sample users 0
+  UPSTREAM=$SAMPLE_ADDR UPSTREAM_DESC="sample-service"
+fi
+wait_http "http://$UPSTREAM/users/1"
+
+# h2load_n URL N: N keep-alive HTTP/1.1 requests over CONNECTIONS connections; all must be 2xx.
+h2load_n() {
+  local out
+  out=$(h2load --h1 -n "$2" -c "$CONNECTIONS" -m 1 "$1" 2>&1) || die "h2load failed: $out"
+  [[ $out == *"$2 succeeded"* && $out == *"status codes: $2 2xx"* ]] ||
+    die "h2load: not all $2 requests succeeded: $(grep -E 'requests:|status codes' <<<"$out")"
+}
+
+# run TARGET EXTRA: one valgrind run of TARGET with WARMUP + CONNECTIONS + EXTRA requests; prints
+# the count (instructions or heap blocks) of the whole process.
+run() {
+  local name=$1 extra=$2 dir="$LT_TMP/$1-$2" port admin url ready pid out vg
+  mkdir -p "$dir"
+  port=$(free_port)
+  url="http://127.0.0.1:$port/users/1"
+  if [[ $TOOL == callgrind ]]; then
+    out="$dir/callgrind.out"
+    vg=(valgrind --tool=callgrind --callgrind-out-file="$out" --log-file="$dir/valgrind.log")
+  else
+    out="$dir/dhat.out"
+    vg=(valgrind --tool=dhat --dhat-out-file="$out" --log-file="$dir/valgrind.log")
+  fi
+  case $name in
+    pingora|pingora-front)
+      local front=0
+      [[ $name == pingora-front ]] && front=1
+      BARE_FRONT=$front "${vg[@]}" "$BIN/examples/bare_pingora" "127.0.0.1:$port" "$UPSTREAM" 1 \
+        >"$dir/stdout" 2>"$dir/stderr" &
+      pid=$!
+      ready=$url
+      ;;
+    breakwater)
+      admin=$(free_port)
+      breakwater_conf "$dir/breakwater.yaml" "$port" "$admin" "$UPSTREAM" 1
+      # Health checks are background work paced by the clock, and valgrind slows the process
+      # some 50 times: at the bench's 5 s they would add a varying share to each request.
+      sed -i 's/interval: 5s/interval: 1h/' "$dir/breakwater.yaml"
+      "${vg[@]}" "$BIN/breakwater" -c "$dir/breakwater.yaml" >"$dir/access.log" 2>"$dir/stderr" &
+      pid=$!
+      ready="http://127.0.0.1:$admin/ready"
+      ;;
+  esac
+  track "$pid"
+  wait_http "$ready" 120
+  ((WARMUP > 0)) && h2load_n "$url" "$WARMUP"
+  h2load_n "$url" $((CONNECTIONS + extra))
+  # SIGINT: Pingora's fast shutdown; valgrind writes its output as the process exits.
+  kill -INT "$pid"
+  for _ in $(seq 600); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -0 "$pid" 2>/dev/null && die "$name did not exit within 60 s of SIGINT"
+  wait "$pid" 2>/dev/null || true
+  untrack "$pid"
+  if [[ $TOOL == callgrind ]]; then
+    [[ -s $out ]] || die "$name: no callgrind output (see $dir/valgrind.log)"
+    awk '/^(summary|totals):/ {print $2; exit}' "$out"
+    if ((ANNOTATE > 0)); then
+      callgrind_annotate --auto=no --inclusive=no --threshold=100 "$out" \
+        >"$LT_TMP/annotate-$name-$extra.txt" 2>/dev/null
+    fi
+  else
+    # dhat's summary line: "Total:     1,234 bytes in 56 blocks".
+    sed -n 's/.*Total: *[0-9,]* bytes in \([0-9,]*\) blocks.*/\1/p' "$dir/valgrind.log" | tr -d , |
+      head -1 | grep . || die "$name: no dhat total (see $dir/valgrind.log)"
+  fi
+}
+
+declare -A PER
+TARGETS=()
+for t in "${ALL_TARGETS[@]}"; do
+  selected "$t" || continue
+  TARGETS+=("$t")
+  log "$t: $TOOL, $WARMUP + $CONNECTIONS requests"
+  base=$(run "$t" 0)
+  log "$t: $TOOL, $WARMUP + $CONNECTIONS + $REQUESTS requests"
+  more=$(run "$t" "$REQUESTS")
+  PER[$t]=$(awk -v a="$base" -v b="$more" -v n="$REQUESTS" 'BEGIN{printf "%.1f", (b - a) / n}')
+  if [[ $TOOL == callgrind ]] && ((ANNOTATE > 0)); then
+    python3 "$LT_DIR/callgrind_diff.py" --top "$ANNOTATE" "$LT_TMP/annotate-$t-0.txt" \
+      "$LT_TMP/annotate-$t-$REQUESTS.txt" "$REQUESTS" >"$LT_DIR/results/instructions-$t.txt"
+  fi
+  log "$t: $base -> $more: ${PER[$t]} per request"
+done
+
+UNIT="instructions (Ir)"
+[[ $TOOL == dhat ]] && UNIT="heap allocations (blocks)"
+REV="$(git -C "$LT_ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+[[ -n "$(git -C "$LT_ROOT" status --porcelain -- src Cargo.toml Cargo.lock examples patches 2>/dev/null)" ]] &&
+  REV+=" (with uncommitted changes)"
+REPORT="$LT_DIR/results/instructions-latest.md"
+[[ $TOOL == dhat ]] && REPORT="$LT_DIR/results/allocations-latest.md"
+{
+  echo "## $UNIT per request"
+  echo
+  echo "- machine: $(machine_line)"
+  echo "- tree: $REV, $( [[ $TOOL == dhat ]] && echo 'release build with the system allocator (heap-profiling)' || echo 'release build')"
+  echo "- valgrind --tool=$TOOL; h2load --h1 -c$CONNECTIONS, $WARMUP warm-up requests; per request = (run with $REQUESTS more requests - run without) / $REQUESTS"
+  echo "- upstream: $UPSTREAM_DESC; GET /users/1, keep-alive; 1 worker thread"
+  echo
+  echo "| target | $UNIT per request | ÷ pingora |"
+  echo "|---|---:|---:|"
+  for t in "${TARGETS[@]}"; do
+    r=$(awk -v a="${PER[$t]}" -v b="${PER[pingora]:-}" 'BEGIN{ if (b+0 > 0) printf "%.3fx", a / b; else print "n/a" }')
+    echo "| $t | ${PER[$t]} | $r |"
+  done
+  echo
+  echo "- **pingora**: examples/bare_pingora.rs (only \`upstream_peer\`)"
+  echo "- **pingora-front**: the same behind Breakwater's connection front (server::front: whole-header deadline, idle wait without a buffer, connection count)"
+  echo "- **breakwater**: the bench's config: routing (2 services), breaker, health checks (every hour here, not 5 s: valgrind's slowdown would make them a varying share of each request), metrics, JSON access log"
+} >"$LT_TMP/report.md"
+cp "$LT_TMP/report.md" "$REPORT"
+cat "$REPORT"
+log "written to ${REPORT#"$LT_ROOT"/}"
