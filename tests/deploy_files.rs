@@ -43,6 +43,10 @@ const KNOWN_METRICS: &[&str] = &[
     "breakwater_jwt_signature_checks_total",
     "breakwater_jwt_verified_cache_total",
     "breakwater_jwks_refresh_total",
+    // Response compression (edge::compression).
+    "breakwater_compressed_responses_total",
+    "breakwater_compression_input_bytes_total",
+    "breakwater_compression_output_bytes_total",
 ];
 
 /// The alerts that `deploy/prometheus/alerts.yml` must define.

@@ -50,6 +50,7 @@ pub use redis_store::RedisBackend;
 pub use respond::Served;
 
 use crate::clock::{millis, Clock};
+use crate::edge::compression;
 use crate::redis::Redis;
 use crate::routing::request_host;
 use backend::metrics;
@@ -827,7 +828,7 @@ impl CacheState {
             .flatten()
             .and_then(|lifetime| Some((lifetime, policy::vary_names(&resp.headers)?)))
             .filter(|_| fits());
-        let Some((lifetime, names)) = decision else {
+        let Some((lifetime, mut names)) = decision else {
             if let Some(guard) = m.guard.take() {
                 guard.publish(FlightState::NotStored);
             }
@@ -838,6 +839,13 @@ impl CacheState {
             }
             return;
         };
+        if policy::is_encoded(&resp.headers) && !names.contains(&header::ACCEPT_ENCODING) {
+            // The upstream encoded it for this client's `Accept-Encoding`, said so or not: a
+            // client that does not accept the coding must never get this copy.
+            compression::vary_on_accept_encoding(resp);
+            names.push(header::ACCEPT_ENCODING);
+            names.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+        }
         let vary = names
             .iter()
             .map(|n| (n.clone(), entry::joined_values(&req.headers, n)))

@@ -163,6 +163,17 @@ pub fn vary_names(resp: &HeaderMap) -> Option<Vec<HeaderName>> {
     Some(out)
 }
 
+/// Whether a response with these headers is in a content coding (a `Content-Encoding` other
+/// than `identity`).
+pub fn is_encoded(resp: &HeaderMap) -> bool {
+    resp.get_all(header::CONTENT_ENCODING).iter().any(|v| {
+        v.as_bytes()
+            .split(|b| *b == b',')
+            .map(<[u8]>::trim_ascii)
+            .any(|c| !c.is_empty() && !c.eq_ignore_ascii_case(b"identity"))
+    })
+}
+
 /// The response headers worth replaying: not hop-by-hop, not recomputed on serving
 /// (`Content-Length`, `Age`, `X-Cache`), not about one request (`X-Request-Id`, rate-limit
 /// counters).
@@ -449,6 +460,15 @@ mod tests {
             "DELETE"
         )])));
         assert!(request_bypasses(&hm(&[("X-Method-Override", "POST")])));
+    }
+
+    #[test]
+    fn encoded_means_a_coding_other_than_identity() {
+        assert!(is_encoded(&hm(&[("content-encoding", "gzip")])));
+        assert!(is_encoded(&hm(&[("content-encoding", "identity, br")])));
+        assert!(!is_encoded(&hm(&[("content-encoding", "Identity")])));
+        assert!(!is_encoded(&hm(&[("content-encoding", "")])));
+        assert!(!is_encoded(&hm(&[])));
     }
 
     #[test]

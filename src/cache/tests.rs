@@ -657,6 +657,43 @@ async fn authenticated_requests_bypass_a_shared_key_and_users_never_share_entrie
 }
 
 #[tokio::test]
+async fn an_encoded_response_varies_on_accept_encoding_whether_or_not_it_says_so() {
+    let f = fixture();
+    let svc = f.service("t_enc", "{}", false);
+    let gzip = req("GET", "/page", &[("accept-encoding", "gzip")]);
+    let mut s = forward(look(&svc, &gzip).await);
+    let sent = respond(
+        &mut s,
+        &gzip,
+        resp(200, &[("content-encoding", "gzip"), ("vary", "Origin")]),
+        "gz",
+    );
+    drop(s);
+    f.settle().await;
+    // The client hears it too, in the upstream's Vary line.
+    assert_eq!(header(&sent, "vary"), Some("Origin, Accept-Encoding"));
+    let Some(Stored::Variants(index)) = f.stored(&key("t_enc", "/page")).await else {
+        panic!("stored as a variant")
+    };
+    assert_eq!(index.names, [header::ACCEPT_ENCODING, header::ORIGIN]);
+    assert_eq!(&hit(look(&svc, &gzip).await).body[..], b"gz");
+    for other in [
+        req("GET", "/page", &[]),
+        req("GET", "/page", &[("accept-encoding", "br")]),
+        req("GET", "/page", &[("accept-encoding", "gzip;q=0")]),
+    ] {
+        forward(look(&svc, &other).await);
+    }
+    // `identity` is no coding: stored for everyone.
+    let plain = req("GET", "/plain", &[("accept-encoding", "gzip")]);
+    fill(&f, &svc, &plain, &[("content-encoding", "identity")], "p").await;
+    assert_eq!(
+        &hit(look(&svc, &req("GET", "/plain", &[])).await).body[..],
+        b"p"
+    );
+}
+
+#[tokio::test]
 async fn every_vary_variant_is_kept_under_its_own_key_up_to_max_variants() {
     let cfg = CacheConfig {
         max_variants: 2,

@@ -5,6 +5,7 @@
 
 use crate::cache::{CacheConfig, ServiceCacheConfig};
 use crate::edge::auth::{AuthConfig, AuthMode};
+use crate::edge::compression::CompressionConfig;
 use crate::edge::cors::CorsConfig;
 use crate::edge::forwarded::ProxyNet;
 use crate::edge::headers::Underscores;
@@ -303,6 +304,10 @@ pub struct ServiceConfig {
     /// Cache `GET`/`HEAD` responses. Default: none (not cached).
     #[serde(default)]
     pub cache: Option<ServiceCacheConfig>,
+    /// Compress responses for clients that accept it. Default: none (sent as the upstream
+    /// sent them).
+    #[serde(default)]
+    pub compression: Option<CompressionConfig>,
 }
 
 /// A listen address, `ip:port` (no host names: listeners bind to an interface).

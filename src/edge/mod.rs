@@ -3,10 +3,11 @@
 //! ([`path`]), its headers cleaned ([`headers`]), its client's address and the forwarding
 //! headers that tell the upstream about it ([`forwarded`]); then size limits ([`limits`]),
 //! CORS ([`cors`]), authentication ([`auth`]), per-client rate limits ([`rate_limit`]) and
-//! response security headers ([`security_headers`]); and the certificates of TLS listeners
-//! ([`tls`]).
+//! response security headers ([`security_headers`]) and compression ([`compression`]); and the
+//! certificates of TLS listeners ([`tls`]).
 
 pub mod auth;
+pub mod compression;
 pub mod cors;
 pub mod forwarded;
 pub mod headers;

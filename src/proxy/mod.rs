@@ -20,6 +20,7 @@ pub use context::RequestCtx;
 
 use crate::cache::{CacheState, Lookup, Refresh};
 use crate::edge::auth::{self, AuthMode};
+use crate::edge::compression::{ResponseCompression, ResponseCompressionBuilder};
 use crate::edge::cors::Preflight;
 use crate::edge::forwarded::{self, is_tls, Client};
 use crate::edge::limits::BODY_TOO_LARGE;
@@ -35,6 +36,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use context::{Attempt, AttemptEvent, Forwarding};
 use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::modules::http::HttpModules;
 use pingora::prelude::HttpPeer;
 use pingora::proxy::subrequest::Ctx as SubrequestCtx;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -60,6 +62,12 @@ impl ProxyHttp for Gateway {
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx::new(Arc::clone(&self.runtime.security_headers))
+    }
+
+    /// Breakwater's compression module in place of Pingora's (which the default adds,
+    /// disabled): one module per request either way.
+    fn init_downstream_modules(&self, modules: &mut HttpModules) {
+        modules.add_module(ResponseCompressionBuilder::module());
     }
 
     /// The cache refreshes stale entries through subrequests of this same pipeline.
@@ -96,6 +104,7 @@ impl ProxyHttp for Gateway {
                 .send(session, ctx)
                 .await;
         };
+        arm_compression(session, &service);
         // Each step either lets the request on or answers it here, in this order: the rate
         // limit when it needs no identity (first, so every request refused below counts, and
         // a flood of bad tokens is cut off before their signatures are checked), ambiguous
@@ -491,6 +500,24 @@ fn begin(session: &mut Session, ctx: &mut RequestCtx) {
         Some(v) if request_id::is_well_formed(v) => v.clone(),
         _ => request_id::new(),
     };
+}
+
+/// Every answer from here on (a cached copy included) is compressed as the service says. A
+/// cache refresh answers nobody: nothing to compress.
+fn arm_compression(session: &mut Session, service: &Service) {
+    let Some(policy) = &service.compression else {
+        return;
+    };
+    if session.subrequest_ctx.is_some() {
+        return;
+    }
+    let (req, modules) = (
+        session.downstream_session.req_header(),
+        &mut session.downstream_modules_ctx,
+    );
+    if let Some(module) = modules.get_mut::<ResponseCompression>() {
+        module.arm(policy, req);
+    }
 }
 
 /// Size limits known from the header alone.

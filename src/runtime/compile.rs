@@ -13,6 +13,7 @@ use crate::config::{
     AdminConfig, AdminToken, Config, ConfigError, ListenAddr, ServerConfig, ServiceConfig, Source,
 };
 use crate::edge::auth::{AuthCompileError, AuthMode, Authenticator, ServiceAuth};
+use crate::edge::compression::{CompressionConfig, CompressionPolicy};
 use crate::edge::cors::{Cors, CorsConfig};
 use crate::edge::forwarded::TrustedProxies;
 use crate::edge::headers::HeaderRules;
@@ -88,6 +89,7 @@ pub(super) struct CompiledService {
     pub(super) cors: Option<Cors>,
     pub(super) rate_limit: Option<RateLimitPolicy>,
     pub(super) cache: Option<ServiceCachePolicy>,
+    pub(super) compression: Option<Arc<CompressionPolicy>>,
 }
 
 impl Compiled {
@@ -294,6 +296,13 @@ fn compile_service(
         .map(|rl| rl.compile(name, shared.redis))
         .transpose()
         .map_err(at(".rate_limit"))?;
+    let compression = svc
+        .compression
+        .as_ref()
+        .map(CompressionConfig::compile)
+        .transpose()
+        .map_err(at(".compression"))?
+        .map(Arc::new);
     let fallback = svc.fallback.compile(name).map_err(below)?;
     check_retries(svc.retries).map_err(at(".retries"))?;
     svc.timeouts.check().map_err(at(".timeouts"))?;
@@ -314,5 +323,6 @@ fn compile_service(
             .cache
             .as_ref()
             .map(|c| c.compile(svc.auth != AuthMode::None)),
+        compression,
     })
 }

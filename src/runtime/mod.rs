@@ -14,6 +14,7 @@ pub use compile::{compile, prepare, Compiled, ConnectionLimits};
 use crate::cache::{ResponseCache, ServiceCache};
 use crate::clock::{Clock, MonotonicClock};
 use crate::edge::auth::{self, Authenticator, ServiceAuth};
+use crate::edge::compression::{self, CompressionPolicy};
 use crate::edge::cors::Cors;
 use crate::edge::forwarded::TrustedProxies;
 use crate::edge::headers::HeaderRules;
@@ -80,6 +81,8 @@ pub struct Service {
     pub cors: Option<Cors>,
     pub rate_limit: Option<RateLimiter>,
     pub cache: Option<ServiceCache>,
+    /// Response compression, when the service has a `compression` section.
+    pub compression: Option<Arc<CompressionPolicy>>,
     pub metrics: ServiceMetrics,
 }
 
@@ -92,6 +95,9 @@ impl Compiled {
         auth::register_metrics();
         if self.redis.is_some() {
             redis::register_metrics();
+        }
+        if self.services.iter().any(|s| s.compression.is_some()) {
+            compression::register_metrics();
         }
         let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
         let mut services = Vec::with_capacity(self.services.len());
@@ -156,6 +162,7 @@ fn install_service(
             .cache
             .zip(cache)
             .map(|(policy, cache)| ServiceCache::new(&s.name, policy, Arc::clone(cache))),
+        compression: s.compression,
         metrics: ServiceMetrics::new(&s.name),
         name: s.name,
     };
