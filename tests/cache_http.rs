@@ -640,10 +640,11 @@ fn stale_while_revalidate_serves_at_once_and_refreshes_once(backend: Backend) {
         2,
         "one refresh for twenty stale answers"
     );
-    assert_eq!(
-        s.origin.conditional(),
-        1,
-        "the refresh was a conditional request"
+    let refresh = s.origin.last_seen();
+    assert!(
+        refresh.headers.contains_key("if-none-match")
+            || refresh.headers.contains_key("if-modified-since"),
+        "the refresh was a conditional request: {refresh:?}"
     );
     assert_eq!(
         s.gw.metric(
