@@ -37,15 +37,7 @@ struct StreamServer {
 
 impl StreamServer {
     fn start() -> StreamServer {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
+        let (runtime, listener, addr) = common::tokio_upstream_listener();
         let requests = Arc::new(AtomicU64::new(0));
         let go = Arc::new(Semaphore::new(0));
         let (count, gate) = (Arc::clone(&requests), Arc::clone(&go));

@@ -34,15 +34,7 @@ struct H2Server {
 
 impl H2Server {
     fn start(tls: bool) -> H2Server {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
+        let (runtime, listener, addr) = common::tokio_upstream_listener();
         let acceptor = tls.then(|| {
             let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).unwrap();
             b.set_certificate_chain_file(fixture("tls_cert.pem"))

@@ -806,3 +806,19 @@ fn parse_raw_response(buf: &[u8]) -> Option<RawResponse> {
         body,
     })
 }
+
+/// A one-worker tokio runtime and a listener on an ephemeral loopback port, with its
+/// address: the start of every upstream a test writes with hyper. Keep the runtime alive as
+/// long as the upstream must serve.
+pub fn tokio_upstream_listener() -> (tokio::runtime::Runtime, tokio::net::TcpListener, String) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind a loopback port");
+    let addr = listener.local_addr().expect("local address").to_string();
+    (runtime, listener, addr)
+}
