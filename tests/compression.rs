@@ -13,74 +13,18 @@
 mod common;
 
 use bytes::Bytes;
-use common::{is_listening, poll_until, run_check, Gateway};
+use common::{is_listening, poll_until, run_check, GatedUpstream, Gateway};
 use http_body_util::channel::Channel;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
-
-/// The test upstream. Routes (query parameters in brackets):
-/// - `/api/text` [`size` (2000), `type` (`text/plain; charset=utf-8`), `cc`, `vary`, `ce`]:
-///   [`text`] of `size` bytes, with `ETag: "v1"` (answering a matching `If-None-Match` with
-///   `304`), `Accept-Ranges: bytes`, and a single `Range` answered `206`; `ce` sets a
-///   `Content-Encoding` the body does not have (the gateway must not touch it anyway);
-/// - `/api/upgzip`: gzip-encoded text to a client whose `Accept-Encoding` lists a plain
-///   `gzip`, plain text otherwise, `Cache-Control: public, max-age=60` and no `Vary` (a sloppy upstream);
-/// - `/api/events`: an event stream: `data: one`, then after [`Upstream::release`] the rest.
-struct Upstream {
-    addr: String,
-    requests: Arc<AtomicU64>,
-    go: Arc<Semaphore>,
-    _runtime: tokio::runtime::Runtime,
-}
-
-impl Upstream {
-    fn start() -> Upstream {
-        let (runtime, listener, addr) = common::tokio_upstream_listener();
-        let requests = Arc::new(AtomicU64::new(0));
-        let go = Arc::new(Semaphore::new(0));
-        let (count, gate) = (Arc::clone(&requests), Arc::clone(&go));
-        runtime.spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let (count, gate) = (Arc::clone(&count), Arc::clone(&gate));
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        count.fetch_add(1, Ordering::SeqCst);
-                        respond(req, Arc::clone(&gate))
-                    });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-        Upstream {
-            addr,
-            requests,
-            go,
-            _runtime: runtime,
-        }
-    }
-
-    fn release(&self) {
-        self.go.add_permits(1);
-    }
-
-    fn requests(&self) -> u64 {
-        self.requests.load(Ordering::SeqCst)
-    }
-}
 
 /// `size` bytes of repetitive text, the same for every request.
 fn text(size: usize) -> Vec<u8> {
@@ -100,6 +44,14 @@ fn full(bytes: Vec<u8>) -> Body {
     Full::new(Bytes::from(bytes)).boxed()
 }
 
+/// The test upstream's answers (a [`GatedUpstream`]). Routes (query parameters in brackets):
+/// - `/api/text` [`size` (2000), `type` (`text/plain; charset=utf-8`), `cc`, `vary`, `ce`]:
+///   [`text`] of `size` bytes, with `ETag: "v1"` (answering a matching `If-None-Match` with
+///   `304`), `Accept-Ranges: bytes`, and a single `Range` answered `206`; `ce` sets a
+///   `Content-Encoding` the body does not have (the gateway must not touch it anyway);
+/// - `/api/upgzip`: gzip-encoded text to a client whose `Accept-Encoding` lists a plain
+///   `gzip`, plain text otherwise, `Cache-Control: public, max-age=60` and no `Vary` (a sloppy upstream);
+/// - `/api/events`: an event stream: `data: one`, then after [`GatedUpstream::release`] the rest.
 async fn respond(
     req: Request<Incoming>,
     gate: Arc<Semaphore>,
@@ -187,7 +139,7 @@ async fn respond(
     })
 }
 
-fn gateway(up: &Upstream, service_extra: &str) -> Gateway {
+fn gateway(up: &GatedUpstream, service_extra: &str) -> Gateway {
     let gw = Gateway::start(&format!(
         r#"
 server: {{listen: ["${{LISTEN}}"], h2c: true}}
@@ -313,7 +265,7 @@ fn coding(got: &Got) -> Option<&str> {
 
 #[test]
 fn each_client_gets_a_coding_it_accepts_and_curl_decodes_it() {
-    let up = Upstream::start();
+    let up = GatedUpstream::start(respond);
     let gw = gateway(&up, "");
     let expected = text(2000);
 
@@ -391,7 +343,7 @@ fn each_client_gets_a_coding_it_accepts_and_curl_decodes_it() {
 
 #[test]
 fn what_is_left_alone() {
-    let up = Upstream::start();
+    let up = GatedUpstream::start(respond);
     let gw = gateway(&up, "");
     let gz = Some("gzip, br, zstd");
     let plain = |got: &Got, len: &str, why: &str| {
@@ -459,7 +411,7 @@ fn what_is_left_alone() {
 
 #[test]
 fn vary_is_merged_and_ranges_head_and_304_stay_right() {
-    let up = Upstream::start();
+    let up = GatedUpstream::start(respond);
     let gw = gateway(&up, "");
     let gz = Some("gzip");
 
@@ -540,7 +492,7 @@ fn vary_is_merged_and_ranges_head_and_304_stay_right() {
 
 #[test]
 fn an_event_stream_is_compressed_event_by_event() {
-    let up = Upstream::start();
+    let up = GatedUpstream::start(respond);
     let gw = gateway(&up, "");
     for c in ["gzip", "br", "zstd"] {
         let ae = format!("Accept-Encoding: {c}");
@@ -604,7 +556,7 @@ fn x_cache(got: &Got) -> Option<&str> {
 
 #[test]
 fn the_cache_serves_each_client_an_encoding_it_accepts() {
-    let up = Upstream::start();
+    let up = GatedUpstream::start(respond);
     let gw = gateway(&up, "    cache: {ttl: 1m}");
     let expected = text(2000);
 
@@ -679,7 +631,7 @@ fn the_cache_serves_each_client_an_encoding_it_accepts() {
 #[test]
 fn a_gzip_copy_is_not_served_to_a_client_without_gzip_even_as_the_only_one_stored() {
     // No compression on this service: the cache alone must keep the encodings apart.
-    let up = Upstream::start();
+    let up = GatedUpstream::start(respond);
     let raw = format!(
         "  raw:\n    routes: [{{path_prefix: /raw}}]\n    upstreams: [\"{}\"]\n    cache: {{ttl: 1m}}",
         up.addr

@@ -10,73 +10,24 @@
 mod common;
 
 use bytes::Bytes;
-use common::{is_listening, poll_until, Gateway};
+use common::{is_listening, poll_until, GatedUpstream, Gateway};
 use http_body_util::channel::Channel;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::io::Read;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
 
 /// A streaming upstream. Every response is `200` with `Cache-Control: public, max-age=60`
 /// and the `Content-Type` of its `type` query parameter (default `text/event-stream`); it
-/// sends `data: one`, waits for a [`StreamServer::release`], then sends `data: two` and
+/// sends `data: one`, waits for a [`GatedUpstream::release`], then sends `data: two` and
 /// `data: three` and ends, chunked.
-struct StreamServer {
-    addr: String,
-    requests: Arc<AtomicU64>,
-    go: Arc<Semaphore>,
-    _runtime: tokio::runtime::Runtime,
-}
-
-impl StreamServer {
-    fn start() -> StreamServer {
-        let (runtime, listener, addr) = common::tokio_upstream_listener();
-        let requests = Arc::new(AtomicU64::new(0));
-        let go = Arc::new(Semaphore::new(0));
-        let (count, gate) = (Arc::clone(&requests), Arc::clone(&go));
-        runtime.spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let (count, gate) = (Arc::clone(&count), Arc::clone(&gate));
-                tokio::spawn(async move {
-                    let svc =
-                        service_fn(move |req| respond(req, Arc::clone(&count), Arc::clone(&gate)));
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-        StreamServer {
-            addr,
-            requests,
-            go,
-            _runtime: runtime,
-        }
-    }
-
-    /// Lets one waiting (or the next) response send the rest of its body.
-    fn release(&self) {
-        self.go.add_permits(1);
-    }
-
-    fn requests(&self) -> u64 {
-        self.requests.load(Ordering::SeqCst)
-    }
-}
-
 async fn respond(
     req: Request<Incoming>,
-    count: Arc<AtomicU64>,
     gate: Arc<Semaphore>,
 ) -> Result<Response<Channel<Bytes>>, Infallible> {
-    count.fetch_add(1, Ordering::SeqCst);
     let content_type = req
         .uri()
         .query()
@@ -101,7 +52,7 @@ async fn respond(
 }
 
 /// A `feed` service with the response cache on.
-fn gateway(up: &StreamServer) -> Gateway {
+fn gateway(up: &GatedUpstream) -> Gateway {
     let gw = Gateway::start(&format!(
         r#"
 server: {{listen: ["${{LISTEN}}"]}}
@@ -165,7 +116,7 @@ fn x_cache(resp: &reqwest::blocking::Response) -> String {
 
 #[test]
 fn server_sent_events_arrive_as_sent_and_are_never_cached() {
-    let up = StreamServer::start();
+    let up = GatedUpstream::start(respond);
     let gw = gateway(&up);
     let c = client();
 
@@ -197,7 +148,7 @@ fn server_sent_events_arrive_as_sent_and_are_never_cached() {
 
 #[test]
 fn a_chunked_download_streams_while_the_cache_fills() {
-    let up = StreamServer::start();
+    let up = GatedUpstream::start(respond);
     let gw = gateway(&up);
     let c = client();
     let url = gw.url("/feed/file?type=application/octet-stream");

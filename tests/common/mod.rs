@@ -822,3 +822,67 @@ pub fn tokio_upstream_listener() -> (tokio::runtime::Runtime, tokio::net::TcpLis
     let addr = listener.local_addr().expect("local address").to_string();
     (runtime, listener, addr)
 }
+
+/// An HTTP/1 upstream written with hyper that counts the requests it gets and hands each
+/// to `handler` with a gate: a response can hold back the rest of its body until the test
+/// calls [`GatedUpstream::release`] (a stream whose first event must arrive alone).
+pub struct GatedUpstream {
+    pub addr: String,
+    requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    gate: std::sync::Arc<tokio::sync::Semaphore>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl GatedUpstream {
+    pub fn start<F, Fut, B>(handler: F) -> GatedUpstream
+    where
+        F: Fn(hyper::Request<hyper::body::Incoming>, std::sync::Arc<tokio::sync::Semaphore>) -> Fut
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        Fut: std::future::Future<Output = Result<hyper::Response<B>, std::convert::Infallible>>
+            + Send
+            + 'static,
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        let (runtime, listener, addr) = tokio_upstream_listener();
+        let requests = Arc::new(AtomicU64::new(0));
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let (count, held) = (Arc::clone(&requests), Arc::clone(&gate));
+        runtime.spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (count, held, handler) =
+                    (Arc::clone(&count), Arc::clone(&held), handler.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        handler(req, Arc::clone(&held))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        GatedUpstream {
+            addr,
+            requests,
+            gate,
+            _runtime: runtime,
+        }
+    }
+
+    /// Lets one waiting (or the next) response send the rest of its body.
+    pub fn release(&self) {
+        self.gate.add_permits(1);
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
