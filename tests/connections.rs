@@ -246,19 +246,26 @@ fn bodies_split_headers_and_pipelined_requests_are_handled_safely() {
     let answer = exchange(&mut conn, "");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains(r#""path":"/users/7""#), "{answer}");
-    // Two requests in one write (pipelining): Pingora refuses the batch (`400`, "sent data
-    // after end of body", noticed once the first request went upstream) rather than guess
-    // where the second begins, and closes; the second never reaches the upstream. Safe
-    // against smuggling, and no client in common use pipelines.
+    // Two requests in one write (pipelining). Pingora does not pipeline: it answers the first
+    // and closes the connection without reading the second as a request (RFC 9112 9.3.2: the
+    // client retries it), or, if the bytes come apart so that it reads the second after the
+    // first went upstream, refuses the batch with `400` ("sent data after end of body").
+    // Either way exactly one answer, and the second never reaches the upstream: safe against
+    // smuggling, and no client in common use pipelines.
     let before = up.requests();
     conn.write_all(
         b"GET /users/1 HTTP/1.1\r\nHost: a\r\n\r\nGET /users/2 HTTP/1.1\r\nHost: a\r\n\r\n",
     )
     .unwrap();
     let answered = read_to_close(&mut conn);
-    assert!(answered.starts_with("HTTP/1.1 400"), "{answered}");
-    assert!(answered.contains("application/json"), "{answered}");
     assert_eq!(answered.matches("HTTP/1.1 ").count(), 1, "{answered}");
+    if answered.starts_with("HTTP/1.1 200") {
+        assert!(answered.contains(r#""path":"/users/1""#), "{answered}");
+    } else {
+        assert!(answered.starts_with("HTTP/1.1 400"), "{answered}");
+        assert!(answered.contains("application/json"), "{answered}");
+    }
+    assert!(!answered.contains("/users/2"), "{answered}");
     assert!(
         up.requests() - before <= 1,
         "only the first may have gone upstream"

@@ -7,9 +7,10 @@
 //! The front owns each client connection between requests instead:
 //!
 //! - it counts connections and closes new ones at once beyond `server.max_connections`;
-//! - it waits for the next request with no buffer attached (a few dozen bytes on the
-//!   stack), for at most `server.keepalive_timeout` (the first request of a connection: at
-//!   most `limits.header_read_timeout`);
+//! - it waits for the next request for at most `server.keepalive_timeout` (the first request
+//!   of a connection: at most `limits.header_read_timeout`): for `READ_AHEAD` with the header
+//!   buffer ready, so that a busy client's request is read in one system call, and then with
+//!   no buffer attached (a few dozen bytes on the stack);
 //! - it reads the request line and headers under one deadline (`limits.header_read_timeout`
 //!   from their first byte) and size bound (the largest `limits.max_header_size`), answering
 //!   `408` or `431` itself;
@@ -22,7 +23,7 @@
 //!   answered with `Connection: close`; a fresh connection still gets its first request
 //!   answered, since the client sent it to us.
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use once_cell::sync::Lazy;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
@@ -41,9 +42,15 @@ use tokio::time::Instant;
 /// same connection gets it answered (with `Connection: close`) rather than cut off.
 pub const DRAIN_IDLE: Duration = Duration::from_millis(250);
 
-/// The first read of a request goes to a buffer this size on the stack, so an idle
-/// connection holds no heap buffer; most API request headers are longer and take one more
-/// read, into the buffer that Pingora then parses from.
+/// How long a connection keeps a header buffer while it waits for its next request. A busy
+/// keep-alive client's next request mostly comes within it and is read in one system call
+/// into the buffer Pingora then parses from; a connection quiet for longer gives the buffer
+/// back and waits with none (see `FIRST_READ`).
+const READ_AHEAD: Duration = Duration::from_millis(100);
+
+/// Past `READ_AHEAD`, the first read of a request goes to a buffer this size on the stack, so
+/// an idle connection holds no heap buffer; most API request headers are longer and take one
+/// more read.
 const FIRST_READ: usize = 64;
 
 /// The HTTP/2 connection preface a prior-knowledge (h2c) client starts with.
@@ -236,10 +243,25 @@ where
         shutdown: &ShutdownWatch,
         reused: bool,
     ) -> Result<BytesMut, NoRequest> {
-        let (first, n) = self.first_bytes(stream, shutdown, reused).await?;
+        let idle_since = Instant::now();
+        let mut head = BytesMut::with_capacity(HEADER_BUFFER);
+        let window = Some(idle_since + READ_AHEAD);
+        let read = self
+            .wait_and_read(stream, shutdown, reused, idle_since, window, &mut head)
+            .await?;
+        if read.is_none() {
+            // Quiet for the whole window: wait on with no heap buffer held.
+            head = BytesMut::new();
+            let mut first = [0u8; FIRST_READ];
+            let mut unfilled = &mut first[..];
+            let n = self
+                .wait_and_read(stream, shutdown, reused, idle_since, None, &mut unfilled)
+                .await?
+                .ok_or(NoRequest::Gone)?;
+            head.reserve(HEADER_BUFFER.max(n));
+            head.extend_from_slice(&first[..n]);
+        }
         let deadline = Instant::now() + self.settings.header_timeout;
-        let mut head = BytesMut::with_capacity(HEADER_BUFFER.max(n));
-        head.extend_from_slice(&first[..n]);
         let mut scanned = 0;
         while !header_complete(&head, scanned) {
             if head.len() >= self.settings.max_header_size {
@@ -256,32 +278,36 @@ where
         Ok(head)
     }
 
-    /// The first bytes of the next request, read into a small stack buffer: while it waits,
-    /// the connection holds no heap buffer.
-    async fn first_bytes(
+    /// Waits for the first bytes of the next request and reads them into `buf`: `Some(n)`
+    /// once bytes came, `None` if `window` ended first. A connection idle since `idle_since`
+    /// past its idle limit, closed, or drained is `Gone`.
+    async fn wait_and_read<B: BufMut + ?Sized>(
         &self,
         stream: &mut Stream,
         shutdown: &ShutdownWatch,
         reused: bool,
-    ) -> Result<([u8; FIRST_READ], usize), NoRequest> {
-        let mut first = [0u8; FIRST_READ];
-        let idle_since = Instant::now();
+        idle_since: Instant,
+        window: Option<Instant>,
+        buf: &mut B,
+    ) -> Result<Option<usize>, NoRequest> {
         let mut shutdown = shutdown.clone();
         let mut draining = *shutdown.borrow();
         loop {
             // A fresh connection waits for its first request even while draining: the
             // client chose us, and closing now would fail a request it is sending.
-            let limit = match (reused, draining) {
-                (false, _) => self.settings.header_timeout,
-                (true, false) => self.settings.keepalive_timeout,
-                (true, true) => DRAIN_IDLE,
-            };
+            let limit = idle_since
+                + match (reused, draining) {
+                    (false, _) => self.settings.header_timeout,
+                    (true, false) => self.settings.keepalive_timeout,
+                    (true, true) => DRAIN_IDLE,
+                };
+            let until = window.map_or(limit, |w| w.min(limit));
             tokio::select! {
                 biased;
-                read = stream.read(&mut first) => {
+                read = stream.read_buf(buf) => {
                     return match read {
                         Ok(0) | Err(_) => Err(NoRequest::Gone),
-                        Ok(n) => Ok((first, n)),
+                        Ok(n) => Ok(Some(n)),
                     };
                 }
                 changed = shutdown.changed(), if !draining => {
@@ -289,7 +315,10 @@ where
                     let _ = changed;
                     draining = true;
                 }
-                _ = tokio::time::sleep_until(idle_since + limit) => {
+                _ = tokio::time::sleep_until(until) => {
+                    if until < limit {
+                        return Ok(None);
+                    }
                     // Nothing arrived: an idle keep-alive connection is simply closed; a new
                     // one that never spoke gets no answer either (nginx does the same).
                     return Err(NoRequest::Gone);
