@@ -225,16 +225,20 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
 static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
-/// The names as written on the wire. Pingora keeps each name's case beside the header map;
-/// given a `HeaderName` it would copy the name into a new buffer for that on every request.
+/// The names prepared for insertion: Pingora keeps each name's case beside the header map,
+/// and given the name as bytes or a `HeaderName` it would parse and copy it on every request.
 mod wire {
-    use bytes::Bytes;
-    pub const X_FORWARDED_FOR: Bytes = Bytes::from_static(b"x-forwarded-for");
-    pub const X_FORWARDED_PROTO: Bytes = Bytes::from_static(b"x-forwarded-proto");
-    pub const X_FORWARDED_HOST: Bytes = Bytes::from_static(b"x-forwarded-host");
-    pub const X_FORWARDED_PORT: Bytes = Bytes::from_static(b"x-forwarded-port");
-    pub const X_REAL_IP: Bytes = Bytes::from_static(b"x-real-ip");
-    pub const FORWARDED: Bytes = Bytes::from_static(b"forwarded");
+    use pingora::http::PreparedHeaderName;
+    pub static X_FORWARDED_FOR: PreparedHeaderName =
+        PreparedHeaderName::from_static("x-forwarded-for");
+    pub static X_FORWARDED_PROTO: PreparedHeaderName =
+        PreparedHeaderName::from_static("x-forwarded-proto");
+    pub static X_FORWARDED_HOST: PreparedHeaderName =
+        PreparedHeaderName::from_static("x-forwarded-host");
+    pub static X_FORWARDED_PORT: PreparedHeaderName =
+        PreparedHeaderName::from_static("x-forwarded-port");
+    pub static X_REAL_IP: PreparedHeaderName = PreparedHeaderName::from_static("x-real-ip");
+    pub static FORWARDED: PreparedHeaderName = PreparedHeaderName::from_static("forwarded");
 }
 
 /// `X-Forwarded-Port` of the last listener port seen on this thread: a listener's port is
@@ -289,8 +293,8 @@ pub fn set_headers(
             .explain_err(ErrorType::InvalidHTTPHeader, |_| "X-Forwarded-For")?,
         None => real_ip.clone(),
     };
-    upstream_request.insert_header(wire::X_FORWARDED_FOR, xff)?;
-    upstream_request.insert_header(wire::X_REAL_IP, real_ip)?;
+    upstream_request.insert_prepared_header(&wire::X_FORWARDED_FOR, xff)?;
+    upstream_request.insert_prepared_header(&wire::X_REAL_IP, real_ip)?;
 
     let tls = is_tls(session);
     let proto = if tls { "https" } else { "http" };
@@ -302,10 +306,10 @@ pub fn set_headers(
         .cloned();
     let keep = |req: &RequestHeader, name: &HeaderName| trusted && req.headers.contains_key(name);
     if !keep(upstream_request, &X_FORWARDED_PROTO) {
-        upstream_request.insert_header(wire::X_FORWARDED_PROTO, proto_value)?;
+        upstream_request.insert_prepared_header(&wire::X_FORWARDED_PROTO, proto_value)?;
     }
     if let (false, Some(host)) = (keep(upstream_request, &X_FORWARDED_HOST), &host) {
-        upstream_request.insert_header(wire::X_FORWARDED_HOST, host)?;
+        upstream_request.insert_prepared_header(&wire::X_FORWARDED_HOST, host)?;
     }
     if !keep(upstream_request, &X_FORWARDED_PORT) {
         if let Some(port) = session
@@ -313,7 +317,7 @@ pub fn set_headers(
             .and_then(|a| a.as_inet())
             .map(|a| a.port())
         {
-            upstream_request.insert_header(wire::X_FORWARDED_PORT, port_value(port))?;
+            upstream_request.insert_prepared_header(&wire::X_FORWARDED_PORT, port_value(port))?;
         }
     }
 
@@ -322,7 +326,7 @@ pub fn set_headers(
         Some(prior) => format!("{prior}, {element}"),
         None => element,
     };
-    upstream_request.insert_header(wire::FORWARDED, forwarded)?;
+    upstream_request.insert_prepared_header(&wire::FORWARDED, forwarded)?;
     Ok(())
 }
 

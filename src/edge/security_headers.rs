@@ -3,9 +3,8 @@
 //! responses: headers the gateway adds unless the upstream set them, and headers that leak
 //! implementation details removed.
 
-use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue};
-use pingora::http::ResponseHeader;
+use pingora::http::{PreparedHeaderName, ResponseHeader};
 use serde::Deserialize;
 
 /// `security_headers:`, top-level or per service. A service's section replaces the top-level
@@ -55,21 +54,18 @@ pub struct SecurityHeaders {
     remove: Vec<HeaderName>,
 }
 
-/// A header to add, with its name also as the bytes written on the wire: Pingora keeps each
-/// name's case beside the header map and would otherwise copy the name into a new buffer on
-/// every response.
+/// A header to add, its name prepared for insertion: Pingora keeps each name's case beside the
+/// header map, and given a `HeaderName` it would parse and copy the name on every response.
 #[derive(Debug, Clone)]
 struct Added {
-    name: HeaderName,
-    wire_name: Bytes,
+    name: PreparedHeaderName,
     value: HeaderValue,
 }
 
 impl Added {
     fn new(name: HeaderName, value: HeaderValue) -> Added {
         Added {
-            wire_name: Bytes::copy_from_slice(name.as_str().as_bytes()),
-            name,
+            name: PreparedHeaderName::from_header_name(name),
             value,
         }
     }
@@ -129,6 +125,11 @@ impl SecurityHeadersConfig {
 }
 
 impl SecurityHeaders {
+    /// How many headers `apply` may add at most.
+    pub fn added(&self) -> usize {
+        self.add.len() + usize::from(self.hsts.is_some())
+    }
+
     /// Removes the `remove` list, then adds each header the response does not already have
     /// (the upstream's own value wins); HSTS only when the client came over TLS, since
     /// browsers ignore it on plain HTTP and it must not pin a plain-HTTP-only host.
@@ -138,9 +139,9 @@ impl SecurityHeaders {
         }
         let hsts = self.hsts.as_ref().filter(|_| tls);
         for added in self.add.iter().chain(hsts) {
-            if !resp.headers.contains_key(&added.name) {
+            if !resp.headers.contains_key(added.name.name()) {
                 // A valid name and value: inserting cannot fail.
-                let _ = resp.insert_header(added.wire_name.clone(), added.value.clone());
+                let _ = resp.insert_prepared_header(&added.name, added.value.clone());
             }
         }
     }

@@ -6,7 +6,7 @@
 
 use super::context::RequestCtx;
 use super::errors::{grpc, grpc_code};
-use super::request_id::REQUEST_ID;
+use super::request_id::REQUEST_ID_HEADER;
 use crate::cache::Served;
 use crate::edge::auth::AuthError;
 use crate::edge::forwarded::is_tls;
@@ -110,7 +110,7 @@ impl Answer {
             }
             Answer::Cached(served) => {
                 let mut header = served.header;
-                header.insert_header(REQUEST_ID, id.clone())?;
+                header.insert_prepared_header(&REQUEST_ID_HEADER, id.clone())?;
                 finish(&mut header);
                 let head_only = served.body.is_empty();
                 session.write_response_header(header, head_only).await?;
@@ -275,7 +275,7 @@ pub async fn send(
     header.insert_header(http::header::CONTENT_TYPE, content_type)?;
     header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
     header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
-    header.insert_header(REQUEST_ID, request_id.clone())?;
+    header.insert_prepared_header(&REQUEST_ID_HEADER, request_id.clone())?;
     for (name, value) in extra_headers {
         header.insert_header(name.clone(), value.clone())?;
     }

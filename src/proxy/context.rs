@@ -120,6 +120,11 @@ impl RequestCtx {
         self.tunnel = Some(GaugeGuard::new(service.metrics.tunnels.clone()));
     }
 
+    /// How many headers `decorate` may add at most, CORS aside.
+    pub(super) fn decorations(&self) -> usize {
+        self.security_headers.added() + self.rate_limit_headers.len()
+    }
+
     /// The headers every answer of a routed service carries, whoever wrote it (the upstream,
     /// the cache or the gateway): security headers, CORS, rate-limit state.
     pub(super) fn decorate(&self, resp: &mut ResponseHeader, tls: bool, with_cors: bool) {

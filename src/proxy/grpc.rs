@@ -4,7 +4,7 @@
 //! service's timeouts, and forwarded as what is left).
 
 use super::answer::Decorate;
-use super::request_id::REQUEST_ID;
+use super::request_id::REQUEST_ID_HEADER;
 use crate::runtime::Service;
 use crate::upstream::peer::Protocol;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -49,7 +49,7 @@ pub async fn send_status(
     header.insert_header(http::header::CONTENT_TYPE, "application/grpc")?;
     header.insert_header(GRPC_STATUS, HeaderValue::from(code))?;
     header.insert_header(GRPC_MESSAGE, encode_message(message))?;
-    header.insert_header(REQUEST_ID, request_id.clone())?;
+    header.insert_prepared_header(&REQUEST_ID_HEADER, request_id.clone())?;
     if !session.is_http2() {
         // An HTTP/1.1 client must see where the (empty) body ends.
         header.insert_header(http::header::CONTENT_LENGTH, "0")?;

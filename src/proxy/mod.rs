@@ -41,7 +41,7 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::subrequest::Ctx as SubrequestCtx;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
-use request_id::REQUEST_ID;
+use request_id::{REQUEST_ID, REQUEST_ID_HEADER};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -175,13 +175,21 @@ impl ProxyHttp for Gateway {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // The request id, six forwarding headers and a trace context at most, besides the
+        // identity headers: the header maps (a copy of the client's, full) grow once.
+        let identity = self
+            .runtime
+            .authenticator
+            .as_ref()
+            .map_or(0, |a| a.identity_headers().count());
+        upstream_request.reserve_headers(8 + identity)?;
         if let Some(authenticator) = &self.runtime.authenticator {
             authenticator.forward_identity(ctx.identity.as_deref(), upstream_request)?;
         }
         if let Some(route) = &ctx.route {
             route.rewrite_path(upstream_request)?;
         }
-        upstream_request.insert_header(REQUEST_ID, ctx.request_id.clone())?;
+        upstream_request.insert_prepared_header(&REQUEST_ID_HEADER, ctx.request_id.clone())?;
         ctx.trace.set_upstream_headers(upstream_request);
         if let Some(cache) = &ctx.cache {
             cache.prepare_upstream_request(upstream_request)?;
@@ -287,7 +295,8 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        upstream_response.insert_header(REQUEST_ID, ctx.request_id.clone())?;
+        upstream_response.reserve_headers(1 + ctx.decorations())?;
+        upstream_response.insert_prepared_header(&REQUEST_ID_HEADER, ctx.request_id.clone())?;
         ctx.decorate(upstream_response, is_tls(session), true);
         Ok(())
     }

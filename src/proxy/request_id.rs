@@ -2,8 +2,12 @@
 //! one; sent upstream, on every answer and in the access log.
 
 use http::HeaderValue;
+use pingora::http::PreparedHeaderName;
 
 pub const REQUEST_ID: &str = "x-request-id";
+
+/// `REQUEST_ID` prepared for insertion: parsed once, not on every message.
+pub static REQUEST_ID_HEADER: PreparedHeaderName = PreparedHeaderName::from_static(REQUEST_ID);
 
 /// A client-sent request id is kept when it is short and plainly printable.
 pub fn is_well_formed(v: &HeaderValue) -> bool {

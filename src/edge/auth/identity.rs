@@ -2,8 +2,8 @@
 //! service asks for, and the identity headers sent upstream in place of any the client sent.
 
 use super::error::AuthError;
-use http::{HeaderName, HeaderValue};
-use pingora::http::RequestHeader;
+use http::HeaderValue;
+use pingora::http::{PreparedHeaderName, RequestHeader};
 use serde_json::{Map, Value};
 
 /// Who a valid token says the caller is.
@@ -62,14 +62,14 @@ pub fn check_scopes(identity: &Identity, required: &[String]) -> Result<(), Auth
 /// `identity`, after removing whatever the client sent under those names: identity headers
 /// come from the gateway only, on every route, authenticated or not.
 pub fn forward(
-    forwarded: &[(String, HeaderName)],
+    forwarded: &[(String, PreparedHeaderName)],
     identity: Option<&Identity>,
     upstream_request: &mut RequestHeader,
 ) -> pingora::Result<()> {
     for (claim, header) in forwarded {
-        upstream_request.remove_header(header);
+        upstream_request.remove_header(header.name());
         if let Some(value) = identity.and_then(|i| i.claim_as_header_value(claim)) {
-            upstream_request.insert_header(header.clone(), value)?;
+            upstream_request.insert_prepared_header(header, value)?;
         }
     }
     Ok(())

@@ -463,7 +463,7 @@ async fn identity_claims_scopes_and_forwarding() {
     let forwarded = auth.forwarded_headers();
     assert_eq!(forwarded.len(), 1);
     assert_eq!(forwarded[0].0, "sub");
-    assert_eq!(forwarded[0].1, "x-user-id");
+    assert_eq!(forwarded[0].1.name(), "x-user-id");
 }
 
 #[test]

@@ -12,7 +12,7 @@ use base64::Engine;
 use http::{HeaderName, HeaderValue};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use pingora::http::RequestHeader;
+use pingora::http::{PreparedHeaderName, RequestHeader};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use serde_json::{Map, Value};
@@ -28,7 +28,7 @@ pub struct Authenticator {
     /// validation to match the key's type, and a JWKS may hold keys of several types.
     validations: Vec<(Algorithm, Validation)>,
     keys: Keys,
-    forwarded: Vec<(String, HeaderName)>,
+    forwarded: Vec<(String, PreparedHeaderName)>,
     verified: VerifiedTokens,
 }
 
@@ -129,7 +129,11 @@ impl Authenticator {
         Ok(Authenticator {
             validations,
             keys,
-            forwarded: checked.forwarded,
+            forwarded: checked
+                .forwarded
+                .into_iter()
+                .map(|(claim, header)| (claim, PreparedHeaderName::from_header_name(header)))
+                .collect(),
             verified: VerifiedTokens::new(cfg.verified_cache_size.0),
         })
     }
@@ -146,7 +150,7 @@ impl Authenticator {
 
     /// claim -> upstream header, from `forward_claims`.
     #[cfg(test)]
-    pub fn forwarded_headers(&self) -> &[(String, HeaderName)] {
+    pub fn forwarded_headers(&self) -> &[(String, PreparedHeaderName)] {
         &self.forwarded
     }
 
@@ -163,7 +167,7 @@ impl Authenticator {
 
     /// The headers the gateway sets from a token (`forward_claims`), which no client may set.
     pub fn identity_headers(&self) -> impl Iterator<Item = &HeaderName> {
-        self.forwarded.iter().map(|(_, header)| header)
+        self.forwarded.iter().map(|(_, header)| header.name())
     }
 
     /// Validates the `Authorization: Bearer <jwt>` header (scheme case-insensitive).
