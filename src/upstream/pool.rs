@@ -22,7 +22,7 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use std::collections::{BTreeSet, HashSet};
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -233,11 +233,51 @@ impl PoolConfig<'_> {
 
 /// The load balancer, one variant per algorithm (the selection type is a type parameter).
 enum Balancer {
-    RoundRobin(Arc<LoadBalancer<RoundRobin>>),
+    /// Round robin is the pool's own (`WeightedRing`); Pingora's balancer only runs the
+    /// health checks.
+    RoundRobin(WeightedRing),
     Random(Arc<LoadBalancer<Random>>),
     Consistent(Arc<LoadBalancer<Consistent>>),
     /// Two weighted-random candidates, the one with fewer requests in flight wins.
     LeastRequest(Arc<LoadBalancer<Random>>),
+}
+
+/// Weighted round robin over the pool's upstream indices, as Pingora's `RoundRobin` picks: the
+/// first candidate from the list with each upstream repeated `weight` times, the next ones
+/// unweighted. Pingora's `select_with` dedupes candidates through a `HashSet` made per request
+/// and hashes each backend twice more to find its state: about 1,800 instructions a request,
+/// where this takes a few dozen.
+struct WeightedRing {
+    /// Upstream indices, each `weight` times, in config order.
+    slots: Box<[usize]>,
+    next: AtomicUsize,
+}
+
+impl WeightedRing {
+    /// `weights` of the upstreams, in config order.
+    fn new(weights: impl IntoIterator<Item = usize>) -> WeightedRing {
+        let slots = weights
+            .into_iter()
+            .enumerate()
+            .flat_map(|(i, weight)| std::iter::repeat_n(i, weight))
+            .collect();
+        WeightedRing {
+            slots,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// The next upstream `accept` takes: the ring's next slot, else each other upstream once
+    /// in order after it.
+    fn select(&self, count: usize, accept: impl Fn(usize) -> bool) -> Option<usize> {
+        if self.slots.is_empty() || count == 0 {
+            return None;
+        }
+        let first = self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()];
+        (0..count)
+            .map(|step| (first + step) % count)
+            .find(|&i| accept(i))
+    }
 }
 
 /// A service's upstreams and how one is chosen.
@@ -269,6 +309,7 @@ impl PoolPlan {
             })
             .collect();
         let breaker = &self.breaker;
+        let ring = WeightedRing::new(self.upstreams.iter().map(|u| u.weight));
         let upstreams: Vec<Arc<Upstream>> = self
             .upstreams
             .into_iter()
@@ -280,8 +321,8 @@ impl PoolPlan {
             .map(|hc| (hc.interval, hc.observe(&service, &upstreams)));
         let (balancer, background) = match self.algorithm {
             Algorithm::RoundRobin => {
-                let (lb, bg) = build_lb::<RoundRobin>(&service, backends, health_check)?;
-                (Balancer::RoundRobin(lb), bg)
+                let (_, bg) = build_lb::<RoundRobin>(&service, backends, health_check)?;
+                (Balancer::RoundRobin(ring), bg)
             }
             Algorithm::Random => {
                 let (lb, bg) = build_lb::<Random>(&service, backends, health_check)?;
@@ -364,7 +405,11 @@ impl Pool {
                 .is_some_and(|i| self.upstreams[i].is_healthy() && accept(i))
         };
         let backend = match &self.balancer {
-            Balancer::RoundRobin(lb) => lb.select_with(key, MAX_ITERATIONS, filter),
+            Balancer::RoundRobin(ring) => {
+                return ring.select(self.upstreams.len(), |i| {
+                    self.upstreams[i].is_healthy() && accept(i)
+                });
+            }
             Balancer::Random(lb) => lb.select_with(key, MAX_ITERATIONS, filter),
             Balancer::Consistent(lb) => lb.select_with(key, MAX_ITERATIONS, filter),
             Balancer::LeastRequest(lb) => {
@@ -436,5 +481,35 @@ fn futures_now<F: std::future::Future<Output = Result<()>>>(f: F) -> Result<()> 
             ErrorType::InternalError,
             "static upstream discovery did not complete at once",
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::WeightedRing;
+
+    fn picks(ring: &WeightedRing, n: usize, accept: impl Fn(usize) -> bool) -> Vec<usize> {
+        (0..n).map(|_| ring.select(3, &accept).unwrap()).collect()
+    }
+
+    #[test]
+    fn round_robin_follows_the_weights_in_config_order() {
+        let ring = WeightedRing::new([1, 3, 2]);
+        let six = picks(&ring, 6, |_| true);
+        assert_eq!(six, [0, 1, 1, 1, 2, 2]);
+        assert_eq!(picks(&ring, 6, |_| true), six, "and again from the top");
+    }
+
+    #[test]
+    fn a_refused_upstream_passes_its_turn_to_the_next_in_order() {
+        let ring = WeightedRing::new([1, 1, 1]);
+        assert_eq!(picks(&ring, 6, |i| i != 1), [0, 2, 2, 0, 2, 2]);
+        assert_eq!(picks(&ring, 3, |i| i == 0), [0, 0, 0]);
+        assert_eq!(ring.select(3, |_| false), None);
+    }
+
+    #[test]
+    fn an_empty_pool_picks_nothing() {
+        assert_eq!(WeightedRing::new([]).select(0, |_| true), None);
     }
 }
