@@ -432,29 +432,29 @@ impl AccessLog {
             match field {
                 Field::Ts => {
                     key("ts");
-                    let _ = serde_json::to_writer(&mut *buf, &*timestamp());
+                    json_str(buf, &*timestamp());
                 }
                 Field::RequestId => {
                     key("request_id");
-                    let _ = serde_json::to_writer(&mut *buf, e.request_id);
+                    json_str(buf, e.request_id);
                 }
                 Field::Client => {
                     // The TCP peer, or behind trusted proxies the address they saw.
                     key("client");
-                    let _ = serde_json::to_writer(&mut *buf, e.client.addr.as_str());
+                    json_str(buf, e.client.addr.as_str());
                 }
                 Field::Peer => {
                     // The TCP peer (`ip:port`), when it is a trusted proxy, not the client.
                     if e.client.via_trusted_proxy {
                         if let Some(peer) = e.session.client_addr() {
                             key("peer");
-                            let _ = serde_json::to_writer(&mut *buf, &peer.to_string());
+                            json_str(buf, &peer.to_string());
                         }
                     }
                 }
                 Field::Method => {
                     key("method");
-                    let _ = serde_json::to_writer(&mut *buf, req.method.as_str());
+                    json_str(buf, req.method.as_str());
                 }
                 Field::Host => {
                     key("host");
@@ -463,17 +463,17 @@ impl AccessLog {
                         .get(http::header::HOST)
                         .and_then(|h| h.to_str().ok())
                         .unwrap_or_default();
-                    let _ = serde_json::to_writer(&mut *buf, host);
+                    json_str(buf, host);
                 }
                 Field::Path => {
                     // Normalized: what was routed and forwarded.
                     key("path");
-                    let _ = serde_json::to_writer(&mut *buf, req.uri.path());
+                    json_str(buf, req.uri.path());
                 }
                 Field::RawTarget => {
                     if let Some(target) = e.original_target {
                         key("raw_target");
-                        let _ = serde_json::to_writer(&mut *buf, target);
+                        json_str(buf, target);
                     }
                 }
                 Field::Status => {
@@ -482,12 +482,12 @@ impl AccessLog {
                 }
                 Field::Service => {
                     key("service");
-                    let _ = serde_json::to_writer(&mut *buf, e.service);
+                    json_str(buf, e.service);
                 }
                 Field::Upstream => {
                     if let Some(upstream) = e.upstream {
                         key("upstream");
-                        let _ = serde_json::to_writer(&mut *buf, upstream);
+                        json_str(buf, upstream);
                     }
                 }
                 Field::Attempts => {
@@ -506,25 +506,65 @@ impl AccessLog {
                 Field::Error => {
                     if let Some(error) = e.error {
                         key("error");
-                        let _ = serde_json::to_writer(&mut *buf, error);
+                        json_str(buf, error);
                     }
                 }
                 Field::Cache => {
                     if let Some(cache) = e.cache {
                         key("cache");
-                        let _ = serde_json::to_writer(&mut *buf, cache);
+                        json_str(buf, cache);
                     }
                 }
                 Field::TraceId => {
                     if let Some(trace_id) = e.trace_id {
                         key("trace_id");
-                        let _ = serde_json::to_writer(&mut *buf, trace_id);
+                        json_str(buf, trace_id);
                     }
                 }
             }
         }
         buf.push(b'}');
     }
+}
+
+/// `s` as a JSON string. Most values (ids, addresses, paths, names) need no escaping: they are
+/// copied as they are, which costs a fraction of serde_json's byte-by-byte escaping.
+fn json_str(buf: &mut Vec<u8>, s: &str) {
+    if !needs_escape(s.as_bytes()) {
+        buf.reserve(s.len() + 2);
+        buf.push(b'"');
+        buf.extend_from_slice(s.as_bytes());
+        buf.push(b'"');
+    } else {
+        // serde_json writes a string into a Vec without failing.
+        let _ = serde_json::to_writer(&mut *buf, s);
+    }
+}
+
+/// Whether JSON needs any byte of `s` escaped (a control character, `"` or `\\`), eight bytes
+/// at a time: the classic "has a byte less than n / equal to c" word tricks, which never miss
+/// one (a false alarm would only cost the escaping path).
+fn needs_escape(s: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGHS: u64 = ONES * 0x80;
+    let mut chunks = s.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let x = u64::from_ne_bytes(word);
+        let quote = x ^ (ONES * u64::from(b'"'));
+        let backslash = x ^ (ONES * u64::from(b'\\'));
+        let control = x.wrapping_sub(ONES * 0x20) & !x;
+        let is_quote = quote.wrapping_sub(ONES) & !quote;
+        let is_backslash = backslash.wrapping_sub(ONES) & !backslash;
+        if (control | is_quote | is_backslash) & HIGHS != 0 {
+            return true;
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
 }
 
 /// `client - - [time] "METHOD target VERSION" status bytes "referer" "user-agent"`.
@@ -584,6 +624,38 @@ fn quoted_part(buf: &mut Vec<u8>, bytes: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_byte_that_needs_escaping_is_found_wherever_it_is() {
+        for len in [1, 7, 8, 9, 16, 23] {
+            for at in 0..len {
+                for byte in 0..=255u8 {
+                    let mut s = vec![b'a'; len];
+                    s[at] = byte;
+                    let expected = byte < 0x20 || byte == b'"' || byte == b'\\';
+                    assert_eq!(needs_escape(&s), expected, "{byte:#x} at {at} of {len}");
+                }
+            }
+        }
+        assert!(!needs_escape("ünïcödé ✓ /users/1?x=y".as_bytes()));
+    }
+
+    #[test]
+    fn strings_are_copied_when_plain_and_escaped_otherwise() {
+        for s in [
+            "/users/1",
+            "ünïcödé ✓",
+            "",
+            "a\"quote",
+            "back\\slash",
+            "tab\tand\u{1}",
+            "\u{7f}del",
+        ] {
+            let mut buf = Vec::new();
+            json_str(&mut buf, s);
+            assert_eq!(buf, serde_json::to_vec(s).unwrap(), "{s:?}");
+        }
+    }
 
     fn parse(yaml: &str) -> Result<AccessLogConfig, String> {
         #[derive(Deserialize)]
