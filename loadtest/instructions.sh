@@ -190,7 +190,7 @@ REPORT="$LT_DIR/results/instructions-latest.md"
   done
   echo
   echo "- **pingora**: examples/bare_pingora.rs (only \`upstream_peer\`)"
-  echo "- **pingora-front**: the same behind Breakwater's connection front (server::front: whole-header deadline, idle wait without a buffer, connection count)"
+  echo "- **pingora-front**: the same behind Breakwater's connection front (server::front: whole-header deadline, idle wait without a buffer after 100 ms, connection count)"
   echo "- **breakwater**: the bench's config: routing (2 services), breaker, health checks (every hour here, not 5 s: valgrind's slowdown would make them a varying share of each request), metrics, JSON access log"
 } >"$LT_TMP/report.md"
 cp "$LT_TMP/report.md" "$REPORT"
