@@ -432,7 +432,7 @@ impl AccessLog {
             match field {
                 Field::Ts => {
                     key("ts");
-                    json_str(buf, &*timestamp());
+                    json_str(buf, &timestamp());
                 }
                 Field::RequestId => {
                     key("request_id");
