@@ -88,30 +88,12 @@ lt_build examples
 # be that subshell's pid instead of the server's.
 on() { ON=(); if ((PIN)); then ON=(taskset -c "$1"); fi; }
 TICK_HZ=$(getconf CLK_TCK)
-BODY='{"id":1,"name":"Ada Lovelace","email":"ada.1@example.com","service":"users"}'
 
 # --- upstream: nginx returning a small static JSON body (or sample-service without nginx) ---
-if [[ -n $NGINX ]]; then
-  UP_PORT=$(free_port)
-  nginx_conf "$LT_TMP/upstream" "server {
-    listen 127.0.0.1:$UP_PORT;
-    access_log off;
-    location / { default_type application/json; return 200 '$BODY'; }
-  }"
-  on "$UPSTREAM_CPU"
-  start_nginx "$LT_TMP/upstream" "${ON[@]}"
-  UP_PID=$NGINX_PID
-  UPSTREAM="127.0.0.1:$UP_PORT"
-  NGINX_VERSION="$("$NGINX" -v 2>&1 | sed 's/.*nginx\///')"
-  UPSTREAM_DESC="nginx $NGINX_VERSION, 1 worker, \`return 200\` of a ${#BODY}-byte JSON body, access_log off"
-else
-  start_sample users 0
-  UP_PID=$SAMPLE_PID
-  UPSTREAM=$SAMPLE_ADDR
-  ((PIN)) && taskset -a -p -c "$UPSTREAM_CPU" "$UP_PID" >/dev/null
-  UPSTREAM_DESC="sample-service (nginx not installed): the upstream may be the bottleneck"
-fi
-wait_http "http://$UPSTREAM/users/1"
+on "$UPSTREAM_CPU"
+start_json_upstream "${ON[@]}"
+# sample-service is started without the prefix: pin it (and its threads) once it runs.
+[[ -z $NGINX ]] && ((PIN)) && taskset -a -p -c "$UPSTREAM_CPU" "$UP_PID" >/dev/null
 
 # --- JWT keys and tokens (one token per algorithm, reused by every request, exp in 2100) ---
 FIX="$LT_ROOT/tests/fixtures"

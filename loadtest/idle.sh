@@ -54,25 +54,7 @@ lt_init
 lt_build examples
 
 # --- upstream: nginx returning a small JSON body (or sample-service without nginx) ---
-BODY='{"id":1,"name":"Ada Lovelace","email":"ada.1@example.com","service":"users"}'
-if [[ -n $NGINX ]]; then
-  UP_PORT=$(free_port)
-  nginx_conf "$LT_TMP/upstream" "server {
-    listen 127.0.0.1:$UP_PORT;
-    access_log off;
-    location / { default_type application/json; return 200 '$BODY'; }
-  }"
-  start_nginx "$LT_TMP/upstream"
-  UP_PID=$NGINX_PID
-  UPSTREAM="127.0.0.1:$UP_PORT"
-  UPSTREAM_DESC="nginx $("$NGINX" -v 2>&1 | sed 's/.*nginx\///'), \`return 200\` of a ${#BODY}-byte JSON body"
-else
-  start_sample users 0
-  UP_PID=$SAMPLE_PID
-  UPSTREAM=$SAMPLE_ADDR
-  UPSTREAM_DESC="sample-service"
-fi
-wait_http "http://$UPSTREAM/users/1"
+start_json_upstream
 
 # wait_target PORT: until the server under test answers, in the protocol the clients speak.
 wait_target() {

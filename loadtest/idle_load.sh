@@ -38,19 +38,11 @@ NGINX="$(find_nginx)"
 lt_init
 lt_build
 
-BODY='{"id":1,"name":"Ada Lovelace","email":"ada.1@example.com","service":"users"}'
-UP_PORT=$(free_port)
-nginx_conf "$LT_TMP/upstream" "server {
-    listen 127.0.0.1:$UP_PORT;
-    access_log off;
-    location / { default_type application/json; return 200 '$BODY'; }
-  }"
-start_nginx "$LT_TMP/upstream"
-wait_http "http://127.0.0.1:$UP_PORT/users/1"
+start_json_upstream
 
 PORT=$(free_port) ADMIN=$(free_port)
 CONF="$LT_TMP/breakwater.yaml"
-breakwater_conf "$CONF" "$PORT" "$ADMIN" "127.0.0.1:$UP_PORT" "$THREADS"
+breakwater_conf "$CONF" "$PORT" "$ADMIN" "$UPSTREAM" "$THREADS"
 # The crowd must stay connected through all runs, and fit under the connection cap.
 sed -i "/^server:/a\\  keepalive_timeout: 900s\\n  max_connections: $((N + CONNS + 100))" "$CONF"
 "$LT_BIN/breakwater" -c "$CONF" check >/dev/null 2>"$CONF.check" || die "config: $(cat "$CONF.check")"
@@ -112,7 +104,7 @@ REPORT="$LT_DIR/results/idle-load-latest.md"
   echo
   echo "- machine: $(machine_line)"
   echo "- tree: $(git -C "$LT_ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown), release build"
-  echo "- gateway: Breakwater, $THREADS worker thread(s), routing, breaker, health checks, metrics, access log; upstream nginx \`return 200\` of a ${#BODY}-byte JSON body"
+  echo "- gateway: Breakwater, $THREADS worker thread(s), routing, breaker, health checks, metrics, access log; upstream $UPSTREAM_DESC"
   echo "- load: wrk \`-t1 -c$CONNS -d${DURATION}s\` keep-alive on \`GET /users/1\`; idle crowd: loadtest/idle_clients.py, one request each, then idle"
   echo
   echo "| run | open after the run (gauge) | gateway RSS MiB | req/s | p50 ms | p99 ms | max ms | socket errors | non-2xx |"

@@ -67,22 +67,7 @@ else
   lt_build examples
 fi
 
-BODY='{"id":1,"name":"Ada Lovelace","email":"ada.1@example.com","service":"users"}'
-NGINX="$(find_nginx)"
-if [[ -n $NGINX ]]; then
-  UP_PORT=$(free_port)
-  nginx_conf "$LT_TMP/upstream" "server {
-    listen 127.0.0.1:$UP_PORT;
-    access_log off;
-    location / { default_type application/json; return 200 '$BODY'; }
-  }"
-  start_nginx "$LT_TMP/upstream"
-  UPSTREAM="127.0.0.1:$UP_PORT" UPSTREAM_DESC="nginx \`return 200\` of a ${#BODY}-byte JSON body"
-else
-  start_sample users 0
-  UPSTREAM=$SAMPLE_ADDR UPSTREAM_DESC="sample-service"
-fi
-wait_http "http://$UPSTREAM/users/1"
+start_json_upstream
 
 # h2load_n URL N: N keep-alive HTTP/1.1 requests over CONNECTIONS connections; all must be 2xx.
 h2load_n() {

@@ -163,6 +163,34 @@ start_nginx() {
   track "$NGINX_PID"
 }
 
+# The load tests' upstream body: a small JSON document, as an API answers.
+UPSTREAM_BODY='{"id":1,"name":"Ada Lovelace","email":"ada.1@example.com","service":"users"}'
+
+# start_json_upstream [PREFIX...]: the load tests' upstream, nginx with one worker answering
+# `return 200` with UPSTREAM_BODY (access_log off), or sample-service when nginx is not
+# installed. PREFIX (e.g. `taskset -c 0`) runs before nginx. Sets NGINX (when unset), UPSTREAM
+# (host:port), UP_PID and UPSTREAM_DESC, and returns once it answers.
+start_json_upstream() {
+  local port
+  NGINX="${NGINX:-$(find_nginx)}"
+  if [[ -n $NGINX ]]; then
+    port=$(free_port)
+    nginx_conf "$LT_TMP/upstream" "server {
+    listen 127.0.0.1:$port;
+    access_log off;
+    location / { default_type application/json; return 200 '$UPSTREAM_BODY'; }
+  }"
+    start_nginx "$LT_TMP/upstream" "$@"
+    UP_PID=$NGINX_PID UPSTREAM="127.0.0.1:$port"
+    UPSTREAM_DESC="nginx $("$NGINX" -v 2>&1 | sed 's/.*nginx\///'), 1 worker, \`return 200\` of a ${#UPSTREAM_BODY}-byte JSON body, access_log off"
+  else
+    start_sample users 0
+    UP_PID=$SAMPLE_PID UPSTREAM=$SAMPLE_ADDR
+    UPSTREAM_DESC="sample-service (nginx not installed): the upstream may be the bottleneck"
+  fi
+  wait_http "http://$UPSTREAM/users/1"
+}
+
 # breakwater_conf FILE PORT ADMIN UPSTREAM [THREADS] [TOP_EXTRA] [USERS_EXTRA] [SERVER_EXTRA]: the
 # load tests' Breakwater: routing over two services (users, orders), circuit breaker, health
 # checks, Prometheus metrics and the JSON access log (stdout; the scripts send it to a file).
