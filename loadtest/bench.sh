@@ -13,7 +13,11 @@
 #                     [--flame-duration 4] [--flame-freq 299] [--flame-no-inline]
 #                     [--nginx-access-log on|off] [--no-pin] [--h2-connections 16] [--h2-streams 4]
 #                     [--client-cpu 1] [--proxy-cpu 0] [--upstream-cpu 0] [--scale-cpus 0,1]
+#                     [--baseline PATH]
 #
+# --baseline PATH adds the row breakwater-baseline: the breakwater row's config served by
+# another build of the binary (e.g. an earlier commit's target/release/breakwater), run in the
+# same rounds as the rest, so that two builds compare within one noisy run.
 # --rounds N runs every target N times, round-robin, and reports the medians (CPU min-max too).
 # --h2-connections C --h2-streams S: the h2 rows' load, h2load -c C -m S (C x S = 64 requests in
 # flight by default, as wrk's 64 connections).
@@ -25,10 +29,11 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 ALL_TARGETS=(direct nginx pingora pingora-front breakwater breakwater-jwt-hs256 breakwater-jwt-rs256
-  breakwater-jwt-es256 breakwater-cache-hit breakwater-ratelimit nginx-h2 breakwater-h2)
+  breakwater-jwt-es256 breakwater-cache-hit breakwater-ratelimit breakwater-baseline nginx-h2
+  breakwater-h2)
 DURATION=5s CONNECTIONS=64 THREADS=1 WARMUP=1s NGINX_ACCESS_LOG=on PIN=1 ONLY="" ROUNDS=1
 CLIENT_CPU=1 PROXY_CPU=0 UPSTREAM_CPU=0 SCALE=0 SCALE_CPUS=0,1
-FLAMEGRAPHS=0 FLAME_DURATION=4 FLAME_FREQ=299 FLAME_INLINE=1 H2_CONNECTIONS=16 H2_STREAMS=4
+BASELINE="" FLAMEGRAPHS=0 FLAME_DURATION=4 FLAME_FREQ=299 FLAME_INLINE=1 H2_CONNECTIONS=16 H2_STREAMS=4
 while (($#)); do
   case $1 in
     --duration) DURATION=$2; shift 2 ;;
@@ -51,6 +56,7 @@ while (($#)); do
     --client-cpu) CLIENT_CPU=$2; shift 2 ;;
     --proxy-cpu) PROXY_CPU=$2; shift 2 ;;
     --upstream-cpu) UPSTREAM_CPU=$2; shift 2 ;;
+    --baseline) BASELINE=$2; shift 2 ;;
     -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
@@ -58,6 +64,7 @@ done
 [[ $NGINX_ACCESS_LOG == on || $NGINX_ACCESS_LOG == off ]] || die "--nginx-access-log on|off"
 [[ $FLAME_DURATION =~ ^[0-9]+$ ]] || die "--flame-duration takes whole seconds"
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "--rounds takes a number >= 1"
+[[ -z $BASELINE || -x $BASELINE ]] || die "--baseline: $BASELINE is not an executable"
 if [[ -n $ONLY ]]; then
   for t in ${ONLY//,/ }; do [[ " ${ALL_TARGETS[*]} " == *" $t "* ]] || die "unknown target $t (see --list)"; done
 fi
@@ -161,7 +168,9 @@ start_target() {
         T_HDR=(-H "Authorization: Bearer ${TOKEN[${name#breakwater-jwt-}]}")
       fi
       breakwater_conf "$dir/breakwater.yaml" "$port" "$admin" "$UPSTREAM" "$workers" "$top" "$users" "$server"
-      "${ON[@]}" "$LT_BIN/breakwater" -c "$dir/breakwater.yaml" \
+      local bin="$LT_BIN/breakwater"
+      [[ $name == breakwater-baseline ]] && bin=$BASELINE
+      "${ON[@]}" "$bin" -c "$dir/breakwater.yaml" \
         >"$dir/access.log" 2>"$dir/breakwater.err" &
       T_PID=$!
       track "$T_PID"
@@ -285,6 +294,7 @@ describe() {
     breakwater-jwt-es256) echo "+ \`auth: required\`, JWT ES256 (P-256 public_key_file), the same token on every request" ;;
     breakwater-cache-hit) echo "+ memory cache (ttl 1h); every measured request is a hit, the upstream is not contacted" ;;
     breakwater-ratelimit) echo "+ local rate limit by client IP, 1,000,000/s (never refuses)" ;;
+    breakwater-baseline) echo "the breakwater row's config served by the --baseline build (\`$BASELINE\`)" ;;
   esac
 }
 
@@ -294,6 +304,7 @@ RUN_TARGETS=()
 for t in "${ALL_TARGETS[@]}"; do
   selected "$t" || continue
   [[ $t == nginx && -z $NGINX ]] && { log "nginx is not installed: no nginx row"; continue; }
+  [[ $t == breakwater-baseline && -z $BASELINE ]] && continue
   RUN_TARGETS+=("$t")
 done
 for round in $(seq "$ROUNDS"); do
@@ -400,6 +411,8 @@ REPORT="$LT_DIR/results/bench-latest.md"
       feats+=("a cache hit costs $(ratio "${CPU[breakwater-cache-hit]}" "$PG_CPU") a bare-Pingora proxied request (issue 13 aims at <= 0.6x)")
     ((${#feats[@]})) && echo "CPU per request over plain Breakwater: $(IFS=';'; echo "${feats[*]}" | sed 's/;/; /g')."
     [[ -n ${ACCESS_LINES:-} ]] && echo "Breakwater's access log: $ACCESS_LINES lines written in its run."
+    [[ -n ${CPU[breakwater-baseline]:-} ]] &&
+      echo "This build against the --baseline build: CPU per request $(diff_us "$BW_CPU" "${CPU[breakwater-baseline]}") ($(pct "$BW_CPU" "${CPU[breakwater-baseline]}")), req/s $(ratio "$BW_RPS" "${RPS[breakwater-baseline]}")."
   fi
   if [[ -n ${CPU[pingora-front]:-} && -n $PG_CPU ]]; then
     echo
