@@ -219,14 +219,9 @@ pub fn is_tls(session: &Session) -> bool {
     session.digest().is_some_and(|d| d.ssl_digest.is_some())
 }
 
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
-static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
-
-/// The names prepared for insertion: Pingora keeps each name's case beside the header map,
-/// and given the name as bytes or a `HeaderName` it would parse and copy it on every request.
+/// The forwarding headers' names, prepared for insertion (Pingora keeps each name's case
+/// beside the header map, and given the name as bytes or a `HeaderName` it would parse and copy
+/// it on every request); `.name()` is the `HeaderName` to look them up by.
 mod wire {
     use pingora::http::PreparedHeaderName;
     pub static X_FORWARDED_FOR: PreparedHeaderName =
@@ -283,7 +278,7 @@ pub fn set_headers(
         (true, None) => String::new(),
         (false, _) => client.addr.clone(),
     };
-    let xff = match prior(upstream_request, &X_FORWARDED_FOR) {
+    let xff = match prior(upstream_request, wire::X_FORWARDED_FOR.name()) {
         Some(prior) => {
             let peer = peer_text();
             HeaderValue::try_from(format!("{prior}, {peer}"))
@@ -305,13 +300,13 @@ pub fn set_headers(
         .get(http::header::HOST)
         .cloned();
     let keep = |req: &RequestHeader, name: &HeaderName| trusted && req.headers.contains_key(name);
-    if !keep(upstream_request, &X_FORWARDED_PROTO) {
+    if !keep(upstream_request, wire::X_FORWARDED_PROTO.name()) {
         upstream_request.insert_prepared_header(&wire::X_FORWARDED_PROTO, proto_value)?;
     }
-    if let (false, Some(host)) = (keep(upstream_request, &X_FORWARDED_HOST), &host) {
+    if let (false, Some(host)) = (keep(upstream_request, wire::X_FORWARDED_HOST.name()), &host) {
         upstream_request.insert_prepared_header(&wire::X_FORWARDED_HOST, host)?;
     }
-    if !keep(upstream_request, &X_FORWARDED_PORT) {
+    if !keep(upstream_request, wire::X_FORWARDED_PORT.name()) {
         if let Some(port) = session
             .server_addr()
             .and_then(|a| a.as_inet())
@@ -322,7 +317,7 @@ pub fn set_headers(
     }
 
     let element = forwarded_element(client.peer, host.as_ref(), proto);
-    let forwarded = match prior(upstream_request, &FORWARDED) {
+    let forwarded = match prior(upstream_request, wire::FORWARDED.name()) {
         Some(prior) => format!("{prior}, {element}"),
         None => element,
     };

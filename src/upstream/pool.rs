@@ -400,16 +400,10 @@ impl Pool {
     /// returns true (its index in `upstreams` is passed). `key` feeds consistent hashing.
     fn select(&self, key: &[u8], accept: impl Fn(usize) -> bool) -> Option<usize> {
         // The upstream's own verdict, not Pingora's: it may have been carried over a reload.
-        let filter = |b: &Backend, _: bool| {
-            self.index_of(&b.addr)
-                .is_some_and(|i| self.upstreams[i].is_healthy() && accept(i))
-        };
+        let admits = |i: usize| self.upstreams[i].is_healthy() && accept(i);
+        let filter = |b: &Backend, _: bool| self.index_of(&b.addr).is_some_and(admits);
         let backend = match &self.balancer {
-            Balancer::RoundRobin(ring) => {
-                return ring.select(self.upstreams.len(), |i| {
-                    self.upstreams[i].is_healthy() && accept(i)
-                });
-            }
+            Balancer::RoundRobin(ring) => return ring.select(self.upstreams.len(), admits),
             Balancer::Random(lb) => lb.select_with(key, MAX_ITERATIONS, filter),
             Balancer::Consistent(lb) => lb.select_with(key, MAX_ITERATIONS, filter),
             Balancer::LeastRequest(lb) => {
