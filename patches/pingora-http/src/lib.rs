@@ -149,7 +149,7 @@ impl Deref for RequestHeader {
 impl RequestHeader {
     fn new_no_case(size_hint: Option<usize>) -> Self {
         let mut base = ReqBuilder::new().body(()).unwrap().into_parts().0;
-        base.headers.reserve(http_header_map_upper_bound(size_hint));
+        base.headers.reserve(initial_header_capacity(size_hint));
         RequestHeader {
             base,
             header_name_map: None,
@@ -167,9 +167,7 @@ impl RequestHeader {
         size_hint: Option<usize>,
     ) -> Result<Self> {
         let mut req = Self::build_no_case(method, path, size_hint)?;
-        req.header_name_map = Some(CaseMap::with_capacity(http_header_map_upper_bound(
-            size_hint,
-        )));
+        req.header_name_map = Some(CaseMap::with_capacity(initial_header_capacity(size_hint)));
         Ok(req)
     }
 
@@ -278,7 +276,11 @@ impl RequestHeader {
     /// Reserve room for at least `additional` more headers, so that a caller about to add
     /// several grows the header maps once rather than step by step.
     pub fn reserve_headers(&mut self, additional: usize) -> Result<()> {
-        reserve_headers(self.header_name_map.as_mut(), &mut self.base.headers, additional)
+        reserve_headers(
+            self.header_name_map.as_mut(),
+            &mut self.base.headers,
+            additional,
+        )
     }
 
     /// Write the header to the `buf` in HTTP/1.1 wire format.
@@ -549,15 +551,14 @@ impl From<Box<ResponseHeader>> for Box<RespParts> {
 impl ResponseHeader {
     fn new(size_hint: Option<usize>) -> Self {
         let mut resp_header = Self::new_no_case(size_hint);
-        resp_header.header_name_map = Some(CaseMap::with_capacity(http_header_map_upper_bound(
-            size_hint,
-        )));
+        resp_header.header_name_map =
+            Some(CaseMap::with_capacity(initial_header_capacity(size_hint)));
         resp_header
     }
 
     fn new_no_case(size_hint: Option<usize>) -> Self {
         let mut base = RespBuilder::new().body(()).unwrap().into_parts().0;
-        base.headers.reserve(http_header_map_upper_bound(size_hint));
+        base.headers.reserve(initial_header_capacity(size_hint));
         ResponseHeader {
             base,
             header_name_map: None,
@@ -674,7 +675,11 @@ impl ResponseHeader {
     /// Reserve room for at least `additional` more headers, so that a caller about to add
     /// several grows the header maps once rather than step by step.
     pub fn reserve_headers(&mut self, additional: usize) -> Result<()> {
-        reserve_headers(self.header_name_map.as_mut(), &mut self.base.headers, additional)
+        reserve_headers(
+            self.header_name_map.as_mut(),
+            &mut self.base.headers,
+            additional,
+        )
     }
 
     /// Write the header to the `buf` in HTTP/1.1 wire format.
@@ -927,6 +932,16 @@ fn http_header_map_upper_bound(size_hint: Option<usize>) -> usize {
         size_hint.unwrap_or(INIT_HEADER_SIZE),
         PINGORA_MAX_HEADER_COUNT,
     )
+}
+
+/// Room for the headers a proxy adds to a header it parsed (forwarding headers, a request id,
+/// security headers), so that adding them does not grow the maps. Growing rebuilds the index
+/// and moves every entry, in the value map and again in the case map.
+const PROXY_HEADER_HEADROOM: usize = 8;
+
+/// The capacity a new header's maps start with: the parsed headers plus the proxy's headroom.
+fn initial_header_capacity(size_hint: Option<usize>) -> usize {
+    http_header_map_upper_bound(size_hint) + PROXY_HEADER_HEADROOM
 }
 
 #[inline]
@@ -1202,6 +1217,16 @@ mod tests {
     }
 
     #[test]
+    fn parsed_headers_leave_room_for_a_proxys_headers() {
+        let req = RequestHeader::build("GET", b"/", Some(5)).unwrap();
+        assert!(req.headers.capacity() >= 5 + PROXY_HEADER_HEADROOM);
+        let resp = ResponseHeader::build(200, Some(5)).unwrap();
+        assert!(resp.headers.capacity() >= 5 + PROXY_HEADER_HEADROOM);
+        let resp = ResponseHeader::build_no_case(200, None).unwrap();
+        assert!(resp.headers.capacity() >= 8 + PROXY_HEADER_HEADROOM);
+    }
+
+    #[test]
     fn test_prepared_headers() {
         let request_id = PreparedHeaderName::new("X-Request-Id").unwrap();
         let via = PreparedHeaderName::from_static("via");
@@ -1214,7 +1239,10 @@ mod tests {
         req.append_prepared_header(&via, "1.1 b").unwrap();
         let mut buf: Vec<u8> = vec![];
         req.header_to_h1_wire(&mut buf);
-        assert_eq!(buf, b"X-Request-Id: gateway\r\nvia: 1.1 a\r\nvia: 1.1 b\r\n");
+        assert_eq!(
+            buf,
+            b"X-Request-Id: gateway\r\nvia: 1.1 a\r\nvia: 1.1 b\r\n"
+        );
 
         let mut resp = ResponseHeader::build_no_case(200, None).unwrap();
         resp.reserve_headers(4).unwrap();
