@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{poll_until, raw_request, Gateway, RawResponse, Upstream};
+use common::{poll_until, raw_request, Gateway, RawConnection, RawResponse, Upstream};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -401,6 +401,63 @@ fn behind_a_trusted_proxy_the_client_is_the_rightmost_untrusted_address() {
                     .is_some_and(|p| p.starts_with("127.0.0.1:"))
         })
     });
+}
+
+/// The gateway works out the client once per connection when the peer is not a trusted
+/// proxy, and keeps the last `Forwarded` element it made: on one keep-alive connection, each
+/// request still gets forwarding headers for its own `Host`, and behind a trusted proxy each
+/// request's own `X-Forwarded-For` decides who the client is.
+#[test]
+fn forwarding_headers_follow_each_request_on_a_keep_alive_connection() {
+    let up = Upstream::start("sample");
+    let keep_alive = |host: &str, headers: &str| {
+        format!("GET /x HTTP/1.1\r\nHost: {host}\r\n{headers}\r\n").into_bytes()
+    };
+
+    let (gw, _dir) = gateway(&up, "", "");
+    let mut conn = RawConnection::open(&gw.http);
+    for (host, forged) in [
+        ("a.example", ""),
+        (
+            "b.example",
+            "X-Forwarded-For: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\n",
+        ),
+        ("a.example", "X-Real-IP: 6.6.6.6\r\n"),
+    ] {
+        let h = echoed_headers(&conn.request(&keep_alive(host, forged)));
+        assert_eq!(h["x-forwarded-for"], "127.0.0.1", "{host}: {h}");
+        assert_eq!(h["x-real-ip"], "127.0.0.1", "{host}: {h}");
+        assert_eq!(h["x-forwarded-host"], host);
+        let forwarded = format!("for=127.0.0.1;host=\"{host}\";proto=http");
+        assert_eq!(h["forwarded"], forwarded.as_str());
+    }
+    // No Host at all (HTTP/1.0) after one with a Host: no stale host in `Forwarded`.
+    let h = echoed_headers(&conn.request(b"GET /x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"));
+    assert_eq!(h["forwarded"], "for=127.0.0.1;proto=http");
+    drop(gw);
+
+    let (gw, _dir) = gateway(&up, "trusted_proxies: [127.0.0.1]", "");
+    let mut conn = RawConnection::open(&gw.http);
+    for (xff, client) in [
+        (Some("198.51.100.1"), "198.51.100.1"),
+        (Some("198.51.100.2"), "198.51.100.2"),
+        (None, "127.0.0.1"),
+        (Some("198.51.100.1"), "198.51.100.1"),
+    ] {
+        let headers = xff.map_or(String::new(), |a| format!("X-Forwarded-For: {a}\r\n"));
+        let h = echoed_headers(&conn.request(&keep_alive("gw", &headers)));
+        assert_eq!(h["x-real-ip"], client, "{xff:?}: {h}");
+        let expected_xff = xff.map_or("127.0.0.1".to_string(), |a| format!("{a}, 127.0.0.1"));
+        assert_eq!(h["x-forwarded-for"], expected_xff.as_str());
+    }
+    let prior = keep_alive("gw", "Forwarded: for=198.51.100.9\r\n");
+    let h = echoed_headers(&conn.request(&prior));
+    assert_eq!(
+        h["forwarded"],
+        "for=198.51.100.9, for=127.0.0.1;host=\"gw\";proto=http"
+    );
+    let h = echoed_headers(&conn.request(&keep_alive("gw", "")));
+    assert_eq!(h["forwarded"], "for=127.0.0.1;host=\"gw\";proto=http");
 }
 
 const SPELLINGS: &str = "X_User_Id: forged\r\nx_user_id: forged\r\nX-User_Id: forged\r\n\

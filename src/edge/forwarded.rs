@@ -107,26 +107,46 @@ impl TrustedProxies {
     }
 }
 
-/// Who the client is, worked out once per request.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Who the client is, worked out once per request, or once per connection when the peer is
+/// not a trusted proxy (the client is then the peer, the same for every request on it).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Client {
     /// The client's address as text, empty when unknown (a Unix socket): what `key: ip`
-    /// rate limits, `hash_key: ip` and the access log use.
-    pub addr: String,
+    /// rate limits, `hash_key: ip` and the access log use, and the value of `X-Real-IP` (and
+    /// of `X-Forwarded-For` from an untrusted peer), hence a header value, shared, not copied.
+    addr: HeaderValue,
     /// The TCP peer is a trusted proxy, so its forwarding headers are kept and appended to.
     pub via_trusted_proxy: bool,
     /// The TCP peer's address, for `X-Forwarded-For` and `Forwarded`.
     peer: Option<IpAddr>,
 }
 
+impl Default for Client {
+    fn default() -> Self {
+        Client {
+            addr: HeaderValue::from_static(""),
+            via_trusted_proxy: false,
+            peer: None,
+        }
+    }
+}
+
 impl Client {
-    /// The client of the request on `session`.
-    pub fn of(session: &Session, trusted: &TrustedProxies) -> Client {
+    /// The client of the request on `session`. The connection's earlier requests may have
+    /// worked it out already.
+    pub fn of(session: &Session, trusted: &TrustedProxies, conn: &mut ConnectionFacts) -> Client {
+        if let Some(client) = &conn.client {
+            return client.clone();
+        }
         let peer = session
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
-        Client::from_peer(peer, session.req_header(), trusted)
+        let client = Client::from_peer(peer, session.req_header(), trusted);
+        if !client.via_trusted_proxy {
+            conn.client = Some(client.clone());
+        }
+        client
     }
 
     fn from_peer(peer: Option<IpAddr>, req: &RequestHeader, trusted: &TrustedProxies) -> Client {
@@ -138,11 +158,27 @@ impl Client {
             peer
         };
         Client {
-            addr: client.map(ip_text).unwrap_or_default(),
+            addr: client.map_or_else(|| HeaderValue::from_static(""), ip_value),
             via_trusted_proxy,
             peer,
         }
     }
+
+    /// The client's address as text, empty when unknown.
+    pub fn addr(&self) -> &str {
+        // Made from an address's text: always visible ASCII.
+        self.addr.to_str().unwrap_or_default()
+    }
+}
+
+/// What stays the same for every request on one client connection, carried from request to
+/// request (Pingora's connection context) so that it is worked out once: the client when the
+/// peer is not a trusted proxy (behind one, each request's `X-Forwarded-For` says who it is),
+/// and the last `Forwarded` element made, with the `Host` it was made for.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionFacts {
+    client: Option<Client>,
+    forwarded: Option<(HeaderValue, HeaderValue)>,
 }
 
 /// Walks `X-Forwarded-For` right to left from a trusted `peer`: the first address that is
@@ -181,6 +217,13 @@ fn parse_entry(entry: &[u8]) -> Option<IpAddr> {
         },
     };
     Some(canonical(ip))
+}
+
+/// `ip` as a header value (text, as `Display` writes it).
+fn ip_value(ip: IpAddr) -> HeaderValue {
+    // Digits, dots, colons and hex digits: always a valid value.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(ip_text(ip)))
+        .unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 /// `ip` as text, as `Display` writes it; IPv4 without the formatting machinery, which cost
@@ -258,25 +301,29 @@ fn port_value(port: u16) -> HeaderValue {
 pub fn set_headers(
     session: &Session,
     client: &Client,
+    conn: &mut ConnectionFacts,
     upstream_request: &mut RequestHeader,
 ) -> Result<()> {
     let trusted = client.via_trusted_proxy;
+    // What a trusted proxy sent before; nothing from anyone else (removed on arrival).
     let prior = |req: &RequestHeader, name: &HeaderName| {
+        if !trusted {
+            return None;
+        }
         req.headers
             .get(name)
             .and_then(|v| v.to_str().ok())
-            .filter(|v| trusted && !v.is_empty())
+            .filter(|v| !v.is_empty())
             .map(str::to_owned)
     };
 
     // Unless the peer is a trusted proxy, the client is the peer: one value for both headers.
-    let real_ip = HeaderValue::from_str(&client.addr)
-        .explain_err(ErrorType::InvalidHTTPHeader, |_| "client address")?;
+    let real_ip = client.addr.clone();
     // The peer as text: the client's own text unless the peer is a trusted proxy.
     let peer_text = || match (trusted, client.peer) {
         (true, Some(peer)) => ip_text(peer),
         (true, None) => String::new(),
-        (false, _) => client.addr.clone(),
+        (false, _) => client.addr().to_owned(),
     };
     let xff = match prior(upstream_request, wire::X_FORWARDED_FOR.name()) {
         Some(prior) => {
@@ -304,7 +351,7 @@ pub fn set_headers(
         upstream_request.insert_prepared_header(&wire::X_FORWARDED_PROTO, proto_value)?;
     }
     if let (false, Some(host)) = (keep(upstream_request, wire::X_FORWARDED_HOST.name()), &host) {
-        upstream_request.insert_prepared_header(&wire::X_FORWARDED_HOST, host)?;
+        upstream_request.insert_prepared_header(&wire::X_FORWARDED_HOST, host.clone())?;
     }
     if !keep(upstream_request, wire::X_FORWARDED_PORT.name()) {
         if let Some(port) = session
@@ -316,13 +363,38 @@ pub fn set_headers(
         }
     }
 
-    let element = forwarded_element(client.peer, host.as_ref(), proto);
     let forwarded = match prior(upstream_request, wire::FORWARDED.name()) {
-        Some(prior) => format!("{prior}, {element}"),
-        None => element,
+        Some(prior) => {
+            let element = forwarded_element(client.peer, host.as_ref(), proto);
+            HeaderValue::try_from(format!("{prior}, {element}"))
+                .explain_err(ErrorType::InvalidHTTPHeader, |_| "Forwarded")?
+        }
+        None => own_forwarded_element(conn, client.peer, host, proto)?,
     };
     upstream_request.insert_prepared_header(&wire::FORWARDED, forwarded)?;
     Ok(())
+}
+
+/// The `Forwarded` element for a request that arrived with none: the same for every request
+/// on a connection that names the same `Host` (peer and scheme do not change), so the last
+/// one made is kept with the connection.
+fn own_forwarded_element(
+    conn: &mut ConnectionFacts,
+    peer: Option<IpAddr>,
+    host: Option<HeaderValue>,
+    proto: &str,
+) -> Result<HeaderValue> {
+    let empty = HeaderValue::from_static("");
+    let host_key = host.clone().unwrap_or_else(|| empty.clone());
+    if let Some((for_host, element)) = &conn.forwarded {
+        if *for_host == host_key {
+            return Ok(element.clone());
+        }
+    }
+    let element = HeaderValue::try_from(forwarded_element(peer, host.as_ref(), proto))
+        .explain_err(ErrorType::InvalidHTTPHeader, |_| "Forwarded")?;
+    conn.forwarded = Some((host_key, element.clone()));
+    Ok(element)
 }
 
 /// One RFC 7239 element: `for=192.0.2.1;host="api.example.com";proto=https`.
@@ -397,10 +469,10 @@ mod tests {
     #[test]
     fn an_untrusted_peer_is_the_client_whatever_it_claims() {
         let c = client("203.0.113.9", &["6.6.6.6"], &[]);
-        assert_eq!(c.addr, "203.0.113.9");
+        assert_eq!(c.addr(), "203.0.113.9");
         assert!(!c.via_trusted_proxy);
         let c = client("203.0.113.9", &["6.6.6.6"], &["10.0.0.0/8"]);
-        assert_eq!(c.addr, "203.0.113.9");
+        assert_eq!(c.addr(), "203.0.113.9");
     }
 
     #[test]
@@ -408,43 +480,43 @@ mod tests {
         let nets = ["10.0.0.0/8", "192.0.2.7", "2001:db8::/32"];
         // The client forged 6.6.6.6; the proxy appended what it saw.
         assert_eq!(
-            client("10.0.0.1", &["6.6.6.6, 198.51.100.4"], &nets).addr,
+            client("10.0.0.1", &["6.6.6.6, 198.51.100.4"], &nets).addr(),
             "198.51.100.4"
         );
         // Two proxies, over two header lines, one of them by address.
         assert_eq!(
-            client("10.0.0.1", &["6.6.6.6, 198.51.100.4", "192.0.2.7"], &nets).addr,
+            client("10.0.0.1", &["6.6.6.6, 198.51.100.4", "192.0.2.7"], &nets).addr(),
             "198.51.100.4"
         );
         // Ports, brackets, IPv6 and IPv4-mapped addresses.
         assert_eq!(
-            client("10.0.0.1", &["[2001:db9::1]:443"], &nets).addr,
+            client("10.0.0.1", &["[2001:db9::1]:443"], &nets).addr(),
             "2001:db9::1"
         );
         assert_eq!(
-            client("10.0.0.1", &["198.51.100.4:80"], &nets).addr,
+            client("10.0.0.1", &["198.51.100.4:80"], &nets).addr(),
             "198.51.100.4"
         );
         assert_eq!(
-            client("::ffff:10.0.0.1", &["::ffff:198.51.100.4"], &nets).addr,
+            client("::ffff:10.0.0.1", &["::ffff:198.51.100.4"], &nets).addr(),
             "198.51.100.4"
         );
         // Only trusted addresses: the left-most one.
         assert_eq!(
-            client("10.0.0.1", &["10.1.1.1, 10.2.2.2"], &nets).addr,
+            client("10.0.0.1", &["10.1.1.1, 10.2.2.2"], &nets).addr(),
             "10.1.1.1"
         );
         // No header: the proxy itself.
-        assert_eq!(client("10.0.0.1", &[], &nets).addr, "10.0.0.1");
+        assert_eq!(client("10.0.0.1", &[], &nets).addr(), "10.0.0.1");
         // Garbage stops the walk at the last address seen.
         assert_eq!(
-            client("10.0.0.1", &["6.6.6.6, garbage, 10.2.2.2"], &nets).addr,
+            client("10.0.0.1", &["6.6.6.6, garbage, 10.2.2.2"], &nets).addr(),
             "10.2.2.2"
         );
-        assert_eq!(client("10.0.0.1", &[""], &nets).addr, "10.0.0.1");
+        assert_eq!(client("10.0.0.1", &[""], &nets).addr(), "10.0.0.1");
         // A forged chain of trusted addresses costs a bounded walk.
         let long = vec!["10.9.9.9"; 1000].join(",");
-        assert_eq!(client("10.0.0.1", &[&long], &nets).addr, "10.9.9.9");
+        assert_eq!(client("10.0.0.1", &[&long], &nets).addr(), "10.9.9.9");
     }
 
     #[test]

@@ -441,7 +441,7 @@ impl AccessLog {
                 Field::Client => {
                     // The TCP peer, or behind trusted proxies the address they saw.
                     key("client");
-                    json_str(buf, e.client.addr.as_str());
+                    json_str(buf, e.client.addr());
                 }
                 Field::Peer => {
                     // The TCP peer (`ip:port`), when it is a trusted proxy, not the client.
@@ -570,7 +570,7 @@ fn needs_escape(s: &[u8]) -> bool {
 /// `client - - [time] "METHOD target VERSION" status bytes "referer" "user-agent"`.
 fn combined_line(e: &Entry<'_>, buf: &mut Vec<u8>) {
     let req = e.session.req_header();
-    match e.client.addr.as_str() {
+    match e.client.addr() {
         "" => buf.push(b'-'),
         addr => buf.extend_from_slice(addr.as_bytes()),
     }

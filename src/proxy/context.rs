@@ -12,7 +12,7 @@
 
 use crate::cache::CacheState;
 use crate::edge::auth::Identity;
-use crate::edge::forwarded::Client;
+use crate::edge::forwarded::{Client, ConnectionFacts};
 use crate::edge::security_headers::SecurityHeaders;
 use crate::ops::tracing::RequestTrace;
 use crate::routing::Route;
@@ -33,6 +33,10 @@ pub struct RequestCtx {
     pub(super) request_id: HeaderValue,
     /// Who the client is, once its request arrived.
     pub(super) client: Client,
+    /// What the connection's earlier requests worked out (the client, the `Forwarded`
+    /// element), carried to the next request on it. Boxed: it is moved from request to
+    /// request, and the context is moved whole a few times per request.
+    pub(super) connection: Option<Box<ConnectionFacts>>,
     /// The request target as the client sent it, when normalizing changed it (access log).
     pub(super) original_target: Option<Box<str>>,
     /// The matched route and its service, once routed.
@@ -67,6 +71,7 @@ impl RequestCtx {
             start: Instant::now(),
             request_id: HeaderValue::from_static(""),
             client: Client::default(),
+            connection: None,
             original_target: None,
             route: None,
             service: None,
@@ -81,6 +86,11 @@ impl RequestCtx {
             trace: RequestTrace::default(),
             tunnel: None,
         }
+    }
+
+    /// The connection's facts, for filling in.
+    pub(super) fn connection(&mut self) -> &mut ConnectionFacts {
+        self.connection.get_or_insert_with(Box::default)
     }
 
     pub(super) fn service_name(&self) -> &str {
@@ -103,7 +113,7 @@ impl RequestCtx {
         Some((
             Arc::clone(self.service.as_ref()?),
             self.forwarding.as_mut()?,
-            &self.client.addr,
+            self.client.addr(),
         ))
     }
 

@@ -22,7 +22,7 @@ use crate::cache::{CacheState, Lookup, Refresh};
 use crate::edge::auth::{self, AuthMode};
 use crate::edge::compression::{ResponseCompression, ResponseCompressionBuilder};
 use crate::edge::cors::Preflight;
-use crate::edge::forwarded::{self, is_tls, Client};
+use crate::edge::forwarded::{self, is_tls, Client, ConnectionFacts};
 use crate::edge::limits::BODY_TOO_LARGE;
 use crate::edge::path::Target;
 use crate::ops::lifecycle::LIFECYCLE;
@@ -70,6 +70,28 @@ impl ProxyHttp for Gateway {
         modules.add_module(ResponseCompressionBuilder::module());
     }
 
+    /// What one request on a keep-alive connection worked out about the connection goes to
+    /// the next one (`on_connection_reuse`).
+    fn persist_connection_context(
+        &self,
+        _session: &Session,
+        ctx: &RequestCtx,
+    ) -> Option<Box<dyn std::any::Any + Send + Sync>> {
+        let facts: Box<dyn std::any::Any + Send + Sync> = ctx.connection.clone()?;
+        Some(facts)
+    }
+
+    fn on_connection_reuse(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+        previous: Box<dyn std::any::Any + Send + Sync>,
+    ) {
+        if let Ok(facts) = previous.downcast::<ConnectionFacts>() {
+            ctx.connection = Some(facts);
+        }
+    }
+
     /// The cache refreshes stale entries through subrequests of this same pipeline.
     fn allow_spawning_subrequest(&self, _session: &Session, _ctx: &RequestCtx) -> bool {
         true
@@ -82,7 +104,7 @@ impl ProxyHttp for Gateway {
         }
         // The request as the upstream will read it, before anything judges it: its client
         // known, its target normalized, its headers cleaned.
-        ctx.client = Client::of(session, &self.runtime.trusted_proxies);
+        ctx.client = Client::of(session, &self.runtime.trusted_proxies, ctx.connection());
         match self
             .runtime
             .paths
@@ -205,7 +227,8 @@ impl ProxyHttp for Gateway {
                 }
             }
         }
-        forwarded::set_headers(session, &ctx.client, upstream_request)
+        let connection = ctx.connection.get_or_insert_with(Box::default);
+        forwarded::set_headers(session, &ctx.client, connection, upstream_request)
     }
 
     async fn request_body_filter(
@@ -599,7 +622,7 @@ async fn rate_limit(
     }
     let t = ctx.trace.phase_start();
     let subject = ctx.identity.as_ref().and_then(|i| i.subject.as_deref());
-    let key = limiter.key_for(&ctx.client.addr, subject, &session.req_header().headers);
+    let key = limiter.key_for(ctx.client.addr(), subject, &session.req_header().headers);
     let decision = limiter.check(&key).await;
     ctx.trace
         .phase_end(Phase::RateLimit, t, decision.rejection().is_some());
@@ -677,7 +700,7 @@ fn refresh_ticket(session: &mut Session) -> Option<Refresh> {
 /// breaker admits the request. When none does, the answer is given now, without touching the
 /// network: a stale cached copy when there is one, else the fallback.
 fn admit(session: &Session, service: &Service, ctx: &mut RequestCtx) -> Option<Answer> {
-    let key = hash_key(session, service, &ctx.client.addr);
+    let key = hash_key(session, service, ctx.client.addr());
     match service.pool.admit(&key, |_| true) {
         Some((index, permit)) => {
             let first = Attempt::planned(service, index, permit);

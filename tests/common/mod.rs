@@ -784,8 +784,56 @@ pub fn raw_request(addr: &str, request: &[u8]) -> RawResponse {
     })
 }
 
+/// One client connection that sends raw requests one after another and reads each answer
+/// (keep-alive): what a gateway carries from request to request on a connection is tested on
+/// it.
+pub struct RawConnection {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawConnection {
+    pub fn open(addr: &str) -> RawConnection {
+        let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        RawConnection {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Sends `request` and reads its answer; status 0 when the connection closed first.
+    pub fn request(&mut self, request: &[u8]) -> RawResponse {
+        self.stream.write_all(request).expect("send the request");
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            if let Some((response, used)) = parse_raw_response_len(&self.buf) {
+                self.buf.drain(..used);
+                return response;
+            }
+            match self.stream.read(&mut chunk) {
+                Ok(0) | Err(_) => {
+                    return RawResponse {
+                        status: 0,
+                        headers: Vec::new(),
+                        body: std::mem::take(&mut self.buf),
+                    }
+                }
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+}
+
 /// A complete response in `buf` (header, then `Content-Length` bytes of body), if there is.
 fn parse_raw_response(buf: &[u8]) -> Option<RawResponse> {
+    parse_raw_response_len(buf).map(|(response, _)| response)
+}
+
+/// A complete response at the start of `buf`, and how many bytes it took.
+fn parse_raw_response_len(buf: &[u8]) -> Option<(RawResponse, usize)> {
     let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = String::from_utf8_lossy(&buf[..end]);
     let mut lines = head.split("\r\n");
@@ -800,11 +848,12 @@ fn parse_raw_response(buf: &[u8]) -> Option<RawResponse> {
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(0);
     let body = buf.get(end + 4..end + 4 + length)?.to_vec();
-    Some(RawResponse {
+    let response = RawResponse {
         status,
         headers,
         body,
-    })
+    };
+    Some((response, end + 4 + length))
 }
 
 /// A one-worker tokio runtime and a listener on an ephemeral loopback port, with its
