@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 /// Per-request state shared between the phases.
 pub struct RequestCtx {
+    /// When the request's header had been read: Pingora makes the context right then.
     pub(super) start: Instant,
     pub(super) request_id: HeaderValue,
     /// Who the client is, once its request arrived.

@@ -498,13 +498,13 @@ impl Gateway {
         ctx: &mut RequestCtx,
     ) -> Option<Answer> {
         let authenticator = self.runtime.authenticator.as_ref()?;
+        if service.auth.mode == AuthMode::None {
+            return None;
+        }
         let header = session
             .req_header()
             .headers
             .get(http::header::AUTHORIZATION);
-        if service.auth.mode == AuthMode::None {
-            return None;
-        }
         let t = ctx.trace.phase_start();
         let verified = service.auth.verify(authenticator, header).await;
         ctx.trace.phase_end(Phase::Auth, t, verified.is_err());
@@ -521,9 +521,9 @@ impl Gateway {
     }
 }
 
-/// Starts the request: its clock and its id, kept from the client when well formed.
+/// Starts the request: its id, kept from the client when well formed. (Its clock started
+/// when Pingora made the context, right after reading the header.)
 fn begin(session: &mut Session, ctx: &mut RequestCtx) {
-    ctx.start = Instant::now();
     if LIFECYCLE.is_draining() {
         // A successor process serves new connections: let this one go after the answer.
         session.set_keepalive(None);
