@@ -139,10 +139,8 @@ impl SecurityHeaders {
         }
         let hsts = self.hsts.as_ref().filter(|_| tls);
         for added in self.add.iter().chain(hsts) {
-            if !resp.headers.contains_key(added.name.name()) {
-                // A valid name and value: inserting cannot fail.
-                let _ = resp.insert_prepared_header(&added.name, added.value.clone());
-            }
+            // A valid name and value: inserting cannot fail.
+            let _ = resp.insert_prepared_header_if_absent(&added.name, added.value.clone());
         }
     }
 }

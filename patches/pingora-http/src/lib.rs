@@ -255,6 +255,25 @@ impl RequestHeader {
         )
     }
 
+    /// Insert a header under a name prepared once ([`PreparedHeaderName`]) unless the name is
+    /// present already; `Ok(false)` when it was, and nothing changed. One lookup where
+    /// `contains_key` and then an insert would make two.
+    pub fn insert_prepared_header_if_absent(
+        &mut self,
+        name: &PreparedHeaderName,
+        value: impl TryInto<HeaderValue>,
+    ) -> Result<bool> {
+        let header_value = value
+            .try_into()
+            .explain_err(InvalidHTTPHeader, |_| "invalid value while insert")?;
+        insert_prepared_value_if_absent(
+            self.header_name_map.as_mut(),
+            &mut self.base.headers,
+            name,
+            header_value,
+        )
+    }
+
     /// Append a header under a name prepared once ([`PreparedHeaderName`]), as
     /// [`Self::append_header()`] does, without parsing the name again.
     pub fn append_prepared_header(
@@ -654,6 +673,25 @@ impl ResponseHeader {
         )
     }
 
+    /// Insert a header under a name prepared once ([`PreparedHeaderName`]) unless the name is
+    /// present already; `Ok(false)` when it was, and nothing changed. One lookup where
+    /// `contains_key` and then an insert would make two.
+    pub fn insert_prepared_header_if_absent(
+        &mut self,
+        name: &PreparedHeaderName,
+        value: impl TryInto<HeaderValue>,
+    ) -> Result<bool> {
+        let header_value = value
+            .try_into()
+            .explain_err(InvalidHTTPHeader, |_| "invalid value while insert")?;
+        insert_prepared_value_if_absent(
+            self.header_name_map.as_mut(),
+            &mut self.base.headers,
+            name,
+            header_value,
+        )
+    }
+
     /// Append a header under a name prepared once ([`PreparedHeaderName`]), as
     /// [`Self::append_header()`] does, without parsing the name again.
     pub fn append_prepared_header(
@@ -1014,6 +1052,34 @@ fn insert_prepared_value<T>(
 }
 
 #[inline]
+fn insert_prepared_value_if_absent<T>(
+    name_map: Option<&mut CaseMap>,
+    value_map: &mut HMap<T>,
+    name: &PreparedHeaderName,
+    value: T,
+) -> Result<bool> {
+    let (header_name, case_header_name) = name.parts();
+    let entry = value_map.try_entry(header_name.clone()).or_err(
+        InvalidHTTPHeader,
+        "header value map size overflows MAX_SIZE",
+    )?;
+    let http::header::Entry::Vacant(vacant) = entry else {
+        return Ok(false);
+    };
+    vacant.try_insert(value).or_err(
+        InvalidHTTPHeader,
+        "header value map size overflows MAX_SIZE",
+    )?;
+    // The two maps hold the same names, so the case map has room for what the value map took.
+    if let Some(name_map) = name_map {
+        name_map
+            .try_insert(header_name, case_header_name)
+            .or_err(InvalidHTTPHeader, "header name map size overflows MAX_SIZE")?;
+    }
+    Ok(true)
+}
+
+#[inline]
 fn append_prepared_value<T>(
     name_map: Option<&mut CaseMap>,
     value_map: &mut HMap<T>,
@@ -1251,6 +1317,39 @@ mod tests {
         assert_eq!(resp.headers.get("x-request-id").unwrap(), "two");
         assert_eq!(resp.headers.len(), 1);
         assert!(resp.insert_prepared_header(&via, "bad\nvalue").is_err());
+    }
+
+    #[test]
+    fn test_prepared_headers_if_absent() {
+        let frame = PreparedHeaderName::from_static("x-frame-options");
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.append_header("X-Frame-Options", "SAMEORIGIN").unwrap();
+        assert!(!resp
+            .insert_prepared_header_if_absent(&frame, "DENY")
+            .unwrap());
+        let nosniff = PreparedHeaderName::new("X-Content-Type-Options").unwrap();
+        assert!(resp
+            .insert_prepared_header_if_absent(&nosniff, "nosniff")
+            .unwrap());
+        assert!(!resp
+            .insert_prepared_header_if_absent(&nosniff, "other")
+            .unwrap());
+        let mut buf: Vec<u8> = vec![];
+        resp.header_to_h1_wire(&mut buf);
+        assert_eq!(
+            buf,
+            b"X-Frame-Options: SAMEORIGIN\r\nX-Content-Type-Options: nosniff\r\n"
+        );
+
+        let mut req = RequestHeader::build_no_case("GET", b"/", None).unwrap();
+        assert!(req
+            .insert_prepared_header_if_absent(&frame, "DENY")
+            .unwrap());
+        assert!(!req.insert_prepared_header_if_absent(&frame, "x").unwrap());
+        assert_eq!(req.headers.get("x-frame-options").unwrap(), "DENY");
+        assert!(req
+            .insert_prepared_header_if_absent(&nosniff, "bad\nvalue")
+            .is_err());
     }
 
     #[test]
