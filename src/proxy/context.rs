@@ -317,6 +317,11 @@ pub(super) enum AttemptEvent<'a> {
 }
 
 impl Attempt {
+    /// When the attempt started, once it did.
+    pub(super) fn started_at(&self) -> Option<Instant> {
+        self.started.as_ref().map(|s| s.at)
+    }
+
     pub(super) fn planned(service: &Service, index: usize, permit: Permit) -> Attempt {
         Attempt {
             index,

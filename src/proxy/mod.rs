@@ -179,7 +179,9 @@ impl ProxyHttp for Gateway {
         let Some(attempt) = forwarding.start_attempt(&service, key) else {
             return Error::e_explain(ErrorType::ConnectNoRoute, "no upstream admits the retry");
         };
-        let mut peer = peer::for_attempt(&attempt.upstream.peer, &service.timeouts, deadline)?;
+        let started = attempt.started_at().unwrap_or_else(Instant::now);
+        let upstream = &attempt.upstream.peer;
+        let mut peer = peer::for_attempt(upstream, &service.timeouts, deadline, started)?;
         if session.is_upgrade_req() {
             peer::for_tunnel(&mut peer, &service.timeouts);
         }
@@ -447,8 +449,9 @@ impl ProxyHttp for Gateway {
             forwarding.end_attempt(AttemptEvent::Done(e));
         }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let elapsed = ctx.start.elapsed();
-        count_request(session, ctx, status, elapsed);
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(ctx.start);
+        count_request(session, ctx, status, now);
         let trace_id = ctx.trace.trace_id_hex();
         if let Some(log) = &self.runtime.access_log {
             log.write(&access_log::Entry {
@@ -726,9 +729,9 @@ fn admit(session: &Session, service: &Service, ctx: &mut RequestCtx) -> Option<A
     }
 }
 
-/// Counts the answered request and its durations in the service's metrics (`none` when no
-/// route matched).
-fn count_request(session: &Session, ctx: &RequestCtx, status: u16, elapsed: Duration) {
+/// Counts the answered request and its durations, until `now`, in the service's metrics
+/// (`none` when no route matched).
+fn count_request(session: &Session, ctx: &RequestCtx, status: u16, now: Instant) {
     let method = session.req_header().method.as_str();
     let Some(service) = &ctx.service else {
         return metrics::count_request("none", method, status);
@@ -739,9 +742,10 @@ fn count_request(session: &Session, ctx: &RequestCtx, status: u16, elapsed: Dura
         // A tunnel lasts as long as its users like: its length is no latency.
         return;
     }
-    m.request_duration.observe(elapsed.as_secs_f64());
+    let since = |t: Instant| now.saturating_duration_since(t).as_secs_f64();
+    m.request_duration.observe(since(ctx.start));
     if let Some(t) = ctx.forwarding.as_ref().and_then(|f| f.first_attempt_at) {
-        m.upstream_duration.observe(t.elapsed().as_secs_f64());
+        m.upstream_duration.observe(since(t));
     }
 }
 

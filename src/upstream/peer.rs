@@ -197,17 +197,18 @@ pub fn prepare(
     peer
 }
 
-/// The peer an attempt connects with: `prepared`, its connect, read and write timeouts capped
-/// at what is left until `deadline` (the request's `timeouts.total`). An error when nothing
-/// is left.
+/// The peer an attempt started at `now` connects with: `prepared`, its connect, read and write
+/// timeouts capped at what is left until `deadline` (the request's `timeouts.total`). An error
+/// when nothing is left.
 pub fn for_attempt(
     prepared: &HttpPeer,
     t: &Timeouts,
     deadline: Option<Instant>,
+    now: Instant,
 ) -> Result<HttpPeer> {
     let mut peer = prepared.clone();
     if let Some(deadline) = deadline {
-        let left = deadline.saturating_duration_since(Instant::now());
+        let left = deadline.saturating_duration_since(now);
         if left.is_zero() {
             return Error::e_explain(
                 ErrorType::ConnectTimedout,
