@@ -291,8 +291,11 @@ fn rss_kib(pid: u32) -> u64 {
 #[test]
 fn an_idle_keep_alive_connection_costs_a_few_kib() {
     // Pingora on its own holds ~90 KiB per idle keep-alive connection; the front is to keep
-    // it under 8 KiB. The bound here has room for allocator noise on a busy machine.
-    const BOUND_KIB: f64 = 12.0;
+    // it under 8 KiB. Measured 5.8-8.2 KiB with two other tests and two busy loops on 2 CPUs
+    // (7.2 on a quiet machine); the bound has room for that, and anything that pins a request's
+    // 4 KiB header buffer while the connection waits (a header value kept from the last request
+    // is a slice of it) goes over: that happened once, at about 12 KiB.
+    const BOUND_KIB: f64 = 10.0;
     let up = Upstream::start("users");
     let gw = Gateway::start(&config(&up.addr, ""));
     let pid: u32 = std::fs::read_to_string(gw.dir.path().join("breakwater.pid"))

@@ -174,11 +174,13 @@ impl Client {
 /// What stays the same for every request on one client connection, carried from request to
 /// request (Pingora's connection context) so that it is worked out once: the client when the
 /// peer is not a trusted proxy (behind one, each request's `X-Forwarded-For` says who it is),
-/// and the last `Forwarded` element made, with the `Host` it was made for.
+/// and the last `Forwarded` element made, with the `Host` it was made for. It is kept while
+/// the connection waits idle, so it holds copies, never a slice of a request's buffer (a
+/// header value parsed from a request would keep that whole buffer alive).
 #[derive(Debug, Clone, Default)]
 pub struct ConnectionFacts {
     client: Option<Client>,
-    forwarded: Option<(HeaderValue, HeaderValue)>,
+    forwarded: Option<(Box<[u8]>, HeaderValue)>,
 }
 
 /// Walks `X-Forwarded-For` right to left from a trusted `peer`: the first address that is
@@ -369,7 +371,7 @@ pub fn set_headers(
             HeaderValue::try_from(format!("{prior}, {element}"))
                 .explain_err(ErrorType::InvalidHTTPHeader, |_| "Forwarded")?
         }
-        None => own_forwarded_element(conn, client.peer, host, proto)?,
+        None => own_forwarded_element(conn, client.peer, host.as_ref(), proto)?,
     };
     upstream_request.insert_prepared_header(&wire::FORWARDED, forwarded)?;
     Ok(())
@@ -381,19 +383,18 @@ pub fn set_headers(
 fn own_forwarded_element(
     conn: &mut ConnectionFacts,
     peer: Option<IpAddr>,
-    host: Option<HeaderValue>,
+    host: Option<&HeaderValue>,
     proto: &str,
 ) -> Result<HeaderValue> {
-    let empty = HeaderValue::from_static("");
-    let host_key = host.clone().unwrap_or_else(|| empty.clone());
+    let host_bytes = host.map_or(&b""[..], HeaderValue::as_bytes);
     if let Some((for_host, element)) = &conn.forwarded {
-        if *for_host == host_key {
+        if **for_host == *host_bytes {
             return Ok(element.clone());
         }
     }
-    let element = HeaderValue::try_from(forwarded_element(peer, host.as_ref(), proto))
+    let element = HeaderValue::try_from(forwarded_element(peer, host, proto))
         .explain_err(ErrorType::InvalidHTTPHeader, |_| "Forwarded")?;
-    conn.forwarded = Some((host_key, element.clone()));
+    conn.forwarded = Some((host_bytes.into(), element.clone()));
     Ok(element)
 }
 
