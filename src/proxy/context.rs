@@ -89,11 +89,6 @@ impl RequestCtx {
         }
     }
 
-    /// The connection's facts, for filling in.
-    pub(super) fn connection(&mut self) -> &mut ConnectionFacts {
-        self.connection.get_or_insert_with(Box::default)
-    }
-
     pub(super) fn service_name(&self) -> &str {
         self.service.as_ref().map_or("none", |s| s.name.as_str())
     }

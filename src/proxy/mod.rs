@@ -104,7 +104,8 @@ impl ProxyHttp for Gateway {
         }
         // The request as the upstream will read it, before anything judges it: its client
         // known, its target normalized, its headers cleaned.
-        ctx.client = Client::of(session, &self.runtime.trusted_proxies, ctx.connection());
+        let connection = ctx.connection.get_or_insert_with(Box::default);
+        ctx.client = Client::of(session, &self.runtime.trusted_proxies, connection);
         match self
             .runtime
             .paths
