@@ -761,27 +761,7 @@ impl RawResponse {
 /// Sends `request` as it is over a fresh connection to `addr` and reads one answer (to its
 /// `Content-Length`, or until the connection closes).
 pub fn raw_request(addr: &str, request: &[u8]) -> RawResponse {
-    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream.write_all(request).expect("send the request");
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 16 * 1024];
-    loop {
-        if let Some(response) = parse_raw_response(&buf) {
-            return response;
-        }
-        match stream.read(&mut chunk) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-    parse_raw_response(&buf).unwrap_or(RawResponse {
-        status: 0,
-        headers: Vec::new(),
-        body: buf,
-    })
+    RawConnection::open(addr).request(request)
 }
 
 /// One client connection that sends raw requests one after another and reads each answer
@@ -809,7 +789,7 @@ impl RawConnection {
         self.stream.write_all(request).expect("send the request");
         let mut chunk = [0u8; 16 * 1024];
         loop {
-            if let Some((response, used)) = parse_raw_response_len(&self.buf) {
+            if let Some((response, used)) = parse_raw_response(&self.buf) {
                 self.buf.drain(..used);
                 return response;
             }
@@ -827,13 +807,9 @@ impl RawConnection {
     }
 }
 
-/// A complete response in `buf` (header, then `Content-Length` bytes of body), if there is.
-fn parse_raw_response(buf: &[u8]) -> Option<RawResponse> {
-    parse_raw_response_len(buf).map(|(response, _)| response)
-}
-
-/// A complete response at the start of `buf`, and how many bytes it took.
-fn parse_raw_response_len(buf: &[u8]) -> Option<(RawResponse, usize)> {
+/// A complete response (header, then `Content-Length` bytes of body) at the start of `buf`,
+/// if there is one, and how many bytes it took.
+fn parse_raw_response(buf: &[u8]) -> Option<(RawResponse, usize)> {
     let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = String::from_utf8_lossy(&buf[..end]);
     let mut lines = head.split("\r\n");
