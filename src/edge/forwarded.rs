@@ -321,12 +321,9 @@ pub fn set_headers(
 
     // Unless the peer is a trusted proxy, the client is the peer: one value for both headers.
     let real_ip = client.addr.clone();
-    // The peer as text: the client's own text unless the peer is a trusted proxy.
-    let peer_text = || match (trusted, client.peer) {
-        (true, Some(peer)) => ip_text(peer),
-        (true, None) => String::new(),
-        (false, _) => client.addr().to_owned(),
-    };
+    // The trusted proxy's own address, appended to what it sent (an untrusted peer's is
+    // `real_ip`, the client's).
+    let peer_text = || client.peer.map(ip_text).unwrap_or_default();
     let xff = match prior(upstream_request, wire::X_FORWARDED_FOR.name()) {
         Some(prior) => {
             let peer = peer_text();

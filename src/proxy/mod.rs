@@ -201,7 +201,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         // The request id, six forwarding headers and a trace context at most, besides the
-        // identity headers: the header maps (a copy of the client's, full) grow once.
+        // identity headers: the header maps (a copy of the client's) grow at most once.
         let identity = self
             .runtime
             .authenticator
