@@ -75,6 +75,12 @@ pub fn build(compiled: Compiled, start: &StartOptions) -> Result<Assembled> {
         graceful_shutdown_timeout_seconds: Some(grace_secs + 5),
         upgrade_sock: server_config.upgrade_sock.display().to_string(),
         pid_file: server_config.pid_file.display().to_string(),
+        // Every per-request timeout of a second or more (upstream reads and writes, the
+        // pooled connections' idle timeout) on Tokio's timer wheel rather than Pingora's
+        // fast timeouts: nearly all of them are cancelled early, which a wheel entry undoes
+        // and a fast-timeout slot does not (each stays in a per-thread B-tree of every 10 ms
+        // slot until it expires). 1.8% fewer instructions per request (loadtest/instructions.sh).
+        fast_timeout_to_tokio_threshold_seconds: Some(0),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(opt, server_conf);
