@@ -17,7 +17,8 @@
 #
 # --baseline PATH adds the row breakwater-baseline: the breakwater row's config served by
 # another build of the binary (e.g. an earlier commit's target/release/breakwater), run in the
-# same rounds as the rest, so that two builds compare within one noisy run.
+# same rounds as the rest, right after or (every other round) right before the breakwater row,
+# so that two builds compare within one noisy run.
 # --rounds N runs every target N times, round-robin, and reports the medians (CPU min-max too).
 # --h2-connections C --h2-streams S: the h2 rows' load, h2load -c C -m S (C x S = 64 requests in
 # flight by default, as wrk's 64 connections).
@@ -28,8 +29,8 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-ALL_TARGETS=(direct nginx pingora pingora-front breakwater breakwater-jwt-hs256 breakwater-jwt-rs256
-  breakwater-jwt-es256 breakwater-cache-hit breakwater-ratelimit breakwater-baseline nginx-h2
+ALL_TARGETS=(direct nginx pingora pingora-front breakwater breakwater-baseline breakwater-jwt-hs256
+  breakwater-jwt-rs256 breakwater-jwt-es256 breakwater-cache-hit breakwater-ratelimit nginx-h2
   breakwater-h2)
 DURATION=5s CONNECTIONS=64 THREADS=1 WARMUP=1s NGINX_ACCESS_LOG=on PIN=1 ONLY="" ROUNDS=1
 CLIENT_CPU=1 PROXY_CPU=0 UPSTREAM_CPU=0 SCALE=0 SCALE_CPUS=0,1
@@ -309,7 +310,18 @@ for t in "${ALL_TARGETS[@]}"; do
 done
 for round in $(seq "$ROUNDS"); do
   ((ROUNDS > 1)) && log "round $round of $ROUNDS"
-  for t in "${RUN_TARGETS[@]}"; do
+  # The two builds run back to back, in turn first: a host that slows down during a round
+  # (it does) must not favour whichever row comes earlier.
+  ORDER=("${RUN_TARGETS[@]}")
+  if ((round % 2 == 0)) && [[ -n $BASELINE ]]; then
+    for i in "${!ORDER[@]}"; do
+      case ${ORDER[i]} in
+        breakwater) ORDER[i]=breakwater-baseline ;;
+        breakwater-baseline) ORDER[i]=breakwater ;;
+      esac
+    done
+  fi
+  for t in "${ORDER[@]}"; do
     if [[ $t == direct ]]; then
       measure direct "$UP_PID" "http://$UPSTREAM/users/1"
       continue
