@@ -313,7 +313,7 @@ for round in $(seq "$ROUNDS"); do
   # The two builds run back to back, in turn first: a host that slows down during a round
   # (it does) must not favour whichever row comes earlier.
   ORDER=("${RUN_TARGETS[@]}")
-  if ((round % 2 == 0)) && [[ -n $BASELINE ]]; then
+  if ((round % 2 == 0)) && [[ " ${RUN_TARGETS[*]} " == *" breakwater breakwater-baseline "* ]]; then
     for i in "${!ORDER[@]}"; do
       case ${ORDER[i]} in
         breakwater) ORDER[i]=breakwater-baseline ;;
