@@ -19,7 +19,8 @@
 # another build of the binary (e.g. an earlier commit's target/release/breakwater), run in the
 # same rounds as the rest, right after or (every other round) right before the breakwater row,
 # so that two builds compare within one noisy run.
-# --rounds N runs every target N times, round-robin, and reports the medians (CPU min-max too).
+# --rounds N runs every target N times, round-robin, each round starting one row later than the
+# one before, and reports the medians (CPU min-max too).
 # --h2-connections C --h2-streams S: the h2 rows' load, h2load -c C -m S (C x S = 64 requests in
 # flight by default, as wrk's 64 connections).
 # --scale adds nginx, bare Pingora and Breakwater with 1 and then 2 workers on --scale-cpus.
@@ -308,19 +309,33 @@ for t in "${ALL_TARGETS[@]}"; do
   [[ $t == breakwater-baseline && -z $BASELINE ]] && continue
   RUN_TARGETS+=("$t")
 done
+# This host slows down during a round more often than not: each round starts one row later
+# than the one before, so that no row always runs late; --baseline's two builds stay next to
+# each other, in turn first.
+UNITS=()
+for t in "${RUN_TARGETS[@]}"; do
+  if [[ $t == breakwater && " ${RUN_TARGETS[*]} " == *" breakwater-baseline "* ]]; then
+    UNITS+=(breakwater+breakwater-baseline)
+  elif [[ $t != breakwater-baseline || " ${RUN_TARGETS[*]} " != *" breakwater "* ]]; then
+    UNITS+=("$t")
+  fi
+done
+round_order() { # round_order ROUND: the targets in the order that round runs them, one a line
+  local round=$1 i u
+  for ((i = 0; i < ${#UNITS[@]}; i++)); do
+    u=${UNITS[(i + round - 1) % ${#UNITS[@]}]}
+    if [[ $u != *+* ]]; then
+      echo "$u"
+    elif ((round % 2)); then
+      printf '%s\n' "${u%+*}" "${u#*+}"
+    else
+      printf '%s\n' "${u#*+}" "${u%+*}"
+    fi
+  done
+}
 for round in $(seq "$ROUNDS"); do
   ((ROUNDS > 1)) && log "round $round of $ROUNDS"
-  # The two builds run back to back, in turn first: a host that slows down during a round
-  # (it does) must not favour whichever row comes earlier.
-  ORDER=("${RUN_TARGETS[@]}")
-  if ((round % 2 == 0)) && [[ " ${RUN_TARGETS[*]} " == *" breakwater breakwater-baseline "* ]]; then
-    for i in "${!ORDER[@]}"; do
-      case ${ORDER[i]} in
-        breakwater) ORDER[i]=breakwater-baseline ;;
-        breakwater-baseline) ORDER[i]=breakwater ;;
-      esac
-    done
-  fi
+  mapfile -t ORDER < <(round_order "$round")
   for t in "${ORDER[@]}"; do
     if [[ $t == direct ]]; then
       measure direct "$UP_PID" "http://$UPSTREAM/users/1"
