@@ -79,8 +79,8 @@ pub fn build(compiled: Compiled, start: &StartOptions) -> Result<Assembled> {
         // pooled connections' idle timeout) on Tokio's timer wheel rather than Pingora's
         // fast timeouts: nearly all of them are cancelled early, which a wheel entry undoes
         // and a fast-timeout slot does not (each stays in a per-thread B-tree of every 10 ms
-        // slot until it expires). Measured 2026-12-02: 1.5% fewer instructions per request
-        // (loadtest/instructions.sh) and 10% less CPU per request (loadtest/bench.sh).
+        // slot until it expires). 1.5% fewer instructions per request (2026-12-02,
+        // loadtest/instructions.sh).
         fast_timeout_to_tokio_threshold_seconds: Some(0),
         ..ServerConf::default()
     };
