@@ -200,8 +200,11 @@ impl ProxyHttp for Gateway {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        // The request id, six forwarding headers and a trace context at most, besides the
-        // identity headers: the header maps (a copy of the client's) grow at most once.
+        // Room for the request id, six forwarding headers, a trace context and the identity
+        // headers. The copy keeps the index headroom of the client's parsed header, so this
+        // grows the index only when the identity headers need more than that; the entry
+        // lists, copied at their length, still grow as headers are added (`http` reserves
+        // entries only with its index; patches/README.md).
         let identity = self
             .runtime
             .authenticator
