@@ -351,17 +351,43 @@ fn cached_time(
 }
 
 thread_local! {
-    static RFC3339_MS: std::cell::RefCell<(u128, std::rc::Rc<str>)> =
-        std::cell::RefCell::new((0, std::rc::Rc::from("")));
+    /// The second and its RFC 3339 text up to the seconds (`2000-10-10T13:55:36`).
+    static RFC3339_SECOND: std::cell::RefCell<(u64, String)> =
+        const { std::cell::RefCell::new((0, String::new())) };
     static CLF_SECOND: std::cell::RefCell<(u128, std::rc::Rc<str>)> =
         std::cell::RefCell::new((0, std::rc::Rc::from("")));
 }
 
-/// RFC 3339 with milliseconds, UTC.
-fn timestamp() -> std::rc::Rc<str> {
-    cached_time(&RFC3339_MS, 1, |now| {
-        humantime::format_rfc3339_millis(now).to_string()
-    })
+/// The current time as a JSON string, RFC 3339 with milliseconds, UTC
+/// (`"2000-10-10T13:55:36.123Z"`). The part up to the seconds is formatted once a second per
+/// thread; the milliseconds are three digits written here.
+fn push_timestamp(buf: &mut Vec<u8>) {
+    push_rfc3339_millis(buf, SystemTime::now());
+}
+
+fn push_rfc3339_millis(buf: &mut Vec<u8>, now: SystemTime) {
+    let since_epoch = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let (secs, ms) = (since_epoch.as_secs(), since_epoch.subsec_millis());
+    RFC3339_SECOND.with_borrow_mut(|(second, text)| {
+        if *second != secs || text.is_empty() {
+            let whole = humantime::format_rfc3339_seconds(now).to_string();
+            *second = secs;
+            *text = whole.trim_end_matches('Z').to_owned();
+        }
+        buf.push(b'"');
+        buf.extend_from_slice(text.as_bytes());
+    });
+    let ms = ms as u16;
+    buf.extend_from_slice(&[
+        b'.',
+        b'0' + (ms / 100) as u8,
+        b'0' + (ms / 10 % 10) as u8,
+        b'0' + (ms % 10) as u8,
+        b'Z',
+        b'"',
+    ]);
 }
 
 /// The common log format's `10/Oct/2000:13:55:36 +0000`, UTC.
@@ -432,7 +458,7 @@ impl AccessLog {
             match field {
                 Field::Ts => {
                     key("ts");
-                    json_str(buf, &timestamp());
+                    push_timestamp(buf);
                 }
                 Field::RequestId => {
                     key("request_id");
@@ -496,8 +522,7 @@ impl AccessLog {
                 }
                 Field::DurationMs => {
                     key("duration_ms");
-                    let ms = (e.duration.as_secs_f64() * 1e6).round() / 1e3;
-                    let _ = serde_json::to_writer(&mut *buf, &ms);
+                    push_millis(buf, e.duration);
                 }
                 Field::BytesSent => {
                     key("bytes_sent");
@@ -525,6 +550,27 @@ impl AccessLog {
         }
         buf.push(b'}');
     }
+}
+
+/// `d` in milliseconds to the microsecond, as the JSON number serde_json writes for that
+/// `f64` (`12.0`, `0.5`, `3.027`), without formatting a float.
+fn push_millis(buf: &mut Vec<u8>, d: Duration) {
+    let micros = (d.as_nanos() + 500) / 1000;
+    let (whole, frac) = (micros / 1000, (micros % 1000) as u16);
+    let _ = serde_json::to_writer(&mut *buf, &whole);
+    buf.push(b'.');
+    let digits = [
+        b'0' + (frac / 100) as u8,
+        b'0' + (frac / 10 % 10) as u8,
+        b'0' + (frac % 10) as u8,
+    ];
+    let len = match frac {
+        0 => 1,
+        f if f % 100 == 0 => 1,
+        f if f % 10 == 0 => 2,
+        _ => 3,
+    };
+    buf.extend_from_slice(&digits[..len]);
 }
 
 /// `s` as a JSON string. Most values (ids, addresses, paths, names) need no escaping: they are
@@ -712,6 +758,47 @@ mod tests {
             .unwrap_err()
             .contains("twice"));
         assert!(compile("access_log: {output: ''}", false).is_err());
+    }
+
+    #[test]
+    fn timestamps_read_as_humantime_writes_them_within_and_across_seconds() {
+        let base = SystemTime::UNIX_EPOCH + Duration::from_millis(971_186_136_000);
+        for ms in [
+            0, 1, 9, 10, 99, 100, 456, 999, 1_000, 1_005, 61_010, 0, 86_400_123,
+        ] {
+            let t = base + Duration::from_millis(ms) + Duration::from_micros(700);
+            let mut buf = Vec::new();
+            push_rfc3339_millis(&mut buf, t);
+            let expected = format!("\"{}\"", humantime::format_rfc3339_millis(t));
+            assert_eq!(String::from_utf8(buf).unwrap(), expected, "{ms} ms");
+        }
+    }
+
+    #[test]
+    fn durations_read_as_the_float_serde_json_writes() {
+        for micros in [
+            0u64,
+            1,
+            9,
+            10,
+            100,
+            999,
+            1_000,
+            1_010,
+            1_200,
+            3_027,
+            12_000,
+            86_400_000_001,
+        ] {
+            // Not 500: a tie rounds up here, and either way in the float's inexact product.
+            for extra_nanos in [0, 499, 501] {
+                let d = Duration::from_micros(micros) + Duration::from_nanos(extra_nanos);
+                let mut buf = Vec::new();
+                push_millis(&mut buf, d);
+                let ms = (d.as_secs_f64() * 1e6).round() / 1e3;
+                assert_eq!(buf, serde_json::to_vec(&ms).unwrap(), "{d:?}");
+            }
+        }
     }
 
     #[test]
