@@ -3,7 +3,7 @@
 # where wall-clock CPU on a shared machine is not, so that steps of a few percent show.
 #
 #   loadtest/instructions.sh [--requests 10000] [--warmup 500] [--connections 16]
-#                            [--only pingora,pingora-front,breakwater] [--tool callgrind|dhat]
+#                            [--only pingora,pingora-front,breakwater,...] [--tool callgrind|dhat]
 #                            [--annotate 25] [--list]
 #
 # Each target runs twice under valgrind (callgrind: instructions; dhat: heap blocks), each run
@@ -22,7 +22,7 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-ALL_TARGETS=(pingora pingora-front breakwater)
+ALL_TARGETS=(pingora pingora-front breakwater breakwater-no-log breakwater-no-security-headers)
 REQUESTS=10000 WARMUP=500 CONNECTIONS=16 ONLY="" TOOL=callgrind ANNOTATE=25
 while (($#)); do
   case $1 in
@@ -100,18 +100,27 @@ run() {
       pid=$!
       ready=$url
       ;;
-    breakwater)
+    breakwater*)
       admin=$(free_port)
       breakwater_conf "$dir/breakwater.yaml" "$port" "$admin" "$UPSTREAM" 1
       # Health checks are background work paced by the clock, and valgrind slows the process
       # some 50 times: at the bench's 5 s they would add a varying share to each request.
       sed -i 's/interval: 5s/interval: 1h/' "$dir/breakwater.yaml"
+      # The two rows that say what one default feature costs: the bench's config less it.
+      case $name in
+        breakwater-no-log) sed -i 's/^access_log: true$/access_log: false/' "$dir/breakwater.yaml" ;;
+        breakwater-no-security-headers)
+          sed -i 's/^access_log: true$/&\nsecurity_headers: {enabled: false}/' "$dir/breakwater.yaml" ;;
+      esac
       "${vg[@]}" "$BIN/breakwater" -c "$dir/breakwater.yaml" >"$dir/access.log" 2>"$dir/stderr" &
       pid=$!
       ready="http://127.0.0.1:$admin/ready"
       ;;
   esac
   track "$pid"
+  # The caller reads run's output through $(...), a subshell whose exit the script's cleanup
+  # does not see: if anything below fails, the subshell stops the process itself.
+  trap "kill -KILL $pid 2>/dev/null" EXIT
   wait_http "$ready" 120
   ((WARMUP > 0)) && h2load_n "$url" "$WARMUP"
   h2load_n "$url" $((CONNECTIONS + extra))
@@ -121,6 +130,7 @@ run() {
   kill -0 "$pid" 2>/dev/null && die "$name did not exit within 60 s of SIGINT"
   wait "$pid" 2>/dev/null || true
   untrack "$pid"
+  trap - EXIT
   if [[ $TOOL == callgrind ]]; then
     [[ -s $out ]] || die "$name: no callgrind output (see $dir/valgrind.log)"
     awk '/^(summary|totals):/ {print $2; exit}' "$out"
@@ -177,6 +187,7 @@ REPORT="$LT_DIR/results/instructions-latest.md"
   echo "- **pingora**: examples/bare_pingora.rs (only \`upstream_peer\`)"
   echo "- **pingora-front**: the same behind Breakwater's connection front (server::front: whole-header deadline, idle wait without a buffer after 100 ms, connection count)"
   echo "- **breakwater**: the bench's config: routing (2 services), breaker, health checks (every hour here, not 5 s: valgrind's slowdown would make them a varying share of each request), metrics, JSON access log"
+  echo "- **breakwater-no-log**, **breakwater-no-security-headers**: the same with \`access_log: false\`, or with \`security_headers: {enabled: false}\` (the four headers added to and the two removed from every answer): the difference to **breakwater** is what that default costs"
 } >"$LT_TMP/report.md"
 cp "$LT_TMP/report.md" "$REPORT"
 cat "$REPORT"
