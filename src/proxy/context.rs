@@ -24,7 +24,7 @@ use http::{HeaderName, HeaderValue};
 use pingora::http::ResponseHeader;
 use pingora::{Error, ErrorSource};
 use prometheus::IntGauge;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// Per-request state shared between the phases.
@@ -35,9 +35,8 @@ pub struct RequestCtx {
     /// Who the client is, once its request arrived.
     pub(super) client: Client,
     /// What the connection's earlier requests worked out (the client, the `Forwarded`
-    /// element), carried to the next request on it. Boxed: it is moved from request to
-    /// request, and the context is moved whole a few times per request.
-    pub(super) connection: Option<Box<ConnectionFacts>>,
+    /// element), carried to the next request on it.
+    pub(super) connection: CarriedFacts,
     /// The request target as the client sent it, when normalizing changed it (access log).
     pub(super) original_target: Option<Box<str>>,
     /// The matched route and its service, once routed.
@@ -66,13 +65,40 @@ pub struct RequestCtx {
     pub(super) tunnel: Option<GaugeGuard>,
 }
 
+/// The connection's facts while a request on it runs, handed on to the next request. Boxed:
+/// they move from request to request, and the context is moved whole a few times per request.
+/// Pingora's hook that hands them on sees the context only by reference, so they are taken out
+/// through a lock, never contended (one request at a time holds them), instead of copied.
+#[derive(Default)]
+pub(super) struct CarriedFacts(Mutex<Option<Box<ConnectionFacts>>>);
+
+impl CarriedFacts {
+    /// The facts, empty ones on a connection's first request.
+    pub(super) fn get(&mut self) -> &mut ConnectionFacts {
+        self.0
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert_with(Box::default)
+    }
+
+    /// What the connection's previous request handed on.
+    pub(super) fn set(&mut self, facts: Box<ConnectionFacts>) {
+        *self.0.get_mut().unwrap_or_else(PoisonError::into_inner) = Some(facts);
+    }
+
+    /// Takes the facts out, for the next request on the connection.
+    pub(super) fn take(&self) -> Option<Box<ConnectionFacts>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+}
+
 impl RequestCtx {
     pub(super) fn new(security_headers: Arc<SecurityHeaders>) -> RequestCtx {
         RequestCtx {
             start: Instant::now(),
             request_id: HeaderValue::from_static(""),
             client: Client::default(),
-            connection: None,
+            connection: CarriedFacts::default(),
             original_target: None,
             route: None,
             service: None,

@@ -71,13 +71,13 @@ impl ProxyHttp for Gateway {
     }
 
     /// What one request on a keep-alive connection worked out about the connection goes to
-    /// the next one (`on_connection_reuse`).
+    /// the next one (`on_connection_reuse`). Pingora calls this last, after `logging`.
     fn persist_connection_context(
         &self,
         _session: &Session,
         ctx: &RequestCtx,
     ) -> Option<Box<dyn std::any::Any + Send + Sync>> {
-        let facts: Box<dyn std::any::Any + Send + Sync> = ctx.connection.clone()?;
+        let facts: Box<dyn std::any::Any + Send + Sync> = ctx.connection.take()?;
         Some(facts)
     }
 
@@ -88,7 +88,7 @@ impl ProxyHttp for Gateway {
         previous: Box<dyn std::any::Any + Send + Sync>,
     ) {
         if let Ok(facts) = previous.downcast::<ConnectionFacts>() {
-            ctx.connection = Some(facts);
+            ctx.connection.set(facts);
         }
     }
 
@@ -104,7 +104,7 @@ impl ProxyHttp for Gateway {
         }
         // The request as the upstream will read it, before anything judges it: its client
         // known, its target normalized, its headers cleaned.
-        let connection = ctx.connection.get_or_insert_with(Box::default);
+        let connection = ctx.connection.get();
         ctx.client = Client::of(session, &self.runtime.trusted_proxies, connection);
         match self
             .runtime
@@ -233,7 +233,7 @@ impl ProxyHttp for Gateway {
                 }
             }
         }
-        let connection = ctx.connection.get_or_insert_with(Box::default);
+        let connection = ctx.connection.get();
         forwarded::set_headers(session, &ctx.client, connection, upstream_request)
     }
 
