@@ -329,33 +329,13 @@ pub struct Entry<'a> {
     pub trace_id: Option<&'a str>,
 }
 
-/// The current time, formatted by `format` once per `unit` milliseconds per thread, since
-/// many requests share one.
-fn cached_time(
-    cell: &'static std::thread::LocalKey<std::cell::RefCell<(u128, std::rc::Rc<str>)>>,
-    unit: u128,
-    format: fn(SystemTime) -> String,
-) -> std::rc::Rc<str> {
-    let now = SystemTime::now();
-    let tick = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis())
-        / unit;
-    cell.with(|last| {
-        let mut last = last.borrow_mut();
-        if last.0 != tick || last.1.is_empty() {
-            *last = (tick, std::rc::Rc::from(format(now)));
-        }
-        std::rc::Rc::clone(&last.1)
-    })
-}
-
 thread_local! {
     /// The second and its RFC 3339 text up to the seconds (`2000-10-10T13:55:36`).
     static RFC3339_SECOND: std::cell::RefCell<(u64, String)> =
         const { std::cell::RefCell::new((0, String::new())) };
-    static CLF_SECOND: std::cell::RefCell<(u128, std::rc::Rc<str>)> =
-        std::cell::RefCell::new((0, std::rc::Rc::from("")));
+    /// The second and its common log format text.
+    static CLF_SECOND: std::cell::RefCell<(u64, String)> =
+        const { std::cell::RefCell::new((0, String::new())) };
 }
 
 /// The current time as a JSON string, RFC 3339 with milliseconds, UTC
@@ -391,8 +371,19 @@ fn push_rfc3339_millis(buf: &mut Vec<u8>, now: SystemTime) {
 }
 
 /// The common log format's `10/Oct/2000:13:55:36 +0000`, UTC.
-fn clf_timestamp() -> std::rc::Rc<str> {
-    cached_time(&CLF_SECOND, 1000, format_clf)
+/// Formatted once a second per thread, since many requests share one.
+fn push_clf_timestamp(buf: &mut Vec<u8>) {
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    CLF_SECOND.with_borrow_mut(|(second, text)| {
+        if *second != secs || text.is_empty() {
+            *second = secs;
+            *text = format_clf(now);
+        }
+        buf.extend_from_slice(text.as_bytes());
+    });
 }
 
 fn format_clf(t: SystemTime) -> String {
@@ -616,7 +607,9 @@ fn combined_line(e: &Entry<'_>, buf: &mut Vec<u8>) {
         "" => buf.push(b'-'),
         addr => buf.extend_from_slice(addr.as_bytes()),
     }
-    let _ = write!(buf, " - - [{}] \"", clf_timestamp());
+    buf.extend_from_slice(b" - - [");
+    push_clf_timestamp(buf);
+    buf.extend_from_slice(b"] \"");
     quoted_part(buf, req.method.as_str().as_bytes());
     buf.push(b' ');
     let target = req
