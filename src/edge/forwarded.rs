@@ -177,7 +177,7 @@ impl Client {
 /// and the last `Forwarded` element made, with the `Host` it was made for. It is kept while
 /// the connection waits idle, so it holds copies, never a slice of a request's buffer (a
 /// header value parsed from a request would keep that whole buffer alive).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct ConnectionFacts {
     client: Option<Client>,
     forwarded: Option<(Box<[u8]>, HeaderValue)>,
