@@ -112,6 +112,11 @@ run() {
         breakwater-no-security-headers)
           sed -i 's/^access_log: true$/&\nsecurity_headers: {enabled: false}/' "$dir/breakwater.yaml" ;;
       esac
+      # A config that no longer reads as expected must not pass for the bench's own.
+      case $name in
+        breakwater-no-log) grep -q '^access_log: false$' "$dir/breakwater.yaml" ;;
+        breakwater-no-security-headers) grep -q '^security_headers: {enabled: false}$' "$dir/breakwater.yaml" ;;
+      esac || die "$name: could not derive its config from the bench's (see breakwater_conf in lib.sh)"
       "${vg[@]}" "$BIN/breakwater" -c "$dir/breakwater.yaml" >"$dir/access.log" 2>"$dir/stderr" &
       pid=$!
       ready="http://127.0.0.1:$admin/ready"
