@@ -260,9 +260,18 @@ impl Forwarding {
 
     /// The current attempt's gRPC upstream ended the call with `code`.
     pub(super) fn grpc_status(&mut self, code: u32) {
-        if let Some(attempt) = &mut self.attempt {
-            attempt.record(AttemptEvent::GrpcStatus(code));
+        let Some(attempt) = &mut self.attempt else {
+            return;
+        };
+        if self.client_deadline && code == super::grpc::DEADLINE_EXCEEDED {
+            // The upstream ended the call at the client's own deadline, shorter than anything
+            // the gateway would wait: no verdict on the upstream, as when the gateway's timer
+            // gets there first (`client_deadline_passed`). Which of the two comes first is a
+            // race. The permit is dropped, which counts for nothing.
+            attempt.permit = None;
+            return;
         }
+        attempt.record(AttemptEvent::GrpcStatus(code));
     }
 
     /// Ends the current attempt, if any, as `end` says.

@@ -15,6 +15,8 @@ use pingora::Result;
 use std::time::Duration;
 
 pub const GRPC_TIMEOUT: &str = "grpc-timeout";
+/// The status of a call whose deadline passed.
+pub const DEADLINE_EXCEEDED: u32 = 4;
 const GRPC_STATUS: &str = "grpc-status";
 const GRPC_MESSAGE: &str = "grpc-message";
 
