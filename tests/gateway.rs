@@ -271,6 +271,52 @@ services:
     assert!(headers.contains_key("retry-after"));
 }
 
+/// Pingora calls a service ready before it binds its listeners, and tries a port in use again
+/// each second for half a minute: `/ready` (what a load balancer or Kubernetes asks) says yes
+/// only once the proxy port is the gateway's own and accepts.
+#[test]
+fn not_ready_while_another_process_holds_the_proxy_port() {
+    let up = Upstream::start("users");
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    let taken = squatter.local_addr().expect("its address");
+    let gw = Gateway::start_live(&format!(
+        r#"
+server: {{listen: ["{taken}"]}}
+admin: {{listen: "${{ADMIN}}"}}
+services:
+  users: {{routes: [{{path_prefix: /users}}], upstreams: ["{}"]}}
+"#,
+        up.addr
+    ));
+    let ready = || {
+        client()
+            .get(gw.admin_url("/ready"))
+            .send()
+            .expect("admin answers")
+            .status()
+    };
+    poll_until(Duration::from_secs(10), "the bind refused", || {
+        gw.stderr().contains(&format!("{taken} is in use"))
+    });
+    // Two more of Pingora's tries, each refused, and not ready all along.
+    let until = Instant::now() + Duration::from_millis(2200);
+    while Instant::now() < until {
+        assert_eq!(ready(), 503, "ready while {taken} is another process's");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(squatter);
+    poll_until(
+        Duration::from_secs(10),
+        "ready once the port is free",
+        || ready() == 200,
+    );
+    let resp = client()
+        .get(format!("http://{taken}/users/1"))
+        .send()
+        .expect("the proxy port accepts once ready");
+    assert_eq!(resp.status(), 200);
+}
+
 #[test]
 fn admin_endpoints_answer_and_metrics_count_requests() {
     let up = Upstream::start("users");

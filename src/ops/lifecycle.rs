@@ -44,9 +44,11 @@ impl Default for Lifecycle {
 /// The process-wide lifecycle.
 pub static LIFECYCLE: Lifecycle = Lifecycle::new();
 
-/// A background service that starts once the listeners are up (it is declared to depend on
-/// them), marks the process ready, and marks it draining when shutdown or an upgrade begins.
+/// A background service that marks the process ready once every listener accepts
+/// connections, and draining when shutdown or an upgrade begins.
 pub struct LifecycleWatcher {
+    /// Every address the process listens on (proxy, TLS and admin): ready waits for all.
+    pub listen: Vec<std::net::SocketAddr>,
     /// Written with our pid once ready, so tools (and the next reload) find the process
     /// that serves, also in the foreground.
     pub pid_file: Option<std::path::PathBuf>,
@@ -77,6 +79,24 @@ pub fn notify_systemd(message: &str) {
 #[async_trait::async_trait]
 impl BackgroundService for LifecycleWatcher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
+        // Declared to depend on the proxy and admin services, this starts once Pingora calls
+        // them ready, which it does before they bind: hence the wait.
+        use crate::ops::listeners::{until_listening, LISTEN_DEADLINE};
+        tokio::select! {
+            listening = until_listening(&self.listen, LISTEN_DEADLINE) => {
+                if let Err(e) = listening {
+                    // Pingora has given up on the port by now and leaves the process up, half
+                    // serving: better to end it, so a supervisor sees the failure.
+                    log::error!("{e}: exiting");
+                    notify_systemd(&format!("STATUS={e}"));
+                    std::process::exit(1);
+                }
+            }
+            _ = shutdown.changed() => {
+                LIFECYCLE.draining.store(true, Ordering::Release);
+                return;
+            }
+        }
         LIFECYCLE.ready.store(true, Ordering::Release);
         let pid = std::process::id();
         if let Some(pid_file) = &self.pid_file {

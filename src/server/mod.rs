@@ -87,6 +87,7 @@ pub fn build(compiled: Compiled, start: &StartOptions) -> Result<Assembled> {
     let mut server = Server::new_with_opt_and_conf(opt, server_conf);
     server.bootstrap();
 
+    let listeners = compiled.listeners();
     let connection_limits = compiled.connection_limits;
     let mut compiled = compiled;
     let tls = std::mem::take(&mut compiled.tls);
@@ -158,6 +159,7 @@ pub fn build(compiled: Compiled, start: &StartOptions) -> Result<Assembled> {
     let lifecycle = server.add_service(background_service(
         "lifecycle",
         LifecycleWatcher {
+            listen: listeners,
             pid_file: (!start.daemon).then(|| server_config.pid_file.clone()),
         },
     ));

@@ -410,19 +410,32 @@ impl Gateway {
                     gw.stderr()
                 ));
             }
-            let last = match probe.get(&ready).send() {
-                // The proxy listener can start accepting a moment after the admin one
-                // reports ready.
-                Ok(r)
-                    if r.status() == reqwest::StatusCode::OK
-                        && (!config_template.contains("${LISTEN}") || is_listening(&gw.http)) =>
-                {
-                    // Pingora retries a bind that failed because the port is in use, and
-                    // reports ready meanwhile: whatever answers on the port may be another
-                    // process. Start again on fresh ports rather than test against it.
-                    if gw.stderr().contains("in use") {
+            // Pingora retries a bind that failed because the port is in use: another process
+            // won the race for a port picked above. Start again on fresh ports rather than
+            // wait for it, or test against whatever answers there.
+            let answer = probe.get(&ready).send();
+            let stderr = gw.stderr();
+            if [&gw.http, &gw.admin]
+                .iter()
+                .any(|addr| stderr.contains(&format!("{addr} is in use")))
+            {
+                gw.kill();
+                return Err(format!("a port of {} or {} is in use", gw.http, gw.admin));
+            }
+            let last = match answer {
+                Ok(r) if r.status() == reqwest::StatusCode::OK => {
+                    // Ready means every listener accepts: checked on every start.
+                    if probe_path == "/ready"
+                        && config_template.contains("${LISTEN}")
+                        && !is_listening(&gw.http)
+                    {
                         gw.kill();
-                        return Err(format!("a port of {} or {} is in use", gw.http, gw.admin));
+                        return Err(format!(
+                            "{ready} answered 200 before the proxy port {} accepted \
+                             connections\n--- stderr.log ---\n{}",
+                            gw.http,
+                            gw.stderr()
+                        ));
                     }
                     return Ok(gw);
                 }

@@ -27,7 +27,7 @@ use pingora::server::Fds;
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -230,30 +230,8 @@ fn own_executable() -> Result<PathBuf, String> {
 /// This process's listening TCP sockets bound to one of `addresses`, named as Pingora names
 /// its listeners, for its socket transfer.
 fn listening_fds(addresses: &[SocketAddr]) -> Fds {
-    use nix::sys::socket::{getsockname, getsockopt, sockopt, SockaddrStorage};
     let mut fds = Fds::new();
-    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
-        return fds;
-    };
-    for entry in entries.flatten() {
-        let Ok(fd) = entry.file_name().to_string_lossy().parse::<RawFd>() else {
-            continue;
-        };
-        // SAFETY: the fd is open (listed just now) and only borrowed for this call.
-        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-        if !matches!(getsockopt(&borrowed, sockopt::AcceptConn), Ok(true)) {
-            continue;
-        }
-        let Ok(name) = getsockname::<SockaddrStorage>(fd) else {
-            continue;
-        };
-        let bound = if let Some(v4) = name.as_sockaddr_in() {
-            SocketAddr::from(std::net::SocketAddrV4::from(*v4))
-        } else if let Some(v6) = name.as_sockaddr_in6() {
-            SocketAddr::from(std::net::SocketAddrV6::from(*v6))
-        } else {
-            continue;
-        };
+    for (fd, bound) in crate::ops::listeners::listening_sockets().unwrap_or_default() {
         if addresses.contains(&bound) && fds.get(&bound.to_string()).is_none() {
             fds.add(bound.to_string(), fd);
         }
