@@ -367,3 +367,119 @@ services:
     assert_eq!(unrouted.status(), 404);
     assert_eq!(header(&unrouted, "x-content-type-options"), Some("nosniff"));
 }
+
+/// An upstream that records the head of each request it gets, as sent, and answers with a
+/// header of its own spelling.
+struct RecordingUpstream {
+    addr: String,
+    heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl RecordingUpstream {
+    fn start() -> RecordingUpstream {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("address").to_string();
+        let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let recorded = std::sync::Arc::clone(&heads);
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().flatten() {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                    head.push(byte[0]);
+                }
+                recorded
+                    .lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&head).into_owned());
+                let _ = stream.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Upstream-Thing: a\r\n\
+                      Connection: close\r\n\r\nok",
+                );
+            }
+        });
+        RecordingUpstream { addr, heads }
+    }
+
+    /// The head of the last request for `path`.
+    fn last_head(&self, path: &str) -> String {
+        let heads = self.heads.lock().unwrap();
+        heads
+            .iter()
+            .rev()
+            .find(|h| h.starts_with(&format!("GET {path} ")))
+            .cloned()
+            .unwrap_or_else(|| panic!("no request for {path} among {heads:?}"))
+    }
+}
+
+/// The response head the client reads, as sent.
+fn raw_head(addr: &str, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).expect("read");
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    answer
+        .split("\r\n\r\n")
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn header_lines(head: &str) -> Vec<&str> {
+    head.lines().skip(1).collect()
+}
+
+#[test]
+fn header_names_are_normalized_unless_configured_to_keep_their_case() {
+    let up = RecordingUpstream::start();
+    let request = "GET /things/1 HTTP/1.1\r\nhost: api.example\r\nX-Custom-Thing: 1\r\n\
+                   user-AGENT: t\r\nConnection: close\r\n\r\n";
+    for (case, client_sees, upstream_sees) in [
+        (
+            "",
+            ["x-upstream-thing: a", "x-request-id: "],
+            ["Host: api.example", "x-custom-thing: 1", "user-agent: t"],
+        ),
+        (
+            "header_name_case: preserve",
+            ["X-Upstream-Thing: a", "x-request-id: "],
+            ["host: api.example", "X-Custom-Thing: 1", "user-AGENT: t"],
+        ),
+    ] {
+        let gw = Gateway::start(&format!(
+            r#"
+server: {{listen: ["${{LISTEN}}"], {case}}}
+admin: {{listen: "${{ADMIN}}"}}
+services:
+  things: {{routes: [{{path_prefix: /things}}], upstreams: ["{}"]}}
+"#,
+            up.addr
+        ));
+        let answer = raw_head(&gw.http, request);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        for line in client_sees {
+            assert!(
+                header_lines(&answer).iter().any(|l| l.starts_with(line)),
+                "{case:?}: the client should see {line:?} in\n{answer}"
+            );
+        }
+        let sent = up.last_head("/things/1");
+        for line in upstream_sees {
+            assert!(
+                header_lines(&sent).contains(&line),
+                "{case:?}: the upstream should see {line:?} in\n{sent}"
+            );
+        }
+        // What the gateway adds is spelled the same either way.
+        for line in ["x-forwarded-for: 127.0.0.1", "x-request-id: "] {
+            assert!(
+                header_lines(&sent).iter().any(|l| l.starts_with(line)),
+                "{case:?}: the upstream should see {line:?} in\n{sent}"
+            );
+        }
+    }
+}

@@ -8,7 +8,7 @@ use crate::edge::auth::{AuthConfig, AuthMode};
 use crate::edge::compression::CompressionConfig;
 use crate::edge::cors::CorsConfig;
 use crate::edge::forwarded::ProxyNet;
-use crate::edge::headers::Underscores;
+use crate::edge::headers::{HeaderNameCase, Underscores};
 use crate::edge::limits::LimitsConfig;
 use crate::edge::path::PathConfig;
 use crate::edge::rate_limit::RateLimitConfig;
@@ -120,6 +120,10 @@ pub struct ServerConfig {
     /// `allow`. Default: drop.
     #[serde(default)]
     pub underscores_in_headers: Underscores,
+    /// How header names are spelled on the way through: `normalize` (a dozen common names
+    /// capitalised, others in lower case) or `preserve` (as sent). Default: normalize.
+    #[serde(default)]
+    pub header_name_case: HeaderNameCase,
     /// How request paths are normalized before routing.
     #[serde(default)]
     pub paths: PathConfig,
@@ -139,6 +143,7 @@ impl Default for ServerConfig {
             h2c: false,
             trusted_proxies: Vec::new(),
             underscores_in_headers: Underscores::default(),
+            header_name_case: HeaderNameCase::default(),
             paths: PathConfig::default(),
         }
     }

@@ -1,5 +1,6 @@
 //! Header hygiene: the client's headers cleaned once, when the request arrives, so every
-//! later step and the upstream see the same set. Owns `server.underscores_in_headers`.
+//! later step and the upstream see the same set. Owns `server.underscores_in_headers` and
+//! `server.header_name_case`.
 //!
 //! - Names with `_`: many servers fold `_` and `-` into one name (CGI's `HTTP_X_USER_ID`), so
 //!   `X_User_Id` would reach them as the identity header the gateway sets. Dropped by default,
@@ -9,12 +10,15 @@
 //! - More than one `Authorization`: the gateway would verify one and the upstream might read
 //!   another, so the request is refused.
 //!
+//! - Header name case: by default the names go on as HTTP/2 would carry them (see
+//!   [`HeaderNameCase`]), in requests and in the upstream's responses alike.
+//!
 //! What Pingora's parser already refuses (400, before any of this): a second `Host`,
 //! `Content-Length`s that differ, whitespace before a header's colon, folded header lines.
 
 use super::forwarded::{self, CLIENT_CLAIMS};
 use http::HeaderName;
-use pingora::http::RequestHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 use serde::Deserialize;
 
 /// `server.underscores_in_headers`: what a client header whose name contains `_` gets.
@@ -30,6 +34,23 @@ pub enum Underscores {
     Allow,
 }
 
+/// `server.header_name_case`: how the names of the headers passed on (the client's to the
+/// upstream, the upstream's to the client) are spelled on an HTTP/1 connection. Names are
+/// case-insensitive (RFC 9110), and HTTP/2 writes them all in lower case.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeaderNameCase {
+    /// Whatever the sender wrote: a dozen common names capitalised (`Host`, `Content-Type`,
+    /// `Content-Length`, `Date`, `Server`, `Set-Cookie`, ...), every other name in lower case
+    /// (`user-agent`, `x-request-id`). The default; Envoy and HAProxy also lower-case names.
+    /// Keeping a second copy of every name, as `preserve` does, costs each request about 5%
+    /// more CPU (`loadtest/instructions.sh`).
+    #[default]
+    Normalize,
+    /// Each name as its sender spelled it, for a peer that compares names with their case.
+    Preserve,
+}
+
 /// Why the gateway refuses a request for its headers (the 400 answer's `detail`).
 pub const UNDERSCORE_IN_NAME: &str = "a header name contains _ (underscores_in_headers: reject)";
 pub const DUPLICATE_AUTHORIZATION: &str = "more than one Authorization header";
@@ -38,6 +59,7 @@ pub const DUPLICATE_AUTHORIZATION: &str = "more than one Authorization header";
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HeaderRules {
     underscores: Underscores,
+    name_case: HeaderNameCase,
     /// The `forward_claims` header names, lower-case.
     identity: Vec<HeaderName>,
 }
@@ -47,7 +69,20 @@ impl HeaderRules {
     pub fn new(underscores: Underscores, identity: &[HeaderName]) -> HeaderRules {
         HeaderRules {
             underscores,
+            name_case: HeaderNameCase::default(),
             identity: identity.to_vec(),
+        }
+    }
+
+    /// The same rules with names spelled as `name_case` says.
+    pub fn with_name_case(self, name_case: HeaderNameCase) -> HeaderRules {
+        HeaderRules { name_case, ..self }
+    }
+
+    /// Applies the rules to an upstream's response header: its names' case.
+    pub fn clean_response(&self, resp: &mut ResponseHeader) {
+        if self.name_case == HeaderNameCase::Normalize {
+            resp.forget_case();
         }
     }
 
@@ -55,6 +90,10 @@ impl HeaderRules {
     /// forwarding claims unless `peer_trusted`. Returns why the request must be refused, if it
     /// must (the caller answers 400 once the request has been counted by its rate limit).
     pub fn clean(&self, req: &mut RequestHeader, peer_trusted: bool) -> Option<&'static str> {
+        if self.name_case == HeaderNameCase::Normalize {
+            // First, so the removals below touch one map rather than two.
+            req.forget_case();
+        }
         let mut refusal = None;
         // Allocated only when something goes, which is rare.
         let mut remove: Vec<HeaderName> = Vec::new();
@@ -134,6 +173,25 @@ mod tests {
         ("My_Header", "v"),
         ("Accept", "*/*"),
     ];
+
+    #[test]
+    fn names_keep_their_case_only_when_configured_to() {
+        let mut normalized = req(SENT);
+        rules(Underscores::Drop).clean(&mut normalized, false);
+        assert!(!normalized.has_case());
+        let mut kept = req(SENT);
+        let preserve = rules(Underscores::Drop).with_name_case(HeaderNameCase::Preserve);
+        preserve.clean(&mut kept, false);
+        assert!(kept.has_case());
+        assert_eq!(names(&kept), names(&normalized));
+
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.append_header("X-Upstream", "a").unwrap();
+        preserve.clean_response(&mut resp);
+        assert!(resp.has_case());
+        rules(Underscores::Drop).clean_response(&mut resp);
+        assert!(!resp.has_case());
+    }
 
     #[test]
     fn dropped_by_default_with_client_claims_from_untrusted_peers() {

@@ -324,6 +324,7 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        self.runtime.header_rules.clean_response(upstream_response);
         upstream_response.reserve_headers(1 + ctx.decorations())?;
         upstream_response.insert_prepared_header(&REQUEST_ID_HEADER, ctx.request_id.clone())?;
         ctx.decorate(upstream_response, is_tls(session), true);

@@ -217,7 +217,8 @@ pub fn compile(config: &Config, source: &Source) -> Result<Compiled, ConfigError
         .as_ref()
         .map(|a| a.identity_headers().cloned().collect())
         .unwrap_or_default();
-    let header_rules = HeaderRules::new(config.server.underscores_in_headers, &identity_headers);
+    let header_rules = HeaderRules::new(config.server.underscores_in_headers, &identity_headers)
+        .with_name_case(config.server.header_name_case);
     Ok(Compiled {
         server: config.server.clone(),
         admin: config.admin.clone(),

@@ -322,6 +322,14 @@ impl RequestHeader {
         self.header_name_map.is_some()
     }
 
+    /// Forgets how the names were spelled on the wire: from here on the header is written as
+    /// one built with `build_no_case` is (standard names in their usual capitalisation, such
+    /// as `Content-Type`, others in lower case), and each later insert or removal updates one
+    /// map instead of two.
+    pub fn forget_case(&mut self) {
+        self.header_name_map = None;
+    }
+
     pub fn map<F: FnMut(HeaderNameVariant, &HeaderValue) -> Result<()>>(
         &self,
         mut f: F,
@@ -738,6 +746,14 @@ impl ResponseHeader {
     /// Returns true if the response has case-sensitive headers.
     pub fn has_case(&self) -> bool {
         self.header_name_map.is_some()
+    }
+
+    /// Forgets how the names were spelled on the wire: from here on the header is written as
+    /// one built with `build_no_case` is (standard names in their usual capitalisation, such
+    /// as `Content-Type`, others in lower case), and each later insert or removal updates one
+    /// map instead of two.
+    pub fn forget_case(&mut self) {
+        self.header_name_map = None;
     }
 
     pub fn map<F: FnMut(HeaderNameVariant, &HeaderValue) -> Result<()>>(
@@ -1290,6 +1306,32 @@ mod tests {
         assert!(resp.headers.capacity() >= 5 + PROXY_HEADER_HEADROOM);
         let resp = ResponseHeader::build_no_case(200, None).unwrap();
         assert!(resp.headers.capacity() >= 8 + PROXY_HEADER_HEADROOM);
+    }
+
+    #[test]
+    fn test_forget_case() {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.append_header("X-Custom-Thing", "1").unwrap();
+        req.append_header("content-TYPE", "text/plain").unwrap();
+        req.forget_case();
+        assert!(!req.has_case());
+        req.insert_header("X-Added", "2").unwrap();
+        req.append_header("X-Custom-Thing", "3").unwrap();
+        assert!(req.remove_header("content-type").is_some());
+        let mut buf: Vec<u8> = vec![];
+        req.header_to_h1_wire(&mut buf);
+        assert_eq!(
+            buf,
+            b"x-custom-thing: 1\r\nx-custom-thing: 3\r\nx-added: 2\r\n"
+        );
+
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.append_header("X-Upstream", "a").unwrap();
+        resp.forget_case();
+        assert!(!resp.has_case());
+        let mut buf: Vec<u8> = vec![];
+        resp.header_to_h1_wire(&mut buf);
+        assert_eq!(buf, b"x-upstream: a\r\n");
     }
 
     #[test]
