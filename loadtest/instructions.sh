@@ -22,7 +22,8 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-ALL_TARGETS=(pingora pingora-front breakwater breakwater-no-log breakwater-no-security-headers)
+ALL_TARGETS=(pingora pingora-front breakwater breakwater-no-log breakwater-no-security-headers
+  breakwater-preserve-case)
 REQUESTS=10000 WARMUP=500 CONNECTIONS=16 ONLY="" TOOL=callgrind ANNOTATE=25
 while (($#)); do
   case $1 in
@@ -106,16 +107,20 @@ run() {
       # Health checks are background work paced by the clock, and valgrind slows the process
       # some 50 times: at the bench's 5 s they would add a varying share to each request.
       sed -i 's/interval: 5s/interval: 1h/' "$dir/breakwater.yaml"
-      # The two rows that say what one default feature costs: the bench's config less it.
+      # The rows that say what one default costs: the bench's config less it (or, for the
+      # header name case, with the other setting).
       case $name in
         breakwater-no-log) sed -i 's/^access_log: true$/access_log: false/' "$dir/breakwater.yaml" ;;
         breakwater-no-security-headers)
           sed -i 's/^access_log: true$/&\nsecurity_headers: {enabled: false}/' "$dir/breakwater.yaml" ;;
+        breakwater-preserve-case)
+          sed -i 's/^  threads: 1$/&\n  header_name_case: preserve/' "$dir/breakwater.yaml" ;;
       esac
       # A config that no longer reads as expected must not pass for the bench's own.
       case $name in
         breakwater-no-log) grep -q '^access_log: false$' "$dir/breakwater.yaml" ;;
         breakwater-no-security-headers) grep -q '^security_headers: {enabled: false}$' "$dir/breakwater.yaml" ;;
+        breakwater-preserve-case) grep -q '^  header_name_case: preserve$' "$dir/breakwater.yaml" ;;
       esac || die "$name: could not derive its config from the bench's (see breakwater_conf in lib.sh)"
       "${vg[@]}" "$BIN/breakwater" -c "$dir/breakwater.yaml" >"$dir/access.log" 2>"$dir/stderr" &
       pid=$!
@@ -193,6 +198,7 @@ REPORT="$LT_DIR/results/instructions-latest.md"
   echo "- **pingora-front**: the same behind Breakwater's connection front (server::front: whole-header deadline, idle wait without a buffer after 100 ms, connection count)"
   echo "- **breakwater**: the bench's config: routing (2 services), breaker, health checks (every hour here, not 5 s: valgrind's slowdown would make them a varying share of each request), metrics, JSON access log"
   echo "- **breakwater-no-log**, **breakwater-no-security-headers**: the same with \`access_log: false\`, or with \`security_headers: {enabled: false}\` (the four headers added to and the two removed from every answer): the difference to **breakwater** is what that default costs"
+  echo "- **breakwater-preserve-case**: the same with \`server.header_name_case: preserve\` (each header name kept as sent, in a second map, instead of normalized)"
 } >"$LT_TMP/report.md"
 cp "$LT_TMP/report.md" "$REPORT"
 cat "$REPORT"
