@@ -48,6 +48,7 @@ pub enum HeaderNameCase {
     #[default]
     Normalize,
     /// Each name as its sender spelled it, for a peer that compares names with their case.
+    /// A cache hit is the exception: the cache keeps names, not their spelling.
     Preserve,
 }
 
