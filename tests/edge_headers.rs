@@ -414,21 +414,6 @@ impl RecordingUpstream {
     }
 }
 
-/// The response head the client reads, as sent.
-fn raw_head(addr: &str, request: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
-    stream.write_all(request.as_bytes()).expect("send");
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).expect("read");
-    let answer = String::from_utf8_lossy(&answer).into_owned();
-    answer
-        .split("\r\n\r\n")
-        .next()
-        .unwrap_or_default()
-        .to_string()
-}
-
 fn header_lines(head: &str) -> Vec<&str> {
     head.lines().skip(1).collect()
 }
@@ -459,7 +444,7 @@ services:
 "#,
             up.addr
         ));
-        let answer = raw_head(&gw.http, request);
+        let answer = common::raw_request(&gw.http, request.as_bytes()).head;
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         for line in client_sees {
             assert!(

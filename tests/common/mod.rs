@@ -754,6 +754,9 @@ pub struct RawResponse {
     pub status: u16,
     /// Names lower-cased.
     pub headers: Vec<(String, String)>,
+    /// The status line and header lines as sent (names in their wire spelling), without the
+    /// blank line that ends them.
+    pub head: String,
     pub body: Vec<u8>,
 }
 
@@ -811,6 +814,7 @@ impl RawConnection {
                     return RawResponse {
                         status: 0,
                         headers: Vec::new(),
+                        head: String::new(),
                         body: std::mem::take(&mut self.buf),
                     }
                 }
@@ -840,6 +844,7 @@ fn parse_raw_response(buf: &[u8]) -> Option<(RawResponse, usize)> {
     let response = RawResponse {
         status,
         headers,
+        head: head.into_owned(),
         body,
     };
     Some((response, end + 4 + length))
