@@ -176,7 +176,7 @@ start_target() {
         >"$dir/access.log" 2>"$dir/breakwater.err" &
       T_PID=$!
       track "$T_PID"
-      wait_http "http://127.0.0.1:$admin/ready"
+      wait_ready "http://127.0.0.1:$admin/ready"
       [[ -n $server ]] && T_URL="https://127.0.0.1:$tls_port/users/1"
       ;;
     *) die "no server for target $name" ;;

@@ -90,7 +90,7 @@ EOF
   >"$LT_TMP/breakwater-access.log" 2>"$LT_TMP/breakwater.err" &
 BW_PID=$!
 track "$BW_PID"
-wait_http "http://127.0.0.1:$BW_ADMIN/ready"
+wait_ready "http://127.0.0.1:$BW_ADMIN/ready"
 
 ROWS=()
 run() { # NAME PATH [HEADER]

@@ -80,7 +80,7 @@ start_target() {
       "$LT_BIN/breakwater" -c "$dir/breakwater.yaml" >"$dir/access.log" 2>"$dir/breakwater.err" &
       T_PID=$!
       track "$T_PID"
-      wait_http "http://127.0.0.1:$admin/ready"
+      wait_ready "http://127.0.0.1:$admin/ready"
       T_VERSION="1 worker thread; routing, breaker, health checks, metrics, access log"
       ;;
     pingora)

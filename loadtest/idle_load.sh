@@ -49,7 +49,7 @@ sed -i "/^server:/a\\  keepalive_timeout: 900s\\n  max_connections: $((N + CONNS
 "$LT_BIN/breakwater" -c "$CONF" >"$LT_TMP/access.log" 2>"$LT_TMP/breakwater.err" &
 BW_PID=$!
 track "$BW_PID"
-wait_http "http://127.0.0.1:$ADMIN/ready"
+wait_ready "http://127.0.0.1:$ADMIN/ready"
 wait_http "http://127.0.0.1:$PORT/users/1"
 
 active() {

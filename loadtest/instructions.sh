@@ -131,7 +131,7 @@ run() {
   # The caller reads run's output through $(...), a subshell whose exit the script's cleanup
   # does not see: if anything below fails, the subshell stops the process itself.
   trap "kill -KILL $pid 2>/dev/null" EXIT
-  wait_http "$ready" 120
+  wait_ready "$ready" 120
   ((WARMUP > 0)) && h2load_n "$url" "$WARMUP"
   h2load_n "$url" $((CONNECTIONS + extra))
   # SIGINT: Pingora's fast shutdown; valgrind writes its output as the process exits.

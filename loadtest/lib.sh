@@ -239,6 +239,17 @@ wait_http() {
   done
 }
 
+# wait_ready URL [SECONDS]: until URL answers 2xx. For a gateway's /ready, which answers 503
+# from the moment the admin port listens until every proxy listener accepts (slow under
+# valgrind): anything-over-HTTP would send traffic to a port not yet listening.
+wait_ready() {
+  local url=$1 deadline=$((SECONDS + ${2:-15}))
+  until curl -skf -o /dev/null --max-time 1 "$url"; do
+    ((SECONDS < deadline)) || die "$url did not answer 2xx in ${2:-15}s"
+    sleep 0.1
+  done
+}
+
 # Starts `sample-service --listen 127.0.0.1:PORT --name NAME` (PORT 0 = ephemeral) with its
 # output in $LT_TMP/NAME.out; sets SAMPLE_PID and SAMPLE_ADDR.
 start_sample() {

@@ -73,7 +73,7 @@ EOF
 "$LT_BIN/breakwater" -c "$LT_TMP/gateway.yaml" check >/dev/null
 "$LT_BIN/breakwater" -c "$LT_TMP/gateway.yaml" >"$LT_TMP/gateway.out" 2>&1 &
 track $!
-wait_http "http://127.0.0.1:$ADMIN_PORT/ready"
+wait_ready "http://127.0.0.1:$ADMIN_PORT/ready"
 
 URL="http://127.0.0.1:$LISTEN_PORT/items/1"
 curl -s -o /dev/null "$URL" # stored, so REDbot's requests are answered by the cache

@@ -93,7 +93,7 @@ bw_start() { # DIR PORT ADMIN
   BW_PID_FILES+=("$dir/gateway.yaml.pid")
   "$LT_BIN/breakwater" -c "$dir/gateway.yaml" >"$dir/stdout" 2>"$dir/stderr" &
   track $!
-  wait_http "http://127.0.0.1:$3/ready"
+  wait_ready "http://127.0.0.1:$3/ready"
 }
 
 bw_reload() { # DIR PORT ADMIN N
