@@ -66,7 +66,7 @@ pub struct RequestCtx {
 }
 
 /// The connection's facts while a request on it runs, handed on to the next request. Boxed:
-/// they move from request to request, and the context is moved whole a few times per request.
+/// they move from request to request.
 /// Pingora's hook that hands them on sees the context only by reference, so they are taken out
 /// through a lock, never contended (one request at a time holds them), instead of copied.
 #[derive(Default)]
