@@ -16,6 +16,9 @@
 //!   `408` or `431` itself;
 //! - it hands the bytes to Pingora's HTTP/1 session as a pipelined prefix, so Pingora parses
 //!   them as if it had read them, and takes the connection back when the exchange is done;
+//! - it awaits the proxy's request future in place (the pingora-proxy patch), in a future
+//!   boxed once per run of requests that follow one another within `READ_AHEAD`, where
+//!   Pingora boxes (and copies) each request's several KB of state;
 //! - HTTP/2 (ALPN `h2` on TLS, or the h2c preface when `server.h2c` is on) goes to Pingora's
 //!   own HTTP/2 handling;
 //! - once the process drains (a reload handed the listeners over, or shutdown), a connection
@@ -25,12 +28,15 @@
 
 use bytes::{BufMut, BytesMut};
 use once_cell::sync::Lazy;
-use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream, ServerApp};
+use pingora::connectors::http::custom;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::{Stream, ALPN};
+use pingora::proxy::{HttpProxy, ProxyHttp};
 use pingora::server::ShutdownWatch;
 use prometheus::{IntCounter, IntCounterVec, IntGauge};
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -124,6 +130,33 @@ pub fn register_metrics() {
     Lazy::force(&CONNECTION_METRICS);
 }
 
+/// Pingora's HTTP application, with a way to serve one HTTP/1 request whose future the front
+/// awaits in place. [`HttpServerApp::process_new_http`] boxes it: an allocation and a copy of
+/// the whole request state (about 8.7 KB for the proxy) per request. The proxy's own method
+/// comes from the pingora-proxy patch (patches/README.md).
+pub trait InPlaceHttpApp: HttpServerApp {
+    fn process_new_http_in_place<'a>(
+        self: &'a Arc<Self>,
+        session: ServerSession,
+        shutdown: &'a ShutdownWatch,
+    ) -> impl Future<Output = Option<ReusedHttpStream>> + Send + 'a;
+}
+
+impl<SV, C> InPlaceHttpApp for HttpProxy<SV, C>
+where
+    SV: ProxyHttp + Send + Sync + 'static,
+    <SV as ProxyHttp>::CTX: Send + Sync,
+    C: custom::Connector,
+{
+    fn process_new_http_in_place<'a>(
+        self: &'a Arc<Self>,
+        session: ServerSession,
+        shutdown: &'a ShutdownWatch,
+    ) -> impl Future<Output = Option<ReusedHttpStream>> + Send + 'a {
+        self.process_new_http_unboxed(session, shutdown)
+    }
+}
+
 /// The front of one listening service, in front of Pingora's HTTP application `A` (the proxy).
 pub struct Front<A> {
     app: Arc<A>,
@@ -197,25 +230,70 @@ enum NoRequest {
 
 impl<A> Front<A>
 where
-    A: HttpServerApp + Send + Sync + 'static,
+    A: InPlaceHttpApp + Send + Sync + 'static,
 {
-    /// Serves HTTP/1 requests on `stream` until the connection closes.
+    /// Serves HTTP/1 requests on `stream` until the connection closes: runs of requests
+    /// that follow one another within `READ_AHEAD` (`serve_busy`), and quiet waits between
+    /// them that hold neither a buffer nor a request's state.
     async fn serve_http1(&self, mut stream: Stream, shutdown: &ShutdownWatch) {
         let mut persistent: Option<HttpPersistentSettings> = None;
         let mut served = 0u64;
+        let mut first = None;
         loop {
-            let head = match self.read_head(&mut stream, shutdown, served > 0).await {
-                Ok(head) => head,
-                Err(NoRequest::Gone) => return,
-                Err(NoRequest::TimedOut) => {
-                    CONNECTION_METRICS.closed_header_timeout.inc();
-                    refuse(&mut stream, 408, "request header timeout").await;
-                    return;
+            // Boxed once per run, not per request as Pingora's own loop does (the request's
+            // future is several KB, copied into its box), and not kept inline either: an idle
+            // connection would then hold that much for as long as it stays open.
+            let busy =
+                self.serve_busy(stream, first.take(), &mut persistent, &mut served, shutdown);
+            let Some((returned, idle_since)) = Box::pin(busy).await else {
+                return;
+            };
+            stream = returned;
+            match self
+                .wait_quietly(&mut stream, shutdown, served > 0, idle_since)
+                .await
+            {
+                Ok(head) => first = Some(head),
+                Err(why) => return close_without_request(&mut stream, why).await,
+            }
+        }
+    }
+
+    /// Serves requests on `stream` as long as each next one starts within `READ_AHEAD`,
+    /// starting with `first` (bytes of a request already read) if given. Gives the stream
+    /// back, with when it went idle, once the connection is quiet; `None` once it closed.
+    async fn serve_busy(
+        &self,
+        mut stream: Stream,
+        mut first: Option<BytesMut>,
+        persistent: &mut Option<HttpPersistentSettings>,
+        served: &mut u64,
+        shutdown: &ShutdownWatch,
+    ) -> Option<(Stream, Instant)> {
+        loop {
+            let start = match first.take() {
+                Some(start) => Ok(start),
+                None => {
+                    let idle_since = Instant::now();
+                    match self
+                        .read_ahead(&mut stream, shutdown, *served > 0, idle_since)
+                        .await
+                    {
+                        Ok(Some(start)) => Ok(start),
+                        Ok(None) => return Some((stream, idle_since)),
+                        Err(why) => Err(why),
+                    }
                 }
-                Err(NoRequest::TooLarge) => {
-                    CONNECTION_METRICS.closed_header_too_large.inc();
-                    refuse(&mut stream, 431, "request header too large").await;
-                    return;
+            };
+            let head = match start {
+                Ok(start) => self.complete_head(&mut stream, start).await,
+                Err(why) => Err(why),
+            };
+            let head = match head {
+                Ok(head) => head,
+                Err(why) => {
+                    close_without_request(&mut stream, why).await;
+                    return None;
                 }
             };
             let mut session = ServerSession::new_http1(stream);
@@ -224,43 +302,62 @@ where
                 settings.apply_to_session(&mut session);
             }
             session.set_pipelined_prefix(head);
-            // `process_new_http` closes the connection itself when it cannot be reused, and
-            // answers `Connection: close` once shutdown has begun.
-            let Some(reused) = self.app.process_new_http(session, shutdown).await else {
-                return;
-            };
-            (stream, persistent) = reused.consume();
-            served += 1;
+            // The proxy closes the connection itself when it cannot be reused, and answers
+            // `Connection: close` once shutdown has begun.
+            let reused = self
+                .app
+                .process_new_http_in_place(session, shutdown)
+                .await?;
+            (stream, *persistent) = reused.consume();
+            *served += 1;
         }
     }
 
-    /// Waits for the next request and reads its header, under the idle and header
-    /// deadlines. The bytes may run past the header (a body, or pipelined requests);
-    /// Pingora's session takes them all.
-    async fn read_head(
+    /// Waits up to `READ_AHEAD` for the next request with the header buffer ready: its first
+    /// bytes, or `None` if none came.
+    async fn read_ahead(
         &self,
         stream: &mut Stream,
         shutdown: &ShutdownWatch,
         reused: bool,
-    ) -> Result<BytesMut, NoRequest> {
-        let idle_since = Instant::now();
+        idle_since: Instant,
+    ) -> Result<Option<BytesMut>, NoRequest> {
         let mut head = BytesMut::with_capacity(HEADER_BUFFER);
         let window = Some(idle_since + READ_AHEAD);
         let read = self
             .wait_and_read(stream, shutdown, reused, idle_since, window, &mut head)
             .await?;
-        if read.is_none() {
-            // Quiet for the whole window: wait on with no heap buffer held.
-            head = BytesMut::new();
-            let mut first = [0u8; FIRST_READ];
-            let mut unfilled = &mut first[..];
-            let n = self
-                .wait_and_read(stream, shutdown, reused, idle_since, None, &mut unfilled)
-                .await?
-                .ok_or(NoRequest::Gone)?;
-            head.reserve(HEADER_BUFFER.max(n));
-            head.extend_from_slice(&first[..n]);
-        }
+        Ok(read.map(|_| head))
+    }
+
+    /// Waits on for the next request with no heap buffer held, idle since `idle_since`, and
+    /// returns its first bytes.
+    async fn wait_quietly(
+        &self,
+        stream: &mut Stream,
+        shutdown: &ShutdownWatch,
+        reused: bool,
+        idle_since: Instant,
+    ) -> Result<BytesMut, NoRequest> {
+        let mut first = [0u8; FIRST_READ];
+        let mut unfilled = &mut first[..];
+        let n = self
+            .wait_and_read(stream, shutdown, reused, idle_since, None, &mut unfilled)
+            .await?
+            .ok_or(NoRequest::Gone)?;
+        let mut head = BytesMut::with_capacity(HEADER_BUFFER.max(n));
+        head.extend_from_slice(&first[..n]);
+        Ok(head)
+    }
+
+    /// Reads on until `head` holds the whole request header, under the header deadline and
+    /// size bound. The bytes may run past the header (a body, or pipelined requests);
+    /// Pingora's session takes them all.
+    async fn complete_head(
+        &self,
+        stream: &mut Stream,
+        mut head: BytesMut,
+    ) -> Result<BytesMut, NoRequest> {
         let deadline = Instant::now() + self.settings.header_timeout;
         let mut scanned = 0;
         while !header_complete(&head, scanned) {
@@ -351,6 +448,21 @@ fn may_be_h2_preface(bytes: &[u8]) -> bool {
     bytes[..n] == H2_PREFACE[..n]
 }
 
+/// Closes a connection on which no request came whole: quietly, or with `408` or `431`.
+async fn close_without_request(stream: &mut Stream, why: NoRequest) {
+    match why {
+        NoRequest::Gone => {}
+        NoRequest::TimedOut => {
+            CONNECTION_METRICS.closed_header_timeout.inc();
+            refuse(stream, 408, "request header timeout").await;
+        }
+        NoRequest::TooLarge => {
+            CONNECTION_METRICS.closed_header_too_large.inc();
+            refuse(stream, 431, "request header too large").await;
+        }
+    }
+}
+
 /// Answers a request the front refuses before Pingora sees it, then closes.
 async fn refuse(stream: &mut Stream, status: u16, reason: &str) {
     let request_id = crate::proxy::request_id::new();
@@ -383,7 +495,7 @@ async fn refuse(stream: &mut Stream, status: u16, reason: &str) {
 #[async_trait::async_trait]
 impl<A> ServerApp for Front<A>
 where
-    A: HttpServerApp + Send + Sync + 'static,
+    A: InPlaceHttpApp + Send + Sync + 'static,
 {
     async fn process_new(
         self: &Arc<Self>,
