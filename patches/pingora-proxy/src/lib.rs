@@ -1607,12 +1607,20 @@ where
     <SV as ProxyHttp>::CTX: Send + Sync,
     C: custom::Connector,
 {
-    async fn process_new_http(
-        self: &Arc<Self>,
+    // Written out as `async_trait` would expand it, so that the box holds the inherent
+    // method's future itself, not an `async` block around it (which would keep a second slot
+    // for the session and make the box, and its copy, larger than before).
+    fn process_new_http<'life0, 'life1, 'async_trait>(
+        self: &'life0 Arc<Self>,
         session: HttpSession,
-        shutdown: &ShutdownWatch,
-    ) -> Option<ReusedHttpStream> {
-        self.process_new_http_unboxed(session, shutdown).await
+        shutdown: &'life1 ShutdownWatch,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Option<ReusedHttpStream>> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(self.process_new_http_unboxed(session, shutdown))
     }
 
     async fn http_cleanup(&self) {
