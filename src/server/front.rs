@@ -27,6 +27,7 @@
 //!   answered, since the client sent it to us.
 
 use bytes::{BufMut, BytesMut};
+use memchr::memmem;
 use once_cell::sync::Lazy;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream, ServerApp};
 use pingora::connectors::http::custom;
@@ -427,19 +428,14 @@ where
 
 /// Whether `buf` holds a complete header block: an empty line after the request line.
 /// `from` is how much was already scanned. Bare `\n` line ends are accepted, as Pingora's
-/// parser does.
+/// parser does: a line end followed by `\r\n` or by `\n`.
 fn header_complete(buf: &[u8], from: usize) -> bool {
-    // One pass from line end to line end (the header is scanned once per read).
-    let mut at = from.saturating_sub(3);
-    while let Some(n) = buf[at..].iter().position(|&b| b == b'\n') {
-        let end = at + n;
-        match buf.get(end + 1) {
-            Some(b'\n') => return true,
-            Some(b'\r') if buf.get(end + 2) == Some(&b'\n') => return true,
-            _ => at = end + 1,
-        }
-    }
-    false
+    // Vectorized searches (a byte loop was about 5 instructions a byte); the two or three
+    // bytes before `from` are looked at again, for an end split across reads.
+    static CRLF_END: Lazy<memmem::Finder<'static>> = Lazy::new(|| memmem::Finder::new(b"\n\r\n"));
+    static LF_END: Lazy<memmem::Finder<'static>> = Lazy::new(|| memmem::Finder::new(b"\n\n"));
+    let rest = &buf[from.saturating_sub(3).min(buf.len())..];
+    CRLF_END.find(rest).is_some() || LF_END.find(rest).is_some()
 }
 
 /// Whether `bytes`, the start of a connection, could be the HTTP/2 preface.
@@ -563,6 +559,38 @@ mod tests {
         assert!(!header_complete(b"\r\n\r", 0));
         assert!(header_complete(b"\n\n", 0));
         assert!(!header_complete(b"", 0));
+    }
+
+    #[test]
+    fn the_header_end_search_agrees_with_its_definition_on_every_short_input() {
+        // Every string of up to seven bytes over `\r`, `\n` and a letter, from every resume
+        // point: a line end followed by `\n` or `\r\n`, at or after three bytes before it.
+        let defined = |buf: &[u8], from: usize| {
+            (from.saturating_sub(3)..buf.len()).any(|i| {
+                buf[i] == b'\n'
+                    && (buf.get(i + 1) == Some(&b'\n')
+                        || (buf.get(i + 1) == Some(&b'\r') && buf.get(i + 2) == Some(&b'\n')))
+            })
+        };
+        let alphabet = [b'\r', b'\n', b'a'];
+        for len in 0..=7u32 {
+            for mut code in 0..3usize.pow(len) {
+                let buf: Vec<u8> = (0..len)
+                    .map(|_| {
+                        let b = alphabet[code % 3];
+                        code /= 3;
+                        b
+                    })
+                    .collect();
+                for from in 0..=buf.len() {
+                    assert_eq!(
+                        header_complete(&buf, from),
+                        defined(&buf, from),
+                        "{buf:?} from {from}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
