@@ -41,7 +41,7 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::subrequest::Ctx as SubrequestCtx;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
-use request_id::{REQUEST_ID, REQUEST_ID_HEADER};
+use request_id::REQUEST_ID_HEADER;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -540,7 +540,7 @@ fn begin(session: &mut Session, ctx: &mut RequestCtx) {
         // A successor process serves new connections: let this one go after the answer.
         session.set_keepalive(None);
     }
-    ctx.request_id = match session.req_header().headers.get(REQUEST_ID) {
+    ctx.request_id = match session.req_header().headers.get(REQUEST_ID_HEADER.name()) {
         Some(v) if request_id::is_well_formed(v) => v.clone(),
         _ => request_id::new(),
     };

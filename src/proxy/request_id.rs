@@ -6,7 +6,7 @@ use pingora::http::PreparedHeaderName;
 
 pub const REQUEST_ID: &str = "x-request-id";
 
-/// `REQUEST_ID` prepared for insertion: parsed once, not on every message.
+/// `REQUEST_ID` prepared once: looked up and inserted without parsing the name each time.
 pub static REQUEST_ID_HEADER: PreparedHeaderName = PreparedHeaderName::from_static(REQUEST_ID);
 
 /// A client-sent request id is kept when it is short and plainly printable.
