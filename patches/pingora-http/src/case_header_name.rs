@@ -128,8 +128,8 @@ impl PreparedHeaderName {
         self.case.as_slice()
     }
 
-    pub(crate) fn parts(&self) -> (HeaderName, CaseHeaderName) {
-        (self.name.clone(), self.case.clone())
+    pub(crate) fn case_name(&self) -> CaseHeaderName {
+        self.case.clone()
     }
 }
 

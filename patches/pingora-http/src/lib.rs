@@ -1054,13 +1054,13 @@ fn insert_prepared_value<T>(
     name: &PreparedHeaderName,
     value: T,
 ) -> Result<()> {
-    let (header_name, case_header_name) = name.parts();
+    // The wire spelling is cloned only for a header that keeps a case map.
     if let Some(name_map) = name_map {
         name_map
-            .try_insert(header_name.clone(), case_header_name)
+            .try_insert(name.name().clone(), name.case_name())
             .or_err(InvalidHTTPHeader, "header name map size overflows MAX_SIZE")?;
     }
-    value_map.try_insert(header_name, value).or_err(
+    value_map.try_insert(name.name().clone(), value).or_err(
         InvalidHTTPHeader,
         "header value map size overflows MAX_SIZE",
     )?;
@@ -1074,8 +1074,7 @@ fn insert_prepared_value_if_absent<T>(
     name: &PreparedHeaderName,
     value: T,
 ) -> Result<bool> {
-    let (header_name, case_header_name) = name.parts();
-    let entry = value_map.try_entry(header_name.clone()).or_err(
+    let entry = value_map.try_entry(name.name().clone()).or_err(
         InvalidHTTPHeader,
         "header value map size overflows MAX_SIZE",
     )?;
@@ -1089,7 +1088,7 @@ fn insert_prepared_value_if_absent<T>(
     // The two maps hold the same names, so the case map has room for what the value map took.
     if let Some(name_map) = name_map {
         name_map
-            .try_insert(header_name, case_header_name)
+            .try_insert(name.name().clone(), name.case_name())
             .or_err(InvalidHTTPHeader, "header name map size overflows MAX_SIZE")?;
     }
     Ok(true)
@@ -1102,13 +1101,12 @@ fn append_prepared_value<T>(
     name: &PreparedHeaderName,
     value: T,
 ) -> Result<bool> {
-    let (header_name, case_header_name) = name.parts();
     if let Some(name_map) = name_map {
         name_map
-            .try_append(header_name.clone(), case_header_name)
+            .try_append(name.name().clone(), name.case_name())
             .or_err(InvalidHTTPHeader, "header name map size overflows MAX_SIZE")?;
     }
-    value_map.try_append(header_name, value).or_err(
+    value_map.try_append(name.name().clone(), value).or_err(
         InvalidHTTPHeader,
         "header value map size overflows MAX_SIZE",
     )
