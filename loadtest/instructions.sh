@@ -195,7 +195,7 @@ REPORT="$LT_DIR/results/instructions-latest.md"
   done
   echo
   echo "- **pingora**: examples/bare_pingora.rs (only \`upstream_peer\`)"
-  echo "- **pingora-front**: the same behind Breakwater's connection front (server::front: whole-header deadline, idle wait without a buffer after 100 ms, connection count)"
+  echo "- **pingora-front**: the same behind Breakwater's connection front (server::front: whole-header deadline, idle wait without a buffer after 100 ms, connection count, and the request future awaited in place instead of boxed per request: the pingora-proxy patch)"
   echo "- **breakwater**: the bench's config: routing (2 services), breaker, health checks (every hour here, not 5 s: valgrind's slowdown would make them a varying share of each request), metrics, JSON access log"
   echo "- **breakwater-no-log**, **breakwater-no-security-headers**: the same with \`access_log: false\`, or with \`security_headers: {enabled: false}\` (the four headers added to and the two removed from every answer): the difference to **breakwater** is what that default costs"
   echo "- **breakwater-preserve-case**: the same with \`server.header_name_case: preserve\` (each header name kept as sent, in a second map, instead of normalized)"
