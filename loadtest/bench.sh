@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Throughput, latency and CPU per request of Breakwater beside the same upstream reached
 # directly, nginx as a plain reverse proxy and a bare Pingora proxy (examples/bare_pingora.rs),
-# bare Pingora behind Breakwater's connection front (what the whole-header deadline costs),
+# bare Pingora behind Breakwater's connection front (what the front costs or saves),
 # then Breakwater with one feature more per row (JWT HS256/RS256/ES256, a memory-cache hit, a
 # local rate limit), with the same wrk load, in one run; then HTTP/2 over TLS (h2load against
 # nginx's `http2` listener and Breakwater's TLS listener, a self-signed certificate made per
@@ -287,7 +287,7 @@ describe() {
     direct) echo "the upstream itself (nginx \`return 200\`)" ;;
     nginx) echo "nginx reverse proxy, keep-alive upstream block, access_log $NGINX_ACCESS_LOG" ;;
     pingora) echo "bare Pingora: examples/bare_pingora.rs (only \`upstream_peer\`, mimalloc)" ;;
-    pingora-front) echo "the same bare Pingora behind Breakwater's connection front (\`BARE_FRONT=1\`: whole-header deadline, idle wait without a buffer after 100 ms, connection count)" ;;
+    pingora-front) echo "the same bare Pingora behind Breakwater's connection front (\`BARE_FRONT=1\`: whole-header deadline, idle wait without a buffer after 100 ms, connection count, the request future awaited in place rather than boxed per request)" ;;
     nginx-h2) echo "nginx \`listen ... ssl http2\`, same proxy settings as nginx (self-signed P-256 certificate)" ;;
     breakwater-h2) echo "Breakwater's \`server.tls\` listener (h2 by ALPN), the breakwater row's config" ;;
     breakwater) echo "routing (2 services), breaker, health checks, metrics, JSON access log to a file" ;;
