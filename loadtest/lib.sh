@@ -231,21 +231,19 @@ free_port() {
 }
 
 # wait_http URL [SECONDS]: until URL answers anything over HTTP.
-wait_http() {
-  local url=$1 deadline=$((SECONDS + ${2:-15}))
-  until curl -sk -o /dev/null --max-time 1 "$url"; do
-    ((SECONDS < deadline)) || die "$url did not answer in ${2:-15}s"
-    sleep 0.1
-  done
-}
+wait_http() { wait_curl -sk "answer" "$@"; }
 
 # wait_ready URL [SECONDS]: until URL answers 2xx. For a gateway's /ready, which answers 503
 # from the moment the admin port listens until every proxy listener accepts (slow under
 # valgrind): anything-over-HTTP would send traffic to a port not yet listening.
-wait_ready() {
-  local url=$1 deadline=$((SECONDS + ${2:-15}))
-  until curl -skf -o /dev/null --max-time 1 "$url"; do
-    ((SECONDS < deadline)) || die "$url did not answer 2xx in ${2:-15}s"
+wait_ready() { wait_curl -skf "answer 2xx" "$@"; }
+
+# wait_curl CURL_FLAGS WHAT URL [SECONDS]: until `curl CURL_FLAGS URL` succeeds.
+wait_curl() {
+  local flags=$1 what=$2 url=$3 secs=${4:-15}
+  local deadline=$((SECONDS + secs))
+  until curl "$flags" -o /dev/null --max-time 1 "$url"; do
+    ((SECONDS < deadline)) || die "$url did not $what in ${secs}s"
     sleep 0.1
   done
 }
