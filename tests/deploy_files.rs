@@ -817,6 +817,16 @@ fn kustomization_lists_every_manifest() {
 
 /// The Dockerfile's instructions of its last stage, continuation lines joined: (INSTRUCTION, rest).
 fn dockerfile_final_stage(text: &str) -> Vec<(String, String)> {
+    let mut instructions = dockerfile_instructions(text);
+    let last_from = instructions
+        .iter()
+        .rposition(|(i, _)| i == "FROM")
+        .expect("the Dockerfile has a FROM");
+    instructions.split_off(last_from)
+}
+
+/// Every instruction of the Dockerfile, continuation lines joined: (INSTRUCTION, rest).
+fn dockerfile_instructions(text: &str) -> Vec<(String, String)> {
     let mut instructions = Vec::new();
     let mut current = String::new();
     for line in text.lines() {
@@ -842,11 +852,56 @@ fn dockerfile_final_stage(text: &str) -> Vec<(String, String)> {
             }
         }
     }
-    let last_from = instructions
+    instructions
+}
+
+/// The crates `Cargo.toml` takes from the repository instead of crates.io
+/// (`[patch.crates-io]`), by path.
+fn patched_crate_paths() -> Vec<String> {
+    let manifest = std::fs::read_to_string(deploy_dir().join("../Cargo.toml"))
+        .expect("cannot read Cargo.toml");
+    let section = manifest
+        .split("\n[patch.crates-io]\n")
+        .nth(1)
+        .map(|rest| rest.split("\n[").next().unwrap_or(rest))
+        .unwrap_or_default();
+    section
+        .lines()
+        .filter_map(|line| line.split_once("path = \"")?.1.split_once('"'))
+        .map(|(path, _)| path.to_string())
+        .collect()
+}
+
+#[test]
+fn docker_build_copies_the_patched_crates_before_building_dependencies() {
+    let patched = patched_crate_paths();
+    assert!(
+        !patched.is_empty(),
+        "Cargo.toml's [patch.crates-io] names no path: did its shape change?"
+    );
+    let instructions = dockerfile_instructions(&read("docker/Dockerfile"));
+    let first_build = instructions
         .iter()
-        .rposition(|(i, _)| i == "FROM")
-        .expect("the Dockerfile has a FROM");
-    instructions.split_off(last_from)
+        .position(|(i, rest)| i == "RUN" && rest.contains("cargo build"))
+        .expect("the Dockerfile runs cargo build");
+    let ignore = read("docker/Dockerfile.dockerignore");
+    for path in &patched {
+        let top = path.split('/').next().unwrap_or(path);
+        let copied = instructions[..first_build].iter().any(|(i, rest)| {
+            i == "COPY"
+                && rest
+                    .split_whitespace()
+                    .any(|src| src.trim_end_matches('/') == top || src == path)
+        });
+        assert!(
+            copied,
+            "the Dockerfile does not COPY {path} before its first cargo build (Cargo.toml patches a crate from it)"
+        );
+        assert!(
+            ignore.lines().any(|l| l.trim() == format!("!{top}/")),
+            "Dockerfile.dockerignore does not let {top}/ into the build context"
+        );
+    }
 }
 
 #[test]
