@@ -9,6 +9,7 @@ use crate::values::PathPrefix;
 use pingora::http::RequestHeader;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
+use std::cell::OnceCell;
 use std::fmt;
 use std::sync::Arc;
 
@@ -129,10 +130,15 @@ impl Router {
         Router { routes }
     }
 
-    /// The best route for `host` (lower-case, without port) and `path` (without query).
-    pub fn find(&self, host: &str, path: &str) -> Option<&Arc<Route>> {
+    /// The best route for the request, by its path (without query) and host (lower-case,
+    /// without port). The host is read only once a route that names one is reached: most
+    /// configurations route by path alone.
+    pub fn find(&self, req: &RequestHeader) -> Option<&Arc<Route>> {
+        let path = req.uri.path();
+        let host = OnceCell::new();
+        let host = || host.get_or_init(|| normalize_host(request_host(req).unwrap_or_default()));
         self.routes.iter().find(|r| {
-            prefix_matches(&r.prefix, path) && r.host.as_ref().is_none_or(|h| h.matches(host))
+            prefix_matches(&r.prefix, path) && r.host.as_ref().is_none_or(|h| h.matches(host()))
         })
     }
 }
@@ -246,8 +252,11 @@ mod tests {
     }
 
     fn service_for<'a>(r: &Router, names: &'a [String], host: &str, path: &str) -> Option<&'a str> {
-        r.find(host, path)
-            .map(|route| names[route.service].as_str())
+        let mut req = RequestHeader::build("GET", path.as_bytes(), None).unwrap();
+        if !host.is_empty() {
+            req.insert_header(http::header::HOST, host).unwrap();
+        }
+        r.find(&req).map(|route| names[route.service].as_str())
     }
 
     const YAML: &str = r#"
@@ -292,6 +301,16 @@ services:
         assert_eq!(
             service_for(&r, &n, "example.com", "/users/1"),
             Some("users")
+        );
+        // The `Host` header as sent: any case, with a port.
+        assert_eq!(
+            service_for(&r, &n, "API.Example.com:8443", "/users/1"),
+            Some("api_users")
+        );
+        assert_eq!(
+            service_for(&r, &n, "", "/users/1"),
+            Some("users"),
+            "no host: only routes without one"
         );
     }
 

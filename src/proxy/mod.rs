@@ -28,7 +28,6 @@ use crate::edge::path::Target;
 use crate::ops::lifecycle::LIFECYCLE;
 use crate::ops::tracing::{Phase, RequestSummary, RequestTrace};
 use crate::ops::{access_log, metrics};
-use crate::routing::{normalize_host, request_host};
 use crate::runtime::{Runtime, Service};
 use crate::upstream::peer::{self, Protocol};
 use answer::{Answer, ErrorBody};
@@ -489,8 +488,7 @@ impl Gateway {
     /// Finds the service for the request by host and path.
     fn route(&self, session: &Session, ctx: &mut RequestCtx) -> Option<Arc<Service>> {
         let req = session.req_header();
-        let host = normalize_host(request_host(req).unwrap_or_default());
-        let route = self.runtime.router.find(&host, req.uri.path())?;
+        let route = self.runtime.router.find(req)?;
         let service = Arc::clone(&self.runtime.services[route.service]);
         ctx.route = Some(Arc::clone(route));
         ctx.service = Some(Arc::clone(&service));
