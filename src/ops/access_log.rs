@@ -2,29 +2,33 @@
 //! (today's fields by default, or a chosen list) or in the Apache/nginx `combined` format, on
 //! stdout or to a file that `SIGUSR1` reopens (for logrotate).
 //!
-//! Request threads hand finished lines to one writer thread, which writes whatever has queued
-//! up with a single `write`: a syscall per request is a measurable share of a proxied request,
-//! and a slow output (a full pipe, a slow disk) then delays logging, not requests. Lines
-//! queued in the last moments before the process exits can be lost.
+//! Request threads append finished lines to one queue, and one writer thread writes whatever
+//! has queued up with a single `write`: a syscall per request is a measurable share of a
+//! proxied request, and a slow output (a full pipe, a slow disk) then delays logging, not
+//! requests. A line is formatted in a buffer of its thread and copied into the queue: no
+//! allocation per line, and none freed on another thread. Lines queued in the last moments
+//! before the process exits can be lost.
 
 use crate::edge::forwarded::Client;
 use once_cell::sync::Lazy;
 use pingora::proxy::Session;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
+use std::cell::RefCell;
 use std::fmt;
 use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime};
 
 /// How long the writer lets lines gather before writing them.
 const BATCH_INTERVAL: Duration = Duration::from_millis(20);
 /// Lines waiting beyond this are dropped rather than buffered without bound.
 const MAX_QUEUED_BYTES: usize = 8 << 20;
+/// What the queue keeps allocated between bursts.
+const KEPT_QUEUE_CAPACITY: usize = 256 << 10;
 
 /// `access_log:` (top level): `true` (the default: JSON lines on stdout), `false` (off), or
 /// the options below.
@@ -237,24 +241,35 @@ fn open_append(path: &PathBuf) -> Result<File, String> {
 }
 
 struct Writer {
-    lines: Sender<Vec<u8>>,
-    queued: AtomicUsize,
+    /// Lines not yet written, in order.
+    queue: Mutex<Vec<u8>>,
+    /// Signalled when a line lands in an empty queue; the idle writer waits on it.
+    queued: Condvar,
+}
+
+impl Writer {
+    /// The queue, also after a thread panicked holding it: a line is appended whole or
+    /// not at all, so what it holds is still lines.
+    fn queue(&self) -> MutexGuard<'_, Vec<u8>> {
+        self.queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 /// Started on first use, so after Pingora has daemonised (a fork keeps no threads).
 fn writer() -> &'static Writer {
     static WRITER: OnceLock<Writer> = OnceLock::new();
     WRITER.get_or_init(|| {
-        let (lines, rx) = mpsc::channel();
         let spawned = std::thread::Builder::new()
             .name("access log".into())
-            .spawn(move || write_lines(rx));
+            .spawn(write_lines);
         if let Err(e) = spawned {
             log::error!("cannot start the access log writer: {e}");
         }
         Writer {
-            lines,
-            queued: AtomicUsize::new(0),
+            queue: Mutex::new(Vec::with_capacity(KEPT_QUEUE_CAPACITY)),
+            queued: Condvar::new(),
         }
     })
 }
@@ -275,21 +290,23 @@ fn open_output() -> Output {
     }
 }
 
-fn write_lines(rx: Receiver<Vec<u8>>) {
+fn write_lines() {
+    let w = writer();
     let mut out = open_output();
-    let mut batch = Vec::with_capacity(64 << 10);
-    while let Ok(first) = rx.recv() {
+    let mut batch = Vec::with_capacity(KEPT_QUEUE_CAPACITY);
+    loop {
+        let mut queue = w.queue();
+        while queue.is_empty() {
+            queue = w
+                .queued
+                .wait(queue)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        drop(queue);
         // Let lines gather: one wake-up and one write per interval instead of per request.
         std::thread::sleep(BATCH_INTERVAL);
-        batch.clear();
-        batch.extend_from_slice(&first);
-        while batch.len() < (4 << 20) {
-            match rx.try_recv() {
-                Ok(line) => batch.extend_from_slice(&line),
-                Err(_) => break,
-            }
-        }
-        writer().queued.fetch_sub(batch.len(), Ordering::Relaxed);
+        // The queue takes the written batch's buffer, so neither side allocates in turn.
+        std::mem::swap(&mut *w.queue(), &mut batch);
         if REOPEN.swap(false, Ordering::AcqRel) {
             if let Output::File { path, .. } = &out {
                 log::info!("access log: reopening {}", path.display());
@@ -307,6 +324,8 @@ fn write_lines(rx: Receiver<Vec<u8>>) {
                 let _ = file.write_all(&batch);
             }
         }
+        batch.clear();
+        batch.shrink_to(KEPT_QUEUE_CAPACITY);
     }
 }
 
@@ -330,6 +349,8 @@ pub struct Entry<'a> {
 }
 
 thread_local! {
+    /// The line being formatted, kept for the thread's next one.
+    static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     /// The second and its RFC 3339 text up to the seconds (`2000-10-10T13:55:36`).
     static RFC3339_SECOND: std::cell::RefCell<(u64, String)> =
         const { std::cell::RefCell::new((0, String::new())) };
@@ -416,19 +437,29 @@ fn format_clf(t: SystemTime) -> String {
 impl AccessLog {
     /// Writes the line for one finished request.
     pub fn write(&self, entry: &Entry<'_>) {
-        let mut buf = Vec::with_capacity(320);
-        match self.format {
-            Format::Json => self.json_line(entry, &mut buf),
-            Format::Combined => combined_line(entry, &mut buf),
-        }
-        buf.push(b'\n');
-        let w = writer();
-        let queued = w.queued.fetch_add(buf.len(), Ordering::Relaxed);
-        if queued > MAX_QUEUED_BYTES {
-            w.queued.fetch_sub(buf.len(), Ordering::Relaxed);
-            return;
-        }
-        let _ = w.lines.send(buf);
+        LINE.with_borrow_mut(|buf| {
+            buf.clear();
+            match self.format {
+                Format::Json => self.json_line(entry, buf),
+                Format::Combined => combined_line(entry, buf),
+            }
+            buf.push(b'\n');
+            let w = writer();
+            let mut queue = w.queue();
+            if queue.len() + buf.len() > MAX_QUEUED_BYTES {
+                return;
+            }
+            let was_empty = queue.is_empty();
+            queue.extend_from_slice(buf);
+            drop(queue);
+            if was_empty {
+                w.queued.notify_one();
+            }
+            // One very long line (a long URL, a long user agent) is not kept per thread.
+            if buf.capacity() > 64 << 10 {
+                *buf = Vec::new();
+            }
+        });
     }
 
     fn json_line(&self, e: &Entry<'_>, buf: &mut Vec<u8>) {
