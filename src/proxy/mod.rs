@@ -194,7 +194,7 @@ impl ProxyHttp for Gateway {
             ctx.trace
                 .attempt_started(retry, || (upstream.name.clone(), state()));
         }
-        Ok(Box::new(peer))
+        Ok(peer)
     }
 
     async fn upstream_request_filter(

@@ -199,14 +199,15 @@ pub fn prepare(
 
 /// The peer an attempt started at `now` connects with: `prepared`, its connect, read and write
 /// timeouts capped at what is left until `deadline` (the request's `timeouts.total`). An error
-/// when nothing is left.
+/// when nothing is left. Boxed here, as Pingora takes it: the clone lands in its box instead
+/// of being moved into one.
 pub fn for_attempt(
     prepared: &HttpPeer,
     t: &Timeouts,
     deadline: Option<Instant>,
     now: Instant,
-) -> Result<HttpPeer> {
-    let mut peer = prepared.clone();
+) -> Result<Box<HttpPeer>> {
+    let mut peer = Box::new(prepared.clone());
     if let Some(deadline) = deadline {
         let left = deadline.saturating_duration_since(now);
         if left.is_zero() {
