@@ -13,12 +13,18 @@
 #                     [--flame-duration 4] [--flame-freq 299] [--flame-no-inline]
 #                     [--nginx-access-log on|off] [--no-pin] [--h2-connections 16] [--h2-streams 4]
 #                     [--client-cpu 1] [--proxy-cpu 0] [--upstream-cpu 0] [--scale-cpus 0,1]
-#                     [--baseline PATH]
+#                     [--baseline PATH] [--pingora-baseline PATH] [--report PATH]
 #
 # --baseline PATH adds the row breakwater-baseline: the breakwater row's config served by
 # another build of the binary (e.g. an earlier commit's target/release/breakwater), run in the
 # same rounds as the rest, right after or (every other round) right before the breakwater row,
 # so that two builds compare within one noisy run.
+# --pingora-baseline PATH adds the row pingora-baseline: bare Pingora from another build (e.g.
+# target/release/examples/bare_pingora when LT_BIN points at scripts/build-pgo's output), so that
+# a tuned Breakwater compares with bare Pingora as anyone would build it.
+# --report PATH writes the report there instead of loadtest/results/bench-latest.md.
+# The binaries are target/release's, built first; BUILD=0 LT_BIN=DIR takes them from DIR as
+# they are (scripts/build-pgo's output, say).
 # --rounds N runs every target N times, round-robin, each round starting one row later than the
 # one before, and reports the medians (CPU min-max too).
 # --h2-connections C --h2-streams S: the h2 rows' load, h2load -c C -m S (C x S = 64 requests in
@@ -30,12 +36,12 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-ALL_TARGETS=(direct nginx pingora pingora-front breakwater breakwater-baseline breakwater-jwt-hs256
+ALL_TARGETS=(direct nginx pingora pingora-baseline pingora-front breakwater breakwater-baseline breakwater-jwt-hs256
   breakwater-jwt-rs256 breakwater-jwt-es256 breakwater-cache-hit breakwater-ratelimit nginx-h2
   breakwater-h2)
 DURATION=5s CONNECTIONS=64 THREADS=1 WARMUP=1s NGINX_ACCESS_LOG=on PIN=1 ONLY="" ROUNDS=1
 CLIENT_CPU=1 PROXY_CPU=0 UPSTREAM_CPU=0 SCALE=0 SCALE_CPUS=0,1
-BASELINE="" FLAMEGRAPHS=0 FLAME_DURATION=4 FLAME_FREQ=299 FLAME_INLINE=1 H2_CONNECTIONS=16 H2_STREAMS=4
+BASELINE="" PG_BASELINE="" REPORT="" FLAMEGRAPHS=0 FLAME_DURATION=4 FLAME_FREQ=299 FLAME_INLINE=1 H2_CONNECTIONS=16 H2_STREAMS=4
 while (($#)); do
   case $1 in
     --duration) DURATION=$2; shift 2 ;;
@@ -59,7 +65,9 @@ while (($#)); do
     --proxy-cpu) PROXY_CPU=$2; shift 2 ;;
     --upstream-cpu) UPSTREAM_CPU=$2; shift 2 ;;
     --baseline) BASELINE=$2; shift 2 ;;
-    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --pingora-baseline) PG_BASELINE=$2; shift 2 ;;
+    --report) REPORT=$2; shift 2 ;;
+    -h|--help) sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
 done
@@ -67,6 +75,7 @@ done
 [[ $FLAME_DURATION =~ ^[0-9]+$ ]] || die "--flame-duration takes whole seconds"
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "--rounds takes a number >= 1"
 [[ -z $BASELINE || -x $BASELINE ]] || die "--baseline: $BASELINE is not an executable"
+[[ -z $PG_BASELINE || -x $PG_BASELINE ]] || die "--pingora-baseline: $PG_BASELINE is not an executable"
 if [[ -n $ONLY ]]; then
   for t in ${ONLY//,/ }; do [[ " ${ALL_TARGETS[*]} " == *" $t "* ]] || die "unknown target $t (see --list)"; done
 fi
@@ -142,10 +151,11 @@ start_target() {
       start_nginx "$dir" "${ON[@]}"
       T_PID=$NGINX_PID T_SIG=TERM T_URL="https://127.0.0.1:$port/users/1"
       ;;
-    pingora|pingora-front)
-      local front=0
+    pingora|pingora-front|pingora-baseline)
+      local front=0 bin="$LT_BIN/examples/bare_pingora"
       [[ $name == pingora-front ]] && front=1
-      BARE_FRONT=$front "${ON[@]}" "$LT_BIN/examples/bare_pingora" "127.0.0.1:$port" "$UPSTREAM" "$workers" \
+      [[ $name == pingora-baseline ]] && bin=$PG_BASELINE
+      BARE_FRONT=$front "${ON[@]}" "$bin" "127.0.0.1:$port" "$UPSTREAM" "$workers" \
         >"$dir/stdout" 2>"$dir/stderr" &
       T_PID=$!
       track "$T_PID"
@@ -287,6 +297,7 @@ describe() {
     direct) echo "the upstream itself (nginx \`return 200\`)" ;;
     nginx) echo "nginx reverse proxy, keep-alive upstream block, access_log $NGINX_ACCESS_LOG" ;;
     pingora) echo "bare Pingora: examples/bare_pingora.rs (only \`upstream_peer\`, mimalloc)" ;;
+    pingora-baseline) echo "the same bare Pingora from the --pingora-baseline build (\`$PG_BASELINE\`)" ;;
     pingora-front) echo "the same bare Pingora behind Breakwater's connection front (\`BARE_FRONT=1\`: whole-header deadline, idle wait without a buffer after 100 ms, connection count, the request future awaited in place rather than boxed per request)" ;;
     nginx-h2) echo "nginx \`listen ... ssl http2\`, same proxy settings as nginx (self-signed P-256 certificate)" ;;
     breakwater-h2) echo "Breakwater's \`server.tls\` listener (h2 by ALPN), the breakwater row's config" ;;
@@ -307,6 +318,7 @@ for t in "${ALL_TARGETS[@]}"; do
   selected "$t" || continue
   [[ $t == nginx && -z $NGINX ]] && { log "nginx is not installed: no nginx row"; continue; }
   [[ $t == breakwater-baseline && -z $BASELINE ]] && continue
+  [[ $t == pingora-baseline && -z $PG_BASELINE ]] && continue
   RUN_TARGETS+=("$t")
 done
 # This host slows down during a round more often than not: each round starts one row later
@@ -397,12 +409,12 @@ fi
 REV="$(git -C "$LT_ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 [[ -n "$(git -C "$LT_ROOT" status --porcelain -- src Cargo.toml Cargo.lock examples 2>/dev/null)" ]] && REV+=" (with uncommitted changes)"
 PINGORA_VERSION="$(awk '/^name = "pingora"$/{getline; gsub(/"/, "", $3); print $3; exit}' "$LT_ROOT/Cargo.lock")"
-REPORT="$LT_DIR/results/bench-latest.md"
+REPORT=${REPORT:-$LT_DIR/results/bench-latest.md}
 {
   echo "## Breakwater benchmark"
   echo
   echo "- machine: $(machine_line)"
-  echo "- tree: $REV, release build; Pingora $PINGORA_VERSION"
+  echo "- tree: $REV, $(build_desc); Pingora $PINGORA_VERSION"
   echo "- load: wrk $(wrk -v 2>&1 | awk 'NR == 1 {print $2}') \`-t$THREADS -c$CONNECTIONS -d$DURATION --latency\` per target, after a $WARMUP warm-up, \`GET /users/1\`, keep-alive; one target at a time"
   ((ROUNDS > 1)) && echo "- $ROUNDS rounds, round-robin over the targets; each figure is the median of the rounds (max ms: the largest; errors: the sum; CPU: median (min–max))"
   echo "- upstream: $UPSTREAM_DESC"
@@ -440,6 +452,8 @@ REPORT="$LT_DIR/results/bench-latest.md"
     [[ -n ${ACCESS_LINES:-} ]] && echo "Breakwater's access log: $ACCESS_LINES lines written in its run."
     [[ -n ${CPU[breakwater-baseline]:-} ]] &&
       echo "This build against the --baseline build: CPU per request $(diff_us "$BW_CPU" "${CPU[breakwater-baseline]}") ($(pct "$BW_CPU" "${CPU[breakwater-baseline]}")), req/s $(ratio "$BW_RPS" "${RPS[breakwater-baseline]}")."
+    [[ -n ${CPU[pingora-baseline]:-} ]] &&
+      echo "Breakwater against bare Pingora from the --pingora-baseline build: CPU per request $(ratio "$BW_CPU" "${CPU[pingora-baseline]}") ($(pct "$BW_CPU" "${CPU[pingora-baseline]}")), req/s $(ratio "$BW_RPS" "${RPS[pingora-baseline]}")."
   fi
   if [[ -n ${CPU[pingora-front]:-} && -n $PG_CPU ]]; then
     echo

@@ -183,7 +183,7 @@ REPORT="$LT_DIR/results/instructions-latest.md"
   echo "## $UNIT per request"
   echo
   echo "- machine: $(machine_line)"
-  echo "- tree: $REV, $( [[ $TOOL == dhat ]] && echo 'release build with the system allocator (heap-profiling)' || echo 'release build')"
+  echo "- tree: $REV, $( [[ $TOOL == dhat ]] && echo 'release build with the system allocator (heap-profiling)' || build_desc)"
   echo "- valgrind --tool=$TOOL; h2load --h1 -c$CONNECTIONS, $WARMUP warm-up requests; per request = (run with $REQUESTS more requests - run without) / $REQUESTS"
   echo "- upstream: $UPSTREAM_DESC; GET /users/1, keep-alive; 1 worker thread"
   echo

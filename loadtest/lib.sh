@@ -297,6 +297,15 @@ PY
 )"
 }
 
+# build_desc: which binaries a report measured: the release build, or LT_BIN's, with
+# scripts/build-pgo's description when it made them.
+build_desc() {
+  local d="release build"
+  [[ $LT_BIN != "$LT_ROOT/target/release" ]] && d="binaries from \`${LT_BIN#"$LT_ROOT"/}\`"
+  [[ -f $LT_BIN/pgo-info.txt ]] && d+=" ($(head -1 "$LT_BIN/pgo-info.txt"))"
+  echo "$d"
+}
+
 machine_line() {
   local cpu
   cpu="$(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //')"
