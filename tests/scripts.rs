@@ -85,6 +85,12 @@ fn scripts_with_options_document_each_one_in_their_help() {
         let options = parsed_options(&std::fs::read_to_string(&script).unwrap());
         assert!(options.len() >= 2, "{name}: no options found: {options:?}");
         let help = help_text(&script);
+        // The help is the comment block under the shebang, all of it.
+        let text = std::fs::read_to_string(&script).unwrap();
+        for line in text.lines().skip(1).take_while(|l| l.starts_with('#')) {
+            let line = line.trim_start_matches('#').trim();
+            assert!(help.contains(line), "{name} --help leaves out {line:?}");
+        }
         for option in options.iter().filter(|o| *o != "--help") {
             assert!(
                 help.contains(option.as_str()),
