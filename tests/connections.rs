@@ -167,6 +167,32 @@ fn an_idle_keep_alive_connection_is_closed_after_keepalive_timeout() {
     );
 }
 
+/// A run of requests shares one timer, moved only when it fires (`server::front`): the
+/// connection still closes `keepalive_timeout` after its last request, not its first.
+#[test]
+fn a_busy_connection_is_closed_keepalive_timeout_after_its_last_request() {
+    let up = Upstream::start("users");
+    let gw = Gateway::start(&config(&up.addr, "  keepalive_timeout: 1s"));
+    let mut conn = connect(&gw);
+    // Within and across the 100 ms read-ahead window, for about 600 ms in all.
+    for (i, gap_ms) in [0u64, 30, 60, 90, 120, 150, 150].into_iter().enumerate() {
+        thread::sleep(Duration::from_millis(gap_ms));
+        let answer = exchange(
+            &mut conn,
+            &format!("GET /users/{i} HTTP/1.1\r\nHost: a\r\n\r\n"),
+        );
+        assert!(answer.starts_with("HTTP/1.1 200"), "request {i}: {answer}");
+    }
+    let idle_from = Instant::now();
+    let rest = read_to_close(&mut conn);
+    let idle = idle_from.elapsed();
+    assert_eq!(rest, "", "closed without a word");
+    assert!(
+        idle >= Duration::from_millis(900) && idle < Duration::from_secs(4),
+        "closed after {idle:?} idle"
+    );
+}
+
 #[test]
 fn a_header_larger_than_max_header_size_gets_431_before_it_is_all_read() {
     let up = Upstream::start("users");
