@@ -272,8 +272,8 @@ where
         served: &mut u64,
         shutdown: &ShutdownWatch,
     ) -> Option<(Stream, Instant)> {
-        // One timer for the whole run, moved only when it fires: arming a timer per request
-        // cost more than anything else the front does per request (see `wait_and_read`).
+        // One timer for the whole run, moved only when it fires, rather than one armed and
+        // cancelled for every request (see `wait_and_read`).
         let timer = tokio::time::sleep_until(Instant::now() + READ_AHEAD);
         tokio::pin!(timer);
         loop {
@@ -407,9 +407,9 @@ where
     ///
     /// `timer` may be set for any time up to the wait's deadline (a run of requests shares
     /// one, left set for an earlier request's deadline): when it fires early, it is moved to
-    /// this deadline. Registering a Tokio timer and removing it again cost about a thousand
-    /// instructions, and under load the next request mostly arrives well within the window,
-    /// so a busy connection moves its timer about once per `READ_AHEAD` instead of once per
+    /// this deadline. A Tokio timer costs a few hundred instructions to make, register and
+    /// remove, and under load the next request mostly arrives well within the window, so a
+    /// busy connection moves its timer about once per `READ_AHEAD` instead of arming one per
     /// request.
     #[allow(clippy::too_many_arguments)]
     async fn wait_and_read<B: BufMut + ?Sized>(
