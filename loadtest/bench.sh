@@ -67,7 +67,7 @@ while (($#)); do
     --baseline) BASELINE=$2; shift 2 ;;
     --pingora-baseline) PG_BASELINE=$2; shift 2 ;;
     --report) REPORT=$2; shift 2 ;;
-    -h|--help) sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) usage; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
 done

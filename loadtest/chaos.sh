@@ -20,7 +20,7 @@ while (($#)); do
     --rate) RATE=$2; shift 2 ;;
     --concurrency) CONCURRENCY=$2; shift 2 ;;
     --timeout) TIMEOUT=$(secs "$2"); shift 2 ;;
-    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) usage; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
 done

@@ -32,7 +32,7 @@ while (($#)); do
     --settle) SETTLE=${2%s}; shift 2 ;;
     --hold) HOLD=${2%s}; shift 2 ;;
     --h2c) H2C=1; shift ;;
-    -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) usage; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
 done

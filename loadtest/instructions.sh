@@ -34,7 +34,7 @@ while (($#)); do
     --tool) TOOL=$2; shift 2 ;;
     --annotate) ANNOTATE=$2; shift 2 ;;
     --list) printf '%s\n' "${ALL_TARGETS[@]}"; exit 0 ;;
-    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) usage; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
 done

@@ -13,6 +13,9 @@ LT_TMP=""
 LT_ON_EXIT=""
 
 die() { echo "error: $*" >&2; exit 1; }
+# usage: prints the calling script's header, the comment block under its shebang, as its
+# --help (all of it, however long it grows).
+usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; }
 log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
 
 track() { LT_PIDS+=("$1"); }

@@ -80,13 +80,28 @@ fn help_text(script: &Path) -> String {
 
 #[test]
 fn scripts_with_options_document_each_one_in_their_help() {
-    for name in ["scripts/build-pgo", "loadtest/bench.sh"] {
-        let script = repo().join(name);
-        let options = parsed_options(&std::fs::read_to_string(&script).unwrap());
-        assert!(options.len() >= 2, "{name}: no options found: {options:?}");
-        let help = help_text(&script);
+    let mut scripts = bash_scripts("scripts");
+    scripts.extend(bash_scripts("loadtest"));
+    let with_help: Vec<PathBuf> = scripts
+        .into_iter()
+        .filter(|s| parsed_options(&std::fs::read_to_string(s).unwrap()).contains("--help"))
+        .collect();
+    for name in [
+        "scripts/build-pgo",
+        "loadtest/bench.sh",
+        "loadtest/instructions.sh",
+    ] {
+        assert!(
+            with_help.contains(&repo().join(name)),
+            "{name} is not found with a --help"
+        );
+    }
+    for script in &with_help {
+        let name = script.strip_prefix(repo()).unwrap().display();
+        let options = parsed_options(&std::fs::read_to_string(script).unwrap());
+        let help = help_text(script);
         // The help is the comment block under the shebang, all of it.
-        let text = std::fs::read_to_string(&script).unwrap();
+        let text = std::fs::read_to_string(script).unwrap();
         for line in text.lines().skip(1).take_while(|l| l.starts_with('#')) {
             let line = line.trim_start_matches('#').trim();
             assert!(help.contains(line), "{name} --help leaves out {line:?}");
