@@ -206,16 +206,17 @@ start_target() {
 
 # measure KEY PID URL [HEADER ARGS...]: warm-up, then the measured wrk run; appends the figures
 # to the lists below under KEY (one value per round).
-declare -A L_RPS L_P50 L_P99 L_MAXL L_ERRS L_CPU
+declare -A L_RPS L_P50 L_P99 L_MAXL L_ERRS L_CPU L_STEAL
 measure() {
-  local key=$1 pid=$2 url=$3 out="$LT_TMP/wrk-$1.txt" t0 t1
+  local key=$1 pid=$2 url=$3 out="$LT_TMP/wrk-$1.txt" t0 t1 h0 h1
   shift 3
   on "$CLIENT_CPU"
   log "$key: warm-up $WARMUP, then wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency $url"
   "${ON[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$WARMUP" "$@" "$url" >/dev/null
-  t0=$(cpu_ticks "$pid")
+  t0=$(cpu_ticks "$pid") h0=$(host_clock)
   "${ON[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$@" "$url" >"$out"
-  t1=$(cpu_ticks "$pid")
+  t1=$(cpu_ticks "$pid") h1=$(host_clock)
+  L_STEAL[$key]+="$(steal_pct "$h0" "$h1") "
   parse_wrk "$out"
   L_RPS[$key]+="$WRK_RPS " L_P50[$key]+="$WRK_P50 " L_P99[$key]+="$WRK_P99 "
   L_MAXL[$key]+="$WRK_MAX " L_ERRS[$key]+="$((WRK_SOCKET_ERRORS + WRK_NON2XX)) "
@@ -227,13 +228,14 @@ measure() {
 # measure_h2 KEY PID URL: as `measure`, with h2load over TLS (h2, ALPN); the mean time per
 # request goes into the p50 column's list (h2load reports no percentiles).
 measure_h2() {
-  local key=$1 pid=$2 url=$3 out="$LT_TMP/h2load-$1.txt" t0 t1 done ok
+  local key=$1 pid=$2 url=$3 out="$LT_TMP/h2load-$1.txt" t0 t1 h0 h1 done ok
   on "$CLIENT_CPU"
   log "$key: warm-up $WARMUP, then h2load -t1 -c$H2_CONNECTIONS -m$H2_STREAMS -D $DURATION $url"
   "${ON[@]}" h2load -t1 -c"$H2_CONNECTIONS" -m"$H2_STREAMS" -D "$WARMUP" "$url" >/dev/null 2>&1 || true
-  t0=$(cpu_ticks "$pid")
+  t0=$(cpu_ticks "$pid") h0=$(host_clock)
   "${ON[@]}" h2load -t1 -c"$H2_CONNECTIONS" -m"$H2_STREAMS" -D "$DURATION" "$url" >"$out" 2>&1 || true
-  t1=$(cpu_ticks "$pid")
+  t1=$(cpu_ticks "$pid") h1=$(host_clock)
+  L_STEAL[$key]+="$(steal_pct "$h0" "$h1") "
   grep -q "Application protocol: h2" "$out" || die "$key: h2load did not speak h2: $(tail -3 "$out")"
   H2_TLS=$(awk '/^TLS Protocol:/ {print $3; exit}' "$out")
   done=$(awk '/^requests:/ {print $8; exit}' "$out")
@@ -387,12 +389,13 @@ if ((SCALE)); then
 fi
 
 # --- the report: medians over the rounds ---
-declare -A RPS P50 P99 MAXL ERRS CPU CPUR
+declare -A RPS P50 P99 MAXL ERRS CPU CPUR STEAL
 for k in "${!L_RPS[@]}"; do
   RPS[$k]=$(stat med "%.0f" "${L_RPS[$k]}") P50[$k]=$(stat med "%.2f" "${L_P50[$k]}")
   P99[$k]=$(stat med "%.2f" "${L_P99[$k]}") MAXL[$k]=$(stat max "%.2f" "${L_MAXL[$k]}")
   ERRS[$k]=$(stat sum "%d" "${L_ERRS[$k]}") CPU[$k]=$(stat med "%.1f" "${L_CPU[$k]:-}") CPUR[$k]=""
   ((ROUNDS > 1)) && CPUR[$k]=" ($(stat min "%.1f" "${L_CPU[$k]:-}")–$(stat max "%.1f" "${L_CPU[$k]:-}"))"
+  STEAL[$k]=$(stat max "%.0f" "${L_STEAL[$k]:-}")
 done
 # ratio A B: A/B as "0.62x" (n/a when either is missing).
 ratio() { awk -v a="${1:-}" -v b="${2:-}" 'BEGIN{ if (a+0 > 0 && b+0 > 0) printf "%.2fx", a / b; else print "n/a" }'; }
@@ -420,14 +423,14 @@ REPORT=${REPORT:-$LT_DIR/results/bench-latest.md}
   echo "- upstream: $UPSTREAM_DESC"
   echo "- every server under test: 1 worker (thread or process); placement: $PINNING"
   echo
-  echo "| target | req/s | p50 ms | p99 ms | max ms | errors | CPU µs/req | req/s ÷ nginx | req/s ÷ pingora | CPU ÷ pingora |"
-  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+  echo "| target | req/s | p50 ms | p99 ms | max ms | errors | CPU µs/req | req/s ÷ nginx | req/s ÷ pingora | CPU ÷ pingora | steal % |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
   for t in "${RUN_TARGETS[@]}"; do
     [[ $t == *-h2 ]] && continue
     if [[ $t == direct ]]; then r1="—" r2="—" r3="—"; else
       r1=$(ratio "${RPS[$t]}" "$NX_RPS") r2=$(ratio "${RPS[$t]}" "$PG_RPS") r3=$(ratio "${CPU[$t]}" "$PG_CPU")
     fi
-    echo "| $t | ${RPS[$t]} | ${P50[$t]} | ${P99[$t]} | ${MAXL[$t]} | ${ERRS[$t]} | ${CPU[$t]}${CPUR[$t]} | $r1 | $r2 | $r3 |"
+    echo "| $t | ${RPS[$t]} | ${P50[$t]} | ${P99[$t]} | ${MAXL[$t]} | ${ERRS[$t]} | ${CPU[$t]}${CPUR[$t]} | $r1 | $r2 | $r3 | ${STEAL[$t]} |"
   done
   echo
   for t in "${RUN_TARGETS[@]}"; do [[ $t == *-h2 ]] || echo "- **$t**: $(describe "$t")"; done
@@ -435,7 +438,16 @@ REPORT=${REPORT:-$LT_DIR/results/bench-latest.md}
   echo "errors = wrk socket errors + non-2xx responses. CPU µs/req = CPU time (user + system) of the"
   echo "process answering wrk (the upstream for \`direct\`, else the proxy, not counting the upstream)"
   echo "divided by the requests wrk completed. \`÷ pingora\` and \`÷ nginx\` divide by those rows of this"
-  echo "run: req/s above 1 is faster, CPU above 1 costs more per request."
+  echo "run: req/s above 1 is faster, CPU above 1 costs more per request. steal % = the share of the"
+  echo "machine's CPU time its hypervisor gave to other guests while the row ran (/proc/stat; the"
+  echo "largest of the rounds; 0 on bare metal). A busy host also slows what does run, so a run with"
+  echo "steal measures more CPU per request than a quiet one: compare rows of one run, not runs."
+  BUSY=$(stat max "%.0f" "${STEAL[*]}")
+  if [[ $BUSY != n/a ]] && ((BUSY >= 10)); then
+    echo
+    echo "**A busy host:** up to $BUSY% of the machine's CPU time went to other guests during this run;"
+    echo "its µs per request are higher than a quiet host's, and only its ratios compare with other runs."
+  fi
   if [[ -n $BW_RPS ]]; then
     echo
     echo "Breakwater: $(ratio "$BW_RPS" "$NX_RPS") nginx's req/s and $(ratio "$BW_RPS" "$PG_RPS") bare Pingora's;" \
@@ -470,10 +482,10 @@ REPORT=${REPORT:-$LT_DIR/results/bench-latest.md}
     echo "h2load $(h2load --version 2>&1 | awk '{print $2; exit}') \`-t1 -c$H2_CONNECTIONS -m$H2_STREAMS -D $DURATION\` (h2 by ALPN, ${H2_TLS:-TLS}, a self-signed"
     echo "P-256 certificate), after a $WARMUP warm-up, same upstream and placement as above."
     echo
-    echo "| target | req/s | mean ms | errors | CPU µs/req | req/s ÷ nginx-h2 | CPU ÷ nginx-h2 |"
-    echo "|---|---:|---:|---:|---:|---:|---:|"
+    echo "| target | req/s | mean ms | errors | CPU µs/req | req/s ÷ nginx-h2 | CPU ÷ nginx-h2 | steal % |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|"
     for t in "${H2_TARGETS[@]}"; do
-      echo "| $t | ${RPS[$t]} | ${P50[$t]} | ${ERRS[$t]} | ${CPU[$t]}${CPUR[$t]} | $(ratio "${RPS[$t]}" "${RPS[nginx-h2]:-}") | $(ratio "${CPU[$t]}" "${CPU[nginx-h2]:-}") |"
+      echo "| $t | ${RPS[$t]} | ${P50[$t]} | ${ERRS[$t]} | ${CPU[$t]}${CPUR[$t]} | $(ratio "${RPS[$t]}" "${RPS[nginx-h2]:-}") | $(ratio "${CPU[$t]}" "${CPU[nginx-h2]:-}") | ${STEAL[$t]} |"
     done
     echo
     for t in "${H2_TARGETS[@]}"; do echo "- **$t**: $(describe "$t")"; done
@@ -489,12 +501,12 @@ REPORT=${REPORT:-$LT_DIR/results/bench-latest.md}
     echo "load generator and the upstream share those CPUs with the proxy, so the machine, not the proxy,"
     echo "caps the 2-worker figures; the CPU per request still shows the cost of the second worker."
     echo
-    echo "| target | workers | req/s | p50 ms | p99 ms | errors | CPU µs/req | req/s ÷ 1 worker |"
-    echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| target | workers | req/s | p50 ms | p99 ms | errors | CPU µs/req | req/s ÷ 1 worker | steal % |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     for t in "${SCALE_TARGETS[@]}"; do
       for w in 1 2; do
         k="$t@${w}w"
-        echo "| $t | $w | ${RPS[$k]} | ${P50[$k]} | ${P99[$k]} | ${ERRS[$k]} | ${CPU[$k]}${CPUR[$k]} | $(ratio "${RPS[$k]}" "${RPS[$t@1w]}") |"
+        echo "| $t | $w | ${RPS[$k]} | ${P50[$k]} | ${P99[$k]} | ${ERRS[$k]} | ${CPU[$k]}${CPUR[$k]} | $(ratio "${RPS[$k]}" "${RPS[$t@1w]}") | ${STEAL[$k]} |"
       done
     done
   fi

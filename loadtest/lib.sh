@@ -103,6 +103,23 @@ cpu_ticks() {
   echo "$t"
 }
 
+# host_clock: "STEAL_TICKS UPTIME_SECONDS", the steal time of all this machine's CPUs (the time a
+# hypervisor ran something else while a virtual CPU wanted to run; /proc/stat) and the clock.
+# steal_pct BEFORE AFTER: that steal as a share of the CPU time between two readings (0 on bare
+# metal). A busy host also slows what does run (shared caches and cores), so a run with steal
+# measures slower CPU per request than a quiet one: compare rows of one run, not runs.
+host_clock() {
+  awk '/^cpu / {printf "%d ", $9}' /proc/stat
+  awk '{print $1}' /proc/uptime
+}
+steal_pct() {
+  awk -v a="$1" -v b="$2" -v hz="${TICK_HZ:-$(getconf CLK_TCK)}" -v cpus="$(nproc)" 'BEGIN {
+    split(a, x, " "); split(b, y, " "); wall = y[2] - x[2]
+    if (wall <= 0) { print "n/a"; exit }
+    printf "%.0f", 100 * (y[1] - x[1]) / hz / (wall * cpus)
+  }'
+}
+
 # The nginx binary, or nothing when it is not installed.
 find_nginx() {
   local n
