@@ -106,8 +106,7 @@ cpu_ticks() {
 # host_clock: "STEAL_TICKS UPTIME_SECONDS", the steal time of all this machine's CPUs (the time a
 # hypervisor ran something else while a virtual CPU wanted to run; /proc/stat) and the clock.
 # steal_pct BEFORE AFTER: that steal as a share of the CPU time between two readings (0 on bare
-# metal). A busy host also slows what does run (shared caches and cores), so a run with steal
-# measures slower CPU per request than a quiet one: compare rows of one run, not runs.
+# metal): bench.sh's gauge of a busy host (see its report's note on steal).
 host_clock() {
   awk '/^cpu / {printf "%d ", $9}' /proc/stat
   awk '{print $1}' /proc/uptime
