@@ -352,20 +352,38 @@ impl Gateway {
         Gateway::start_waiting_for(config_template, "/health").unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// Like `start`, with extra environment variables for the gateway process.
+    pub fn start_with_env(config_template: &str, env: &[(&str, &str)]) -> Gateway {
+        Gateway::start_waiting_for_with(config_template, "/ready", env)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
     fn start_waiting_for(config_template: &str, probe_path: &str) -> Result<Gateway, String> {
+        Gateway::start_waiting_for_with(config_template, probe_path, &[])
+    }
+
+    fn start_waiting_for_with(
+        config_template: &str,
+        probe_path: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Gateway, String> {
         // The ports are picked free and released before the gateway binds them, so another
         // process can win the race; that shows up as "in use" and is worth a fresh pair.
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match Gateway::start_once(config_template, probe_path) {
+            match Gateway::start_once(config_template, probe_path, env) {
                 Err(e) if attempt < 5 && e.contains("in use") => continue,
                 result => return result,
             }
         }
     }
 
-    fn start_once(config_template: &str, probe_path: &str) -> Result<Gateway, String> {
+    fn start_once(
+        config_template: &str,
+        probe_path: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Gateway, String> {
         let ports = free_ports(2);
         let dir = tempfile::Builder::new()
             .prefix("breakwater-test-")
@@ -387,6 +405,7 @@ impl Gateway {
             .arg("-c")
             .arg(gw.config_path())
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log("stdout.log")?)
             .stderr(log("stderr.log")?)
