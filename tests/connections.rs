@@ -324,7 +324,7 @@ fn an_idle_keep_alive_connection_costs_a_few_kib() {
     //
     // mimalloc's defaults make resident memory a poor gauge of live memory: its heap sits on
     // transparent huge pages (RSS moves in 2 MiB steps) and pages freed by finished requests
-    // are given back to the OS only later, so the same run measured 1 to 14 KiB per connection
+    // are given back to the OS only later, so the same run measured 0 to 14 KiB per connection
     // in batches of 500, and CI once 10.2 over 2,000. Without huge pages and with freed pages
     // returned at once, RSS follows what the connections hold.
     const BOUND_KIB: f64 = 8.0;

@@ -343,26 +343,22 @@ impl Gateway {
     /// Like `start`, but returns the failure (with the gateway's stderr) instead of panicking,
     /// for tests that expect a config to be refused at startup.
     pub fn try_start(config_template: &str) -> Result<Gateway, String> {
-        Gateway::start_waiting_for(config_template, "/ready")
+        Gateway::start_waiting_for(config_template, "/ready", &[])
     }
 
     /// Starts the gateway and returns once its admin listener answers `GET /health`, without
     /// waiting for readiness (for tests of what makes it ready).
     pub fn start_live(config_template: &str) -> Gateway {
-        Gateway::start_waiting_for(config_template, "/health").unwrap_or_else(|e| panic!("{e}"))
+        Gateway::start_waiting_for(config_template, "/health", &[])
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Like `start`, with extra environment variables for the gateway process.
     pub fn start_with_env(config_template: &str, env: &[(&str, &str)]) -> Gateway {
-        Gateway::start_waiting_for_with(config_template, "/ready", env)
-            .unwrap_or_else(|e| panic!("{e}"))
+        Gateway::start_waiting_for(config_template, "/ready", env).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    fn start_waiting_for(config_template: &str, probe_path: &str) -> Result<Gateway, String> {
-        Gateway::start_waiting_for_with(config_template, probe_path, &[])
-    }
-
-    fn start_waiting_for_with(
+    fn start_waiting_for(
         config_template: &str,
         probe_path: &str,
         env: &[(&str, &str)],
