@@ -555,9 +555,9 @@ fn twenty_bad_tokens_meet_the_rate_limit_before_their_signatures_are_checked() {
         "",
         &format!(
             "  limited: {{routes: [{{path_prefix: /limited}}], upstreams: [\"{up}\"], \
-             auth: required, rate_limit: {{requests_per_second: 1, burst: 3}}}}\n  \
+             auth: required, rate_limit: {{requests_per_second: 0.01, burst: 3}}}}\n  \
              per_user: {{routes: [{{path_prefix: /per_user}}], upstreams: [\"{up}\"], \
-             auth: required, rate_limit: {{requests_per_second: 1, burst: 3, key: user}}}}",
+             auth: required, rate_limit: {{requests_per_second: 0.01, burst: 3, key: user}}}}",
             up = up.addr
         ),
     );
@@ -568,24 +568,15 @@ fn twenty_bad_tokens_meet_the_rate_limit_before_their_signatures_are_checked() {
         "Authorization: Bearer {}\r\n",
         token("not-the-secret-at-all-0123456789")
     );
-    let started = std::time::Instant::now();
     let statuses: Vec<u16> = (0..20)
         .map(|_| get(&gw, b"/limited", &forged).status)
         .collect();
-    // The bucket refills one token a second: a slow machine may let one more through per
-    // second taken.
-    let refills = started.elapsed().as_secs() as usize;
-    let unauthorized = statuses.iter().filter(|&&s| s == 401).count();
+    // The bucket refills one token per 100 s: none while the test runs.
     assert_eq!(&statuses[..3], [401, 401, 401], "{statuses:?}");
-    assert!(unauthorized <= 3 + refills, "{statuses:?} in {refills}s");
-    assert!(
-        statuses.iter().all(|&s| s == 401 || s == 429),
-        "{statuses:?}"
-    );
-    assert_eq!(statuses[3], 429, "the fourth is limited: {statuses:?}");
+    assert_eq!(&statuses[3..], [429; 17], "{statuses:?}");
     assert_eq!(
         gw.metric(CHECKS) - checks_before,
-        unauthorized as u64,
+        3,
         "a limited request costs no signature check"
     );
     assert_eq!(up.requests(), 0);
