@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Instructions (or heap allocations) per proxied request, counted by valgrind: deterministic
-# where wall-clock CPU on a shared machine is not, so that steps of a few percent show.
+# Instructions (or heap allocations, or system calls) per proxied request, counted by valgrind
+# (or strace): deterministic where wall-clock CPU on a shared machine is not, so that steps of a
+# few percent show.
 #
 #   loadtest/instructions.sh [--requests 10000] [--warmup 500] [--connections 16]
-#                            [--only pingora,pingora-front,breakwater,...] [--tool callgrind|dhat]
-#                            [--annotate 25] [--list]
+#                            [--only pingora,pingora-front,breakwater,...]
+#                            [--tool callgrind|dhat|strace] [--annotate 25] [--list]
 #
-# Each target runs twice under valgrind (callgrind: instructions; dhat: heap blocks), each run
-# started afresh: h2load --h1 sends WARMUP requests, then --connections more (the pool of
+# Each target runs twice under valgrind (callgrind: instructions; dhat: heap blocks) or strace
+# (`-f -c`: system calls of every thread, which callgrind does not see: the kernel's share of a
+# request's CPU), each run started afresh: h2load --h1 sends WARMUP requests, then --connections more (the pool of
 # upstream connections is warm, connection set-up is counted alike), and in the second run
 # REQUESTS more besides. (count of run 2 - count of run 1) / REQUESTS is the cost of one
 # keep-alive request, start-up, shutdown and connection set-up cancelled out.
@@ -16,7 +18,10 @@
 # takes the binaries in LT_BIN, default target/release, to be such a build).
 # --annotate N writes the top N functions by self instructions per request (inlined code counts
 # where it was inlined; the difference of the two runs' callgrind_annotate, divided by REQUESTS)
-# per target to results/instructions-<target>.txt (0: none).
+# per target to results/instructions-<target>.txt (0: none). With --tool strace, the system
+# calls per request by name go to results/syscalls-<target>.txt. strace slows every call, so
+# where a count depends on timing (how often a read finds no data yet and the thread waits in
+# epoll) it is the count of a slowed process: compare targets within one run.
 # Upstream: nginx `return 200` (as bench.sh), or sample-service. Loopback only, ephemeral ports;
 # everything started is stopped on exit. Writes results/instructions-latest.md.
 set -euo pipefail
@@ -38,14 +43,18 @@ while (($#)); do
     *) die "unknown argument $1 (see --help)" ;;
   esac
 done
-[[ $TOOL == callgrind || $TOOL == dhat ]] || die "--tool callgrind|dhat"
+[[ $TOOL == callgrind || $TOOL == dhat || $TOOL == strace ]] || die "--tool callgrind|dhat|strace"
 [[ $REQUESTS =~ ^[1-9][0-9]*$ && $WARMUP =~ ^[0-9]+$ && $CONNECTIONS =~ ^[1-9][0-9]*$ ]] ||
   die "--requests, --warmup and --connections take numbers"
 if [[ -n $ONLY ]]; then
   for t in ${ONLY//,/ }; do [[ " ${ALL_TARGETS[*]} " == *" $t "* ]] || die "unknown target $t (see --list)"; done
 fi
 selected() { [[ -z $ONLY || $ONLY == *",$1,"* ]]; }
-command -v valgrind >/dev/null || die "valgrind is not installed (apt-get install -y valgrind)"
+if [[ $TOOL == strace ]]; then
+  command -v strace >/dev/null || die "strace is not installed (apt-get install -y strace)"
+else
+  command -v valgrind >/dev/null || die "valgrind is not installed (apt-get install -y valgrind)"
+fi
 command -v h2load >/dev/null || die "h2load is not installed (apt-get install -y nghttp2-client)"
 
 lt_init
@@ -88,9 +97,12 @@ run() {
   if [[ $TOOL == callgrind ]]; then
     out="$dir/callgrind.out"
     vg=(valgrind --tool=callgrind --callgrind-out-file="$out" --log-file="$dir/valgrind.log")
-  else
+  elif [[ $TOOL == dhat ]]; then
     out="$dir/dhat.out"
     vg=(valgrind --tool=dhat --dhat-out-file="$out" --log-file="$dir/valgrind.log")
+  else
+    out="$dir/strace.out"
+    vg=(strace -f -c -U name,calls -o "$out")
   fi
   case $name in
     pingora|pingora-front)
@@ -134,8 +146,11 @@ run() {
   wait_ready "$ready" 120
   ((WARMUP > 0)) && h2load_n "$url" "$WARMUP"
   h2load_n "$url" $((CONNECTIONS + extra))
-  # SIGINT: Pingora's fast shutdown; valgrind writes its output as the process exits.
-  kill -INT "$pid"
+  # SIGINT: Pingora's fast shutdown; valgrind writes its output as the process exits. strace
+  # runs the process as its child and passes no signal on: the child gets it.
+  local target=$pid
+  [[ $TOOL == strace ]] && target=$(pgrep -P "$pid" | head -1)
+  kill -INT "$target"
   for _ in $(seq 600); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   kill -0 "$pid" 2>/dev/null && die "$name did not exit within 60 s of SIGINT"
   wait "$pid" 2>/dev/null || true
@@ -148,6 +163,11 @@ run() {
       callgrind_annotate --auto=no --inclusive=no --threshold=100 "$out" \
         >"$LT_TMP/annotate-$name-$extra.txt" 2>/dev/null
     fi
+  elif [[ $TOOL == strace ]]; then
+    [[ -s $out ]] || die "$name: no strace output"
+    # Lines `name calls` between two dashed rules, then `total calls`.
+    awk '$1 == "total" {print $2; exit}' "$out" | grep . || die "$name: no strace total in $out"
+    awk 'NF == 2 && $1 != "total" && $2 ~ /^[0-9]+$/ {print $1, $2}' "$out" >"$LT_TMP/syscalls-$name-$extra.txt"
   else
     # dhat's summary line: "Total:     1,234 bytes in 56 blocks".
     sed -n 's/.*Total: *[0-9,]* bytes in \([0-9,]*\) blocks.*/\1/p' "$dir/valgrind.log" | tr -d , |
@@ -164,7 +184,13 @@ for t in "${ALL_TARGETS[@]}"; do
   base=$(run "$t" 0)
   log "$t: $TOOL, $WARMUP + $CONNECTIONS + $REQUESTS requests"
   more=$(run "$t" "$REQUESTS")
-  PER[$t]=$(awk -v a="$base" -v b="$more" -v n="$REQUESTS" 'BEGIN{printf "%.1f", (b - a) / n}')
+  PER[$t]=$(awk -v a="$base" -v b="$more" -v n="$REQUESTS" -v f="$([[ $TOOL == strace ]] && echo %.2f || echo %.1f)" \
+    'BEGIN{printf f, (b - a) / n}')
+  if [[ $TOOL == strace ]]; then
+    # Per request by name: (calls in the longer run - calls in the shorter) / REQUESTS.
+    awk -v n="$REQUESTS" 'FNR == NR {a[$1] = $2; next} {d = ($2 - a[$1]) / n; if (d >= 0.005 || d <= -0.005) printf "%-24s %8.2f\n", $1, d}' \
+      "$LT_TMP/syscalls-$t-0.txt" "$LT_TMP/syscalls-$t-$REQUESTS.txt" | sort -k2 -rn >"$LT_DIR/results/syscalls-$t.txt"
+  fi
   if [[ $TOOL == callgrind ]] && ((ANNOTATE > 0)); then
     python3 "$LT_DIR/callgrind_diff.py" --top "$ANNOTATE" "$LT_TMP/annotate-$t-0.txt" \
       "$LT_TMP/annotate-$t-$REQUESTS.txt" "$REQUESTS" >"$LT_DIR/results/instructions-$t.txt"
@@ -174,17 +200,20 @@ done
 
 UNIT="instructions (Ir)"
 [[ $TOOL == dhat ]] && UNIT="heap allocations (blocks)"
+[[ $TOOL == strace ]] && UNIT="system calls"
 REV="$(git -C "$LT_ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 [[ -n "$(git -C "$LT_ROOT" status --porcelain -- src Cargo.toml Cargo.lock examples patches 2>/dev/null)" ]] &&
   REV+=" (with uncommitted changes)"
 REPORT="$LT_DIR/results/instructions-latest.md"
 [[ $TOOL == dhat ]] && REPORT="$LT_DIR/results/allocations-latest.md"
+[[ $TOOL == strace ]] && REPORT="$LT_DIR/results/syscalls-latest.md"
 {
   echo "## $UNIT per request"
   echo
   echo "- machine: $(machine_line)"
   echo "- tree: $REV, $( [[ $TOOL == dhat ]] && echo 'release build with the system allocator (heap-profiling)' || build_desc)"
-  echo "- valgrind --tool=$TOOL; h2load --h1 -c$CONNECTIONS, $WARMUP warm-up requests; per request = (run with $REQUESTS more requests - run without) / $REQUESTS"
+  if [[ $TOOL == strace ]]; then echo -n "- strace -f -c (every thread)"; else echo -n "- valgrind --tool=$TOOL"; fi
+  echo "; h2load --h1 -c$CONNECTIONS, $WARMUP warm-up requests; per request = (run with $REQUESTS more requests - run without) / $REQUESTS"
   echo "- upstream: $UPSTREAM_DESC; GET /users/1, keep-alive; 1 worker thread"
   echo
   echo "| target | $UNIT per request | ÷ pingora |"
