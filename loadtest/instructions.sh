@@ -9,10 +9,11 @@
 #
 # Each target runs twice under valgrind (callgrind: instructions; dhat: heap blocks) or strace
 # (`-f -c`: system calls of every thread, which callgrind does not see: the kernel's share of a
-# request's CPU), each run started afresh: h2load --h1 sends WARMUP requests, then --connections more (the pool of
-# upstream connections is warm, connection set-up is counted alike), and in the second run
-# REQUESTS more besides. (count of run 2 - count of run 1) / REQUESTS is the cost of one
-# keep-alive request, start-up, shutdown and connection set-up cancelled out.
+# request's CPU), each run started afresh: h2load --h1 sends WARMUP requests, then
+# --connections more (the pool of upstream connections is warm, connection set-up is counted
+# alike), and in the second run REQUESTS more besides. (count of run 2 - count of run 1) /
+# REQUESTS is the cost of one keep-alive request, start-up, shutdown and connection set-up
+# cancelled out.
 # --tool dhat builds with `--features heap-profiling` (the system allocator, which dhat sees;
 # mimalloc hides the allocations) and restores the normal build afterwards (with BUILD=0 it
 # takes the binaries in LT_BIN, default target/release, to be such a build).
