@@ -3,7 +3,9 @@
 `callgrind_annotate --inclusive=no` listings (a run with N more requests than the other),
 divided by N. Used by loadtest/instructions.sh.
 
-    callgrind_diff.py BASE.txt MORE.txt N [--top 25]
+    callgrind_diff.py BASE.txt MORE.txt N [--top 25] [--unit instructions]
+
+The listings may be of another event (`--show=I1mr --sort=I1mr`): the first column is read.
 """
 
 import argparse
@@ -42,11 +44,12 @@ def main():
     ap.add_argument("more")
     ap.add_argument("n", type=int)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--unit", default="instructions")
     a = ap.parse_args()
     base, more = read(a.base), read(a.more)
     diff = {k: (more.get(k, 0) - base.get(k, 0)) / a.n for k in set(base) | set(more)}
     total = sum(diff.values())
-    print(f"{total:10.0f}  100.0%  all functions listed (self instructions per request)")
+    print(f"{total:10.0f}  100.0%  all functions listed (self {a.unit} per request)")
     for name, v in sorted(diff.items(), key=lambda kv: -kv[1])[: a.top]:
         print(f"{v:10.0f} {100 * v / total:6.1f}%  {name[:200]}")
 

@@ -5,7 +5,7 @@
 #
 #   loadtest/instructions.sh [--requests 10000] [--warmup 500] [--connections 16]
 #                            [--only pingora,pingora-front,breakwater,...]
-#                            [--tool callgrind|dhat|strace] [--annotate 25] [--list]
+#                            [--tool callgrind|cachegrind|dhat|strace] [--annotate 25] [--list]
 #
 # Each target runs twice under valgrind (callgrind: instructions; dhat: heap blocks) or strace
 # (`-f -c`: system calls of every thread, which callgrind does not see: the kernel's share of a
@@ -14,6 +14,13 @@
 # alike), and in the second run REQUESTS more besides. (count of run 2 - count of run 1) /
 # REQUESTS is the cost of one keep-alive request, start-up, shutdown and connection set-up
 # cancelled out.
+# --tool cachegrind runs callgrind with its cache simulation, sized as this machine's caches
+# (32 KiB 8-way level-1 instructions, 48 KiB 12-way level-1 data, 2 MiB 16-way level 2 as the
+# last level): level-1 instruction and data misses and level-2 misses per request, beside the
+# instructions. Instructions alone do not say what the wall clock sees: a hot path larger than
+# the instruction cache refetches its code on every request (loadtest/README.md). No hardware
+# counters here, so this simulation is the deterministic view of it. --annotate N writes the
+# top N functions by level-1 instruction misses per request to results/icache-<target>.txt.
 # --tool dhat builds with `--features heap-profiling` (the system allocator, which dhat sees;
 # mimalloc hides the allocations) and restores the normal build afterwards (with BUILD=0 it
 # takes the binaries in LT_BIN, default target/release, to be such a build).
@@ -44,7 +51,8 @@ while (($#)); do
     *) die "unknown argument $1 (see --help)" ;;
   esac
 done
-[[ $TOOL == callgrind || $TOOL == dhat || $TOOL == strace ]] || die "--tool callgrind|dhat|strace"
+[[ $TOOL == callgrind || $TOOL == cachegrind || $TOOL == dhat || $TOOL == strace ]] ||
+  die "--tool callgrind|cachegrind|dhat|strace"
 [[ $REQUESTS =~ ^[1-9][0-9]*$ && $WARMUP =~ ^[0-9]+$ && $CONNECTIONS =~ ^[1-9][0-9]*$ ]] ||
   die "--requests, --warmup and --connections take numbers"
 if [[ -n $ONLY ]]; then
@@ -98,6 +106,10 @@ run() {
   if [[ $TOOL == callgrind ]]; then
     out="$dir/callgrind.out"
     vg=(valgrind --tool=callgrind --callgrind-out-file="$out" --log-file="$dir/valgrind.log")
+  elif [[ $TOOL == cachegrind ]]; then
+    out="$dir/callgrind.out"
+    vg=(valgrind --tool=callgrind --cache-sim=yes --I1=32768,8,64 --D1=49152,12,64
+      --LL=2097152,16,64 --callgrind-out-file="$out" --log-file="$dir/valgrind.log")
   elif [[ $TOOL == dhat ]]; then
     out="$dir/dhat.out"
     vg=(valgrind --tool=dhat --dhat-out-file="$out" --log-file="$dir/valgrind.log")
@@ -164,6 +176,20 @@ run() {
       callgrind_annotate --auto=no --inclusive=no --threshold=100 "$out" \
         >"$LT_TMP/annotate-$name-$extra.txt" 2>/dev/null
     fi
+  elif [[ $TOOL == cachegrind ]]; then
+    [[ -s $out ]] || die "$name: no callgrind output (see $dir/valgrind.log)"
+    # `events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw` and the totals in that order: print
+    # instructions, level-1 instruction misses, level-1 data misses, last-level misses.
+    awk '/^events:/ {for (i = 2; i <= NF; i++) col[$i] = i - 1}
+      /^(summary|totals):/ {
+        printf "%s %s %s %s\n", $(col["Ir"] + 1), $(col["I1mr"] + 1),
+          $(col["D1mr"] + 1) + $(col["D1mw"] + 1),
+          $(col["ILmr"] + 1) + $(col["DLmr"] + 1) + $(col["DLmw"] + 1); exit}' "$out" |
+      grep -E '^[0-9]+ [0-9]+ [0-9]+ [0-9]+$' || die "$name: no cache counts in $out"
+    if ((ANNOTATE > 0)); then
+      callgrind_annotate --auto=no --inclusive=no --threshold=100 --show=I1mr --sort=I1mr "$out" \
+        >"$LT_TMP/annotate-$name-$extra.txt" 2>/dev/null
+    fi
   elif [[ $TOOL == strace ]]; then
     [[ -s $out ]] || die "$name: no strace output"
     # Lines `name calls` between two dashed rules, then `total calls`.
@@ -185,16 +211,25 @@ for t in "${ALL_TARGETS[@]}"; do
   base=$(run "$t" 0)
   log "$t: $TOOL, $WARMUP + $CONNECTIONS + $REQUESTS requests"
   more=$(run "$t" "$REQUESTS")
-  PER[$t]=$(awk -v a="$base" -v b="$more" -v n="$REQUESTS" -v f="$([[ $TOOL == strace ]] && echo %.2f || echo %.1f)" \
-    'BEGIN{printf f, (b - a) / n}')
+  if [[ $TOOL == cachegrind ]]; then
+    # Per request, each count: instructions, L1i misses, L1d misses, last-level misses.
+    PER[$t]=$(awk -v a="$base" -v b="$more" -v n="$REQUESTS" 'BEGIN{split(a, x, " "); split(b, y, " ");
+      printf "%.1f %.1f %.1f %.1f", (y[1] - x[1]) / n, (y[2] - x[2]) / n, (y[3] - x[3]) / n, (y[4] - x[4]) / n}')
+  else
+    PER[$t]=$(awk -v a="$base" -v b="$more" -v n="$REQUESTS" -v f="$([[ $TOOL == strace ]] && echo %.2f || echo %.1f)" \
+      'BEGIN{printf f, (b - a) / n}')
+  fi
   if [[ $TOOL == strace ]]; then
     # Per request by name: (calls in the longer run - calls in the shorter) / REQUESTS.
     awk -v n="$REQUESTS" 'FNR == NR {a[$1] = $2; next} {d = ($2 - a[$1]) / n; if (d >= 0.005 || d <= -0.005) printf "%-24s %8.2f\n", $1, d}' \
       "$LT_TMP/syscalls-$t-0.txt" "$LT_TMP/syscalls-$t-$REQUESTS.txt" | sort -k2 -rn >"$LT_DIR/results/syscalls-$t.txt"
   fi
-  if [[ $TOOL == callgrind ]] && ((ANNOTATE > 0)); then
-    python3 "$LT_DIR/callgrind_diff.py" --top "$ANNOTATE" "$LT_TMP/annotate-$t-0.txt" \
-      "$LT_TMP/annotate-$t-$REQUESTS.txt" "$REQUESTS" >"$LT_DIR/results/instructions-$t.txt"
+  if [[ $TOOL == callgrind || $TOOL == cachegrind ]] && ((ANNOTATE > 0)); then
+    listing="$LT_DIR/results/instructions-$t.txt"
+    [[ $TOOL == cachegrind ]] && listing="$LT_DIR/results/icache-$t.txt"
+    python3 "$LT_DIR/callgrind_diff.py" --top "$ANNOTATE" --unit "$([[ $TOOL == cachegrind ]] &&
+      echo 'level-1 instruction misses' || echo instructions)" "$LT_TMP/annotate-$t-0.txt" \
+      "$LT_TMP/annotate-$t-$REQUESTS.txt" "$REQUESTS" >"$listing"
   fi
   log "$t: $base -> $more: ${PER[$t]} per request"
 done
@@ -202,27 +237,49 @@ done
 UNIT="instructions (Ir)"
 [[ $TOOL == dhat ]] && UNIT="heap allocations (blocks)"
 [[ $TOOL == strace ]] && UNIT="system calls"
+[[ $TOOL == cachegrind ]] && UNIT="cache misses (simulated)"
 REV="$(git -C "$LT_ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 [[ -n "$(git -C "$LT_ROOT" status --porcelain -- src Cargo.toml Cargo.lock examples patches 2>/dev/null)" ]] &&
   REV+=" (with uncommitted changes)"
 REPORT="$LT_DIR/results/instructions-latest.md"
 [[ $TOOL == dhat ]] && REPORT="$LT_DIR/results/allocations-latest.md"
 [[ $TOOL == strace ]] && REPORT="$LT_DIR/results/syscalls-latest.md"
+[[ $TOOL == cachegrind ]] && REPORT="$LT_DIR/results/icache-latest.md"
 {
   echo "## $UNIT per request"
   echo
   echo "- machine: $(machine_line)"
   echo "- tree: $REV, $( [[ $TOOL == dhat ]] && echo 'release build with the system allocator (heap-profiling)' || build_desc)"
-  if [[ $TOOL == strace ]]; then echo -n "- strace -f -c (every thread)"; else echo -n "- valgrind --tool=$TOOL"; fi
+  if [[ $TOOL == strace ]]; then echo -n "- strace -f -c (every thread)"
+  elif [[ $TOOL == cachegrind ]]; then echo -n "- valgrind --tool=callgrind --cache-sim=yes (L1i 32 KiB 8-way, L1d 48 KiB 12-way, last level 2 MiB 16-way, 64-byte lines)"
+  else echo -n "- valgrind --tool=$TOOL"; fi
   echo "; h2load --h1 -c$CONNECTIONS, $WARMUP warm-up requests; per request = (run with $REQUESTS more requests - run without) / $REQUESTS"
   echo "- upstream: $UPSTREAM_DESC; GET /users/1, keep-alive; 1 worker thread"
   echo
-  echo "| target | $UNIT per request | ÷ pingora |"
-  echo "|---|---:|---:|"
-  for t in "${TARGETS[@]}"; do
-    r=$(awk -v a="${PER[$t]}" -v b="${PER[pingora]:-}" 'BEGIN{ if (b+0 > 0) printf "%.3fx", a / b; else print "n/a" }')
-    echo "| $t | ${PER[$t]} | $r |"
-  done
+  if [[ $TOOL == cachegrind ]]; then
+    echo "| target | instructions | L1i misses | L1d misses | last-level misses | estimated cycles | instructions ÷ pingora | L1i misses ÷ pingora | estimated cycles ÷ pingora |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    for t in "${TARGETS[@]}"; do
+      awk -v t="$t" -v a="${PER[$t]}" -v b="${PER[pingora]:-}" 'BEGIN{
+        split(a, x, " "); split(b, y, " ");
+        c = x[1] + 10 * (x[2] + x[3]) + 100 * x[4]; cb = y[1] + 10 * (y[2] + y[3]) + 100 * y[4];
+        r1 = y[1] > 0 ? sprintf("%.3fx", x[1] / y[1]) : "n/a";
+        r2 = y[2] > 0 ? sprintf("%.3fx", x[2] / y[2]) : "n/a";
+        r3 = cb > 0 ? sprintf("%.3fx", c / cb) : "n/a";
+        printf "| %s | %.0f | %.0f | %.0f | %.0f | %.0f | %s | %s | %s |\n", t, x[1], x[2], x[3], x[4], c, r1, r2, r3}'
+    done
+    echo
+    echo "Estimated cycles: instructions + 10 x level-1 misses + 100 x last-level misses, KCachegrind's"
+    echo "estimate (branch mispredictions not simulated). The simulation sees only this process: the"
+    echo "upstream and the load generator sharing the CPU's caches are not in it."
+  else
+    echo "| target | $UNIT per request | ÷ pingora |"
+    echo "|---|---:|---:|"
+    for t in "${TARGETS[@]}"; do
+      r=$(awk -v a="${PER[$t]}" -v b="${PER[pingora]:-}" 'BEGIN{ if (b+0 > 0) printf "%.3fx", a / b; else print "n/a" }')
+      echo "| $t | ${PER[$t]} | $r |"
+    done
+  fi
   echo
   echo "- **pingora**: examples/bare_pingora.rs (only \`upstream_peer\`)"
   echo "- **pingora-front**: the same behind Breakwater's connection front (server::front: whole-header deadline, idle wait without a buffer after 100 ms, connection count, and the request future awaited in place instead of boxed per request: the pingora-proxy patch)"
