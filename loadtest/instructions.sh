@@ -103,13 +103,11 @@ run() {
   mkdir -p "$dir"
   port=$(free_port)
   url="http://127.0.0.1:$port/users/1"
-  if [[ $TOOL == callgrind ]]; then
+  if [[ $TOOL == callgrind || $TOOL == cachegrind ]]; then
     out="$dir/callgrind.out"
     vg=(valgrind --tool=callgrind --callgrind-out-file="$out" --log-file="$dir/valgrind.log")
-  elif [[ $TOOL == cachegrind ]]; then
-    out="$dir/callgrind.out"
-    vg=(valgrind --tool=callgrind --cache-sim=yes --I1=32768,8,64 --D1=49152,12,64
-      --LL=2097152,16,64 --callgrind-out-file="$out" --log-file="$dir/valgrind.log")
+    [[ $TOOL == cachegrind ]] &&
+      vg+=(--cache-sim=yes --I1=32768,8,64 --D1=49152,12,64 --LL=2097152,16,64)
   elif [[ $TOOL == dhat ]]; then
     out="$dir/dhat.out"
     vg=(valgrind --tool=dhat --dhat-out-file="$out" --log-file="$dir/valgrind.log")
@@ -169,25 +167,24 @@ run() {
   wait "$pid" 2>/dev/null || true
   untrack "$pid"
   trap - EXIT
-  if [[ $TOOL == callgrind ]]; then
+  if [[ $TOOL == callgrind || $TOOL == cachegrind ]]; then
     [[ -s $out ]] || die "$name: no callgrind output (see $dir/valgrind.log)"
-    awk '/^(summary|totals):/ {print $2; exit}' "$out"
-    if ((ANNOTATE > 0)); then
-      callgrind_annotate --auto=no --inclusive=no --threshold=100 "$out" \
-        >"$LT_TMP/annotate-$name-$extra.txt" 2>/dev/null
+    local sort=()
+    if [[ $TOOL == callgrind ]]; then
+      awk '/^(summary|totals):/ {print $2; exit}' "$out"
+    else
+      # `events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw` and the totals in that order: print
+      # instructions, level-1 instruction misses, level-1 data misses, last-level misses.
+      awk '/^events:/ {for (i = 2; i <= NF; i++) col[$i] = i - 1}
+        /^(summary|totals):/ {
+          printf "%s %s %s %s\n", $(col["Ir"] + 1), $(col["I1mr"] + 1),
+            $(col["D1mr"] + 1) + $(col["D1mw"] + 1),
+            $(col["ILmr"] + 1) + $(col["DLmr"] + 1) + $(col["DLmw"] + 1); exit}' "$out" |
+        grep -E '^[0-9]+ [0-9]+ [0-9]+ [0-9]+$' || die "$name: no cache counts in $out"
+      sort=(--show=I1mr --sort=I1mr)
     fi
-  elif [[ $TOOL == cachegrind ]]; then
-    [[ -s $out ]] || die "$name: no callgrind output (see $dir/valgrind.log)"
-    # `events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw` and the totals in that order: print
-    # instructions, level-1 instruction misses, level-1 data misses, last-level misses.
-    awk '/^events:/ {for (i = 2; i <= NF; i++) col[$i] = i - 1}
-      /^(summary|totals):/ {
-        printf "%s %s %s %s\n", $(col["Ir"] + 1), $(col["I1mr"] + 1),
-          $(col["D1mr"] + 1) + $(col["D1mw"] + 1),
-          $(col["ILmr"] + 1) + $(col["DLmr"] + 1) + $(col["DLmw"] + 1); exit}' "$out" |
-      grep -E '^[0-9]+ [0-9]+ [0-9]+ [0-9]+$' || die "$name: no cache counts in $out"
     if ((ANNOTATE > 0)); then
-      callgrind_annotate --auto=no --inclusive=no --threshold=100 --show=I1mr --sort=I1mr "$out" \
+      callgrind_annotate --auto=no --inclusive=no --threshold=100 "${sort[@]}" "$out" \
         >"$LT_TMP/annotate-$name-$extra.txt" 2>/dev/null
     fi
   elif [[ $TOOL == strace ]]; then
