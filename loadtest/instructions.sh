@@ -208,14 +208,10 @@ for t in "${ALL_TARGETS[@]}"; do
   base=$(run "$t" 0)
   log "$t: $TOOL, $WARMUP + $CONNECTIONS + $REQUESTS requests"
   more=$(run "$t" "$REQUESTS")
-  if [[ $TOOL == cachegrind ]]; then
-    # Per request, each count: instructions, L1i misses, L1d misses, last-level misses.
-    PER[$t]=$(awk -v a="$base" -v b="$more" -v n="$REQUESTS" 'BEGIN{split(a, x, " "); split(b, y, " ");
-      printf "%.1f %.1f %.1f %.1f", (y[1] - x[1]) / n, (y[2] - x[2]) / n, (y[3] - x[3]) / n, (y[4] - x[4]) / n}')
-  else
-    PER[$t]=$(awk -v a="$base" -v b="$more" -v n="$REQUESTS" -v f="$([[ $TOOL == strace ]] && echo %.2f || echo %.1f)" \
-      'BEGIN{printf f, (b - a) / n}')
-  fi
+  # Per request, each count of the run (cachegrind's are four: instructions, L1i misses, L1d
+  # misses, last-level misses).
+  PER[$t]=$(awk -v a="$base" -v b="$more" -v n="$REQUESTS" -v f="$([[ $TOOL == strace ]] && echo %.2f || echo %.1f)" \
+    'BEGIN{k = split(a, x, " "); split(b, y, " "); for (i = 1; i <= k; i++) printf (i > 1 ? " " : "") f, (y[i] - x[i]) / n}')
   if [[ $TOOL == strace ]]; then
     # Per request by name: (calls in the longer run - calls in the shorter) / REQUESTS.
     awk -v n="$REQUESTS" 'FNR == NR {a[$1] = $2; next} {d = ($2 - a[$1]) / n; if (d >= 0.005 || d <= -0.005) printf "%-24s %8.2f\n", $1, d}' \
