@@ -932,13 +932,7 @@ fn private_responses_and_unkeyed_inputs_are_never_shared(backend: Backend) {
 
 /// Resident memory of a process, in bytes.
 fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status");
-    kib * 1024
+    common::proc_status(pid, "VmRSS") * 1024
 }
 
 /// `n` requests over `threads` keep-alive clients, to `/{prefix}/{i}` (every key new), a

@@ -300,18 +300,7 @@ fn bodies_split_headers_and_pipelined_requests_are_handled_safely() {
 
 /// Resident memory of a process, from `/proc/PID/status`.
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("VmRSS:")?
-                .trim()
-                .strip_suffix("kB")?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .expect("VmRSS")
+    common::proc_status(pid, "VmRSS")
 }
 
 #[test]

@@ -5,7 +5,7 @@
 //! needs no running server (route table, peers, CORS policies, header sets, fallbacks, the JWT
 //! keys, the unconnected Redis pool); `check` stops there. [`Compiled::install`] then creates
 //! the per-process state from it: breakers, health flags, retry budgets, rate-limit counts,
-//! metric handles and the health-check background services.
+//! metric handles and the health-check loops (one background service runs them all).
 
 mod compile;
 
@@ -28,11 +28,13 @@ use crate::ops::tracing::Tracer;
 use crate::redis::{self, Redis};
 use crate::routing::Router;
 use crate::upstream::fallback::Fallback;
+use crate::upstream::health::HealthChecks;
 use crate::upstream::peer::{Protocol, Timeouts};
-use crate::upstream::pool::{BackgroundTask, Pool};
+use crate::upstream::pool::{HealthCheckLoop, Pool};
 use crate::upstream::retry::RetryBudget;
 use compile::CompiledService;
 use pingora::services::background::background_service;
+use pingora::services::ServiceWithDependents;
 use pingora::{Error, ErrorType, Result};
 use std::sync::Arc;
 
@@ -86,6 +88,10 @@ pub struct Service {
     pub metrics: ServiceMetrics,
 }
 
+/// A Pingora service the server must run next to the proxy: the health checks, the span
+/// exporter.
+pub type BackgroundTask = Box<dyn ServiceWithDependents>;
+
 impl Compiled {
     /// Installs the compiled config in this process and returns the background services
     /// (health checks, the span exporter) the server
@@ -101,11 +107,16 @@ impl Compiled {
         }
         let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
         let mut services = Vec::with_capacity(self.services.len());
-        let mut background = Vec::new();
+        let mut health_checks = Vec::new();
         for compiled in self.services {
             let (service, health_check) = install_service(compiled, self.cache.as_ref(), &clock)?;
             services.push(Arc::new(service));
-            background.extend(health_check);
+            health_checks.extend(health_check);
+        }
+        let mut background: Vec<BackgroundTask> = Vec::new();
+        if !health_checks.is_empty() {
+            let checks = HealthChecks::new(health_checks);
+            background.push(Box::new(background_service("health checks", checks)));
         }
         let access_log = match self.access_log.map(|plan| plan.install()).transpose() {
             Ok(log) => log,
@@ -142,7 +153,7 @@ fn install_service(
     s: CompiledService,
     cache: Option<&Arc<ResponseCache>>,
     clock: &Arc<dyn Clock>,
-) -> Result<(Service, Option<BackgroundTask>)> {
+) -> Result<(Service, Option<HealthCheckLoop>)> {
     let (pool, health_check) = s.pool.start(Arc::clone(clock))?;
     let service = Service {
         pool,

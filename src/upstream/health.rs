@@ -5,20 +5,23 @@
 //! (`grpc.health.v1.Health/Check`), sent over the service's own HTTP/2 (h2 or h2c).
 
 use super::peer::{Protocol, UpstreamTls};
+use super::pool::HealthCheckLoop;
 use super::state::Upstream;
 use crate::values::PathPrefix;
 use async_trait::async_trait;
 use bytes::{Buf, Bytes, BytesMut};
 use pingora::connectors::http::Connector;
 use pingora::http::RequestHeader;
-use pingora::lb::health_check::{HealthCheck, HttpHealthCheck};
+use pingora::lb::health_check::HealthCheck;
 use pingora::lb::Backend;
 use pingora::prelude::HttpPeer;
 use pingora::protocols::http::client::HttpSession;
 use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
 use pingora::{Error, ErrorType, Result};
 use serde::Deserialize;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// `health_check:` of a service.
@@ -80,9 +83,9 @@ pub struct HealthCheckPlan {
     check: Probe,
 }
 
-/// The probe: Pingora's HTTP check, or the gRPC health call.
+/// The probe: `GET path`, or the gRPC health call.
 enum Probe {
-    Http(Box<HttpHealthCheck>),
+    Http(Box<HttpProbe>),
     Grpc(Box<GrpcHealthCheck>),
 }
 
@@ -96,7 +99,7 @@ impl Probe {
 
     fn health_threshold(&self, success: bool) -> usize {
         match self {
-            Probe::Http(check) => check.health_threshold(success),
+            Probe::Http(check) => check.thresholds.of(success),
             Probe::Grpc(check) => check.thresholds.of(success),
         }
     }
@@ -119,7 +122,7 @@ impl HealthCheckConfig {
             return Err("healthy_threshold and unhealthy_threshold must be at least 1".into());
         }
         let host = self.host.as_deref().unwrap_or(first_upstream);
-        // Checked before Pingora builds its probe, which unwraps the header it adds.
+        // Checked here, for the gRPC probe too, so that the error names the setting.
         if http::HeaderValue::from_str(host).is_err() {
             return Err(format!("host {host:?} is not a valid Host header value"));
         }
@@ -133,38 +136,77 @@ impl HealthCheckConfig {
                 check: Probe::Grpc(Box::new(check)),
             });
         }
-        let mut check = HttpHealthCheck::new(host, tls.enabled);
         let invalid = |e: Box<Error>| format!("cannot build the health check request: {e}");
         let mut req = RequestHeader::build("GET", self.path.0.as_bytes(), None).map_err(invalid)?;
         req.insert_header("Host", host).map_err(invalid)?;
         req.insert_header("User-Agent", "breakwater-health-check")
             .map_err(invalid)?;
-        check.req = req;
-        let options = &mut check.peer_template.options;
-        options.connection_timeout = Some(self.timeout);
-        options.read_timeout = Some(self.timeout);
-        options.total_connection_timeout = Some(self.timeout);
-        if tls.enabled {
-            check.peer_template.sni = tls.sni_for(host);
-            tls.apply(&mut check.peer_template);
-        }
-        protocol.apply(&mut check.peer_template);
-        check.consecutive_success = self.healthy_threshold;
-        check.consecutive_failure = self.unhealthy_threshold;
-        check.validator = Some(Box::new(|resp| {
-            if resp.status.is_success() {
-                Ok(())
-            } else {
-                Error::e_explain(
-                    ErrorType::CustomCode("health check status", resp.status.as_u16()),
-                    "non-2xx health check response",
-                )
-            }
-        }));
+        let sni = if tls.enabled {
+            tls.sni_for(host)
+        } else {
+            String::new()
+        };
+        let mut peer = HttpPeer::new("0.0.0.0:1", tls.enabled, sni);
+        tls.apply(&mut peer);
+        protocol.apply(&mut peer);
+        peer.options.connection_timeout = Some(self.timeout);
+        peer.options.total_connection_timeout = Some(self.timeout);
+        peer.options.read_timeout = Some(self.timeout);
         Ok(HealthCheckPlan {
             interval: self.interval,
-            check: Probe::Http(Box::new(check)),
+            check: Probe::Http(Box::new(HttpProbe {
+                peer_template: peer,
+                req,
+                thresholds: Thresholds {
+                    success: self.healthy_threshold,
+                    failure: self.unhealthy_threshold,
+                },
+            })),
         })
+    }
+}
+
+/// The connector every probe of the process connects with. Building one loads the CA bundle
+/// into two TLS contexts (HTTP/1 and HTTP/2): about 115M instructions and a few MiB each, which
+/// one per service made start-up, every reload and memory grow with the number of services.
+/// Probes never return connections to its pools, so sharing it shares no connection.
+fn probe_connector() -> &'static Connector {
+    static CONNECTOR: OnceLock<Connector> = OnceLock::new();
+    CONNECTOR.get_or_init(|| Connector::new(None))
+}
+
+/// `GET path` on a fresh connection each time (a pooled one can hide a broken path to the
+/// upstream); any 2xx passes, and the body is read to its end.
+struct HttpProbe {
+    peer_template: HttpPeer,
+    req: RequestHeader,
+    thresholds: Thresholds,
+}
+
+impl HttpProbe {
+    async fn check(&self, target: &Backend) -> Result<()> {
+        let mut peer = self.peer_template.clone();
+        peer._address = target.addr.clone();
+        let (mut session, _) = probe_connector().get_http_session(&peer).await?;
+        session
+            .write_request_header(Box::new(self.req.clone()))
+            .await?;
+        session.finish_request_body().await?;
+        session.set_read_timeout(peer.options.read_timeout);
+        session.read_response_header().await?;
+        let status = session.response_header().map(|h| h.status);
+        match status {
+            Some(status) if status.is_success() => {}
+            status => {
+                let code = status.map_or(0, |s| s.as_u16());
+                return Error::e_explain(
+                    ErrorType::CustomCode("health check status", code),
+                    "non-2xx health check response",
+                );
+            }
+        }
+        while session.read_response_body().await?.is_some() {}
+        Ok(())
     }
 }
 
@@ -193,7 +235,6 @@ struct GrpcHealthCheck {
     body: Bytes,
     timeout: Duration,
     thresholds: Thresholds,
-    connector: Connector,
 }
 
 /// `grpc.health.v1.HealthCheckResponse.ServingStatus.SERVING`.
@@ -237,7 +278,6 @@ impl GrpcHealthCheck {
                 success: config.healthy_threshold,
                 failure: config.unhealthy_threshold,
             },
-            connector: Connector::new(None),
         })
     }
 
@@ -252,7 +292,7 @@ impl GrpcHealthCheck {
     }
 
     async fn call(&self, peer: &HttpPeer) -> Result<()> {
-        let (session, _) = self.connector.get_http_session(peer).await?;
+        let (session, _) = probe_connector().get_http_session(peer).await?;
         let HttpSession::H2(mut session) = session else {
             return Error::e_explain(
                 ErrorType::InvalidHTTPHeader,
@@ -422,6 +462,30 @@ impl HealthCheck for ObservedHealthCheck {
     }
 }
 
+/// Every service's health check loop, side by side on one background service. One service
+/// each meant a Tokio runtime and a thread per health-checked service, and the memory that
+/// goes with them.
+pub struct HealthChecks(Vec<HealthCheckLoop>);
+
+impl HealthChecks {
+    pub fn new(loops: Vec<HealthCheckLoop>) -> HealthChecks {
+        HealthChecks(loops)
+    }
+}
+
+#[async_trait]
+impl BackgroundService for HealthChecks {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        let mut loops = tokio::task::JoinSet::new();
+        for check in &self.0 {
+            let (check, shutdown) = (Arc::clone(check), shutdown.clone());
+            loops.spawn(async move { check.start(shutdown).await });
+        }
+        // Each loop returns at shutdown; one that panicked leaves the others running.
+        while loops.join_next().await.is_some() {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -438,7 +502,7 @@ mod tests {
         }
     }
 
-    fn http_probe(plan: &HealthCheckPlan) -> &HttpHealthCheck {
+    fn http_probe(plan: &HealthCheckPlan) -> &HttpProbe {
         match &plan.check {
             Probe::Http(check) => check,
             Probe::Grpc(_) => panic!("an HTTP probe was expected"),
@@ -482,7 +546,7 @@ mod tests {
         };
         refused("{interval: 0s}", "greater than zero");
         refused("{healthy_threshold: 0}", "at least 1");
-        // Pingora would panic building its probe with this Host header.
+        // Not a header value: refused with the config, not at the first check.
         refused("{host: \"a\\u0001b\"}", "not a valid Host header value");
         refused("{grpc: true}", "needs the service's protocol");
     }

@@ -1,6 +1,6 @@
 //! Upstream pools: a service's `upstreams`, `load_balancing` and `hash_key`, compiled into
 //! one prepared peer per upstream; at start-up, one pingora-load-balancing `LoadBalancer` per
-//! service with its health check (run as a Pingora background service), and the per-upstream
+//! service with its health check loop (all services' run on one background service), and the per-upstream
 //! state the proxy consults when it picks an upstream: health, circuit breaker and requests in
 //! flight.
 
@@ -14,9 +14,8 @@ use pingora::http::RequestHeader;
 use pingora::lb::discovery::Static;
 use pingora::lb::selection::{BackendIter, BackendSelection, Consistent, Random, RoundRobin};
 use pingora::lb::{Backend, Backends, LoadBalancer};
-use pingora::prelude::background_service;
 use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
-use pingora::services::ServiceWithDependents;
+use pingora::services::background::BackgroundService;
 use pingora::{Error, ErrorType, Result};
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
@@ -26,8 +25,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// A Pingora service the server must run next to the proxy (here: a health check loop).
-pub type BackgroundTask = Box<dyn ServiceWithDependents>;
+/// A service's health check loop (its load balancer's), run with every other service's in
+/// one background service ([`super::health::HealthChecks`]).
+pub type HealthCheckLoop = Arc<dyn BackgroundService + Send + Sync>;
 
 /// Upstream selection algorithm.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -295,9 +295,9 @@ pub struct Pool {
 const MAX_ITERATIONS: usize = 256;
 
 impl PoolPlan {
-    /// Starts the pool: each upstream's state and breaker, the load balancer, and the
-    /// background service that runs its health checks when the service has `health_check`.
-    pub fn start(self, clock: Arc<dyn Clock>) -> Result<(Pool, Option<BackgroundTask>)> {
+    /// Starts the pool: each upstream's state and breaker, the load balancer, and the loop
+    /// that runs its health checks when the service has `health_check`.
+    pub fn start(self, clock: Arc<dyn Clock>) -> Result<(Pool, Option<HealthCheckLoop>)> {
         let service = self.service;
         let backends: BTreeSet<Backend> = self
             .upstreams
@@ -321,19 +321,19 @@ impl PoolPlan {
             .map(|hc| (hc.interval, hc.observe(&service, &upstreams)));
         let (balancer, background) = match self.algorithm {
             Algorithm::RoundRobin => {
-                let (_, bg) = build_lb::<RoundRobin>(&service, backends, health_check)?;
+                let (_, bg) = build_lb::<RoundRobin>(backends, health_check)?;
                 (Balancer::RoundRobin(ring), bg)
             }
             Algorithm::Random => {
-                let (lb, bg) = build_lb::<Random>(&service, backends, health_check)?;
+                let (lb, bg) = build_lb::<Random>(backends, health_check)?;
                 (Balancer::Random(lb), bg)
             }
             Algorithm::ConsistentHash => {
-                let (lb, bg) = build_lb::<Consistent>(&service, backends, health_check)?;
+                let (lb, bg) = build_lb::<Consistent>(backends, health_check)?;
                 (Balancer::Consistent(lb), bg)
             }
             Algorithm::LeastRequest => {
-                let (lb, bg) = build_lb::<Random>(&service, backends, health_check)?;
+                let (lb, bg) = build_lb::<Random>(backends, health_check)?;
                 (Balancer::LeastRequest(lb), bg)
             }
         };
@@ -436,10 +436,9 @@ impl Pool {
 }
 
 fn build_lb<S>(
-    service: &str,
     backends: BTreeSet<Backend>,
     health_check: Option<(Duration, ObservedHealthCheck)>,
-) -> Result<(Arc<LoadBalancer<S>>, Option<BackgroundTask>)>
+) -> Result<(Arc<LoadBalancer<S>>, Option<HealthCheckLoop>)>
 where
     S: BackendSelection + Send + Sync + 'static,
     S::Iter: BackendIter,
@@ -456,9 +455,9 @@ where
         Some(interval) => {
             lb.health_check_frequency = Some(interval);
             lb.parallel_health_check = true;
-            let bg = background_service(&format!("health check {service}"), lb);
-            let lb = bg.task();
-            Ok((lb, Some(Box::new(bg))))
+            let lb = Arc::new(lb);
+            let health_check_loop: HealthCheckLoop = lb.clone();
+            Ok((lb, Some(health_check_loop)))
         }
         None => Ok((Arc::new(lb), None)),
     }

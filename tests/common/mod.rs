@@ -93,6 +93,16 @@ pub fn is_listening(addr: &str) -> bool {
     TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
 }
 
+/// A number from `/proc/PID/status`, such as `VmRSS` (in KiB) or `Threads`.
+pub fn proc_status(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+}
+
 fn kill_child(child: &mut Option<Child>) {
     if let Some(mut c) = child.take() {
         // SIGKILL on Unix; the error only means it already exited, and `wait` reaps it either way.
