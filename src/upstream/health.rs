@@ -141,6 +141,19 @@ impl HealthCheckConfig {
         req.insert_header("Host", host).map_err(invalid)?;
         req.insert_header("User-Agent", "breakwater-health-check")
             .map_err(invalid)?;
+        Ok(HealthCheckPlan {
+            interval: self.interval,
+            check: Probe::Http(Box::new(HttpProbe {
+                peer_template: self.probe_peer(host, tls, protocol),
+                req,
+                thresholds: self.thresholds(),
+            })),
+        })
+    }
+
+    /// The peer every probe of the service starts from (its address set per check): the
+    /// service's TLS and protocol, connect and read within `timeout`.
+    fn probe_peer(&self, host: &str, tls: &UpstreamTls, protocol: Protocol) -> HttpPeer {
         let sni = if tls.enabled {
             tls.sni_for(host)
         } else {
@@ -149,20 +162,20 @@ impl HealthCheckConfig {
         let mut peer = HttpPeer::new("0.0.0.0:1", tls.enabled, sni);
         tls.apply(&mut peer);
         protocol.apply(&mut peer);
+        // One stream per HTTP/2 connection: one with room for more would be kept in the
+        // connector's pool and reused by the next check.
+        peer.options.max_h2_streams = 1;
         peer.options.connection_timeout = Some(self.timeout);
         peer.options.total_connection_timeout = Some(self.timeout);
         peer.options.read_timeout = Some(self.timeout);
-        Ok(HealthCheckPlan {
-            interval: self.interval,
-            check: Probe::Http(Box::new(HttpProbe {
-                peer_template: peer,
-                req,
-                thresholds: Thresholds {
-                    success: self.healthy_threshold,
-                    failure: self.unhealthy_threshold,
-                },
-            })),
-        })
+        peer
+    }
+
+    fn thresholds(&self) -> Thresholds {
+        Thresholds {
+            success: self.healthy_threshold,
+            failure: self.unhealthy_threshold,
+        }
     }
 }
 
@@ -258,26 +271,12 @@ impl GrpcHealthCheck {
         ] {
             req.insert_header(name, value).map_err(invalid)?;
         }
-        let sni = if tls.enabled {
-            tls.sni_for(host)
-        } else {
-            String::new()
-        };
-        let mut peer = HttpPeer::new("0.0.0.0:1", tls.enabled, sni);
-        tls.apply(&mut peer);
-        protocol.apply(&mut peer);
-        peer.options.connection_timeout = Some(config.timeout);
-        peer.options.total_connection_timeout = Some(config.timeout);
-        peer.options.read_timeout = Some(config.timeout);
         Ok(GrpcHealthCheck {
-            peer_template: peer,
+            peer_template: config.probe_peer(host, tls, protocol),
             req,
             body: grpc_frame(&health_check_request(&config.grpc_service)),
             timeout: config.timeout,
-            thresholds: Thresholds {
-                success: config.healthy_threshold,
-                failure: config.unhealthy_threshold,
-            },
+            thresholds: config.thresholds(),
         })
     }
 
