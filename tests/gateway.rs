@@ -250,7 +250,11 @@ fn two_hundred_health_checked_services_start_fast_small_and_all_checked() {
         .collect();
     let started = Instant::now();
     let gw = Gateway::start(&format!(
-        "server: {{listen: [\"${{LISTEN}}\"]}}\nadmin: {{listen: \"${{ADMIN}}\"}}\nservices:\n{services}"
+        r#"
+server: {{listen: ["${{LISTEN}}"]}}
+admin: {{listen: "${{ADMIN}}"}}
+services:
+{services}"#
     ));
     let ready_after = started.elapsed();
     assert!(

@@ -6,8 +6,9 @@
 //! Each section compiles in two steps: `compile` checks the config and prepares everything
 //! that needs no running server (peers, the health-check probe, the breaker settings);
 //! `start` creates the per-process state from that: breakers, health flags, in-flight counts,
-//! load balancers and their health-check loops (run together on one background service). Per-upstream state is kept by
-//! service and upstream address (`Pool::upstreams`), in config order.
+//! load balancers and their health-check loops (run together on one background service).
+//! Per-upstream state is kept by service and upstream address (`Pool::upstreams`), in config
+//! order.
 
 pub mod breaker;
 pub mod fallback;

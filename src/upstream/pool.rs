@@ -1,8 +1,8 @@
 //! Upstream pools: a service's `upstreams`, `load_balancing` and `hash_key`, compiled into
 //! one prepared peer per upstream; at start-up, one pingora-load-balancing `LoadBalancer` per
-//! service with its health check loop (all services' run on one background service), and the per-upstream
-//! state the proxy consults when it picks an upstream: health, circuit breaker and requests in
-//! flight.
+//! service with its health check loop (every service's runs on one background service), and
+//! the per-upstream state the proxy consults when it picks an upstream: health, circuit
+//! breaker and requests in flight.
 
 use super::breaker::{BreakerConfig, Permit};
 use super::health::{HealthCheckConfig, HealthCheckPlan, ObservedHealthCheck};
