@@ -175,7 +175,48 @@ impl ConnectionNominations {
     }
 }
 
+/// Whether `name` is one of the hop-by-hop fields that
+/// [`strip_standard_hop_by_hop_headers()`] removes.
+fn is_standard_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        KEEP_ALIVE
+            | PROXY_CONNECTION
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "connection"
+            | "upgrade"
+            | HTTP2_SETTINGS
+    )
+}
+
+/// Whether `name` is one of the fields of an HTTP/1 upgrade handshake.
+fn is_upgrade_field(name: &HeaderName) -> bool {
+    name == header::CONNECTION || name == header::UPGRADE || name.as_str() == HTTP2_SETTINGS
+}
+
+/// Removes the upgrade handshake's fields (`Connection`, `Upgrade`, `HTTP2-Settings`).
+fn strip_upgrade_headers(req: &mut RequestHeader) {
+    // Usually none is left (the hop-by-hop fields went first): a look at the names present
+    // costs less than three removals.
+    if !req.headers.keys().any(is_upgrade_field) {
+        return;
+    }
+    req.remove_header(&header::CONNECTION);
+    req.remove_header(&header::UPGRADE);
+    req.remove_header(HTTP2_SETTINGS);
+}
+
 fn strip_standard_hop_by_hop_headers(req: &mut RequestHeader) {
+    // Most requests carry none of these fields. A look at each name present costs less than
+    // ten removals, each of which hashes a name and probes the map, three of them parsing the
+    // name first.
+    if !req.headers.keys().any(is_standard_hop_by_hop) {
+        return;
+    }
     req.remove_header(KEEP_ALIVE);
     req.remove_header(PROXY_CONNECTION);
     req.remove_header(&header::PROXY_AUTHENTICATE);
@@ -360,19 +401,13 @@ pub(crate) fn sanitize_h1_upstream_request(
 
     match policy.h1_upgrade {
         H1UpgradePolicy::WebSocketOnly => {
-            req.remove_header(&header::CONNECTION);
-            req.remove_header(&header::UPGRADE);
-            req.remove_header(HTTP2_SETTINGS);
+            strip_upgrade_headers(req);
             if websocket_upgrade {
                 req.insert_header(header::CONNECTION, "Upgrade")?;
                 req.insert_header(header::UPGRADE, "websocket")?;
             }
         }
-        H1UpgradePolicy::Deny => {
-            req.remove_header(&header::CONNECTION);
-            req.remove_header(&header::UPGRADE);
-            req.remove_header(HTTP2_SETTINGS);
-        }
+        H1UpgradePolicy::Deny => strip_upgrade_headers(req),
         H1UpgradePolicy::Preserve => {}
     }
 
@@ -684,6 +719,53 @@ mod tests {
         assert!(request.headers.get("proxy-authorization").is_none());
         assert!(request.headers.get("te").is_none());
         assert!(request.headers.get("trailer").is_none());
+    }
+
+    /// Each standard hop-by-hop field is removed when it is the only one a request carries (in
+    /// any spelling), and a request with none keeps every field.
+    #[test]
+    fn h1_upstream_strips_each_hop_by_hop_field_and_keeps_the_rest() {
+        let hop_by_hop = [
+            ("Keep-Alive", "timeout=5"),
+            ("Proxy-Connection", "keep-alive"),
+            ("Proxy-Authenticate", "Basic"),
+            ("PROXY-AUTHORIZATION", "secret"),
+            ("te", "trailers"),
+            ("Trailer", "X-Trailer"),
+            ("Transfer-Encoding", "chunked"),
+            ("Connection", "close"),
+            ("Upgrade", "h2c"),
+            ("HTTP2-Settings", "settings"),
+        ];
+        let kept = [
+            ("Host", "origin.example"),
+            ("X-Kept", "1"),
+            ("Accept", "*/*"),
+        ];
+        for policy in [HttpUpstreamRequestPolicy::standard(), lenient_policy(), {
+            let mut p = HttpUpstreamRequestPolicy::standard();
+            p.h1_upgrade = H1UpgradePolicy::Deny;
+            p
+        }] {
+            for field in hop_by_hop {
+                let mut headers = kept.to_vec();
+                headers.push(field);
+                let mut request = request_with_headers(&headers);
+                sanitize_h1_upstream_request(&mut request, policy, true).unwrap();
+                assert!(
+                    request.headers.get(field.0.to_ascii_lowercase()).is_none(),
+                    "{field:?} forwarded"
+                );
+                assert_eq!(request.headers.len(), kept.len(), "{field:?}");
+            }
+
+            let mut request = request_with_headers(&kept);
+            sanitize_h1_upstream_request(&mut request, policy, true).unwrap();
+            for (name, value) in kept {
+                assert_eq!(request.headers[name], value);
+            }
+            assert_eq!(request.headers.len(), kept.len());
+        }
     }
 
     #[test]
