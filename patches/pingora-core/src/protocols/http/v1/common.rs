@@ -330,12 +330,17 @@ fn from_digits(bytes: &[u8]) -> Option<u64> {
 /// 8.6](https://www.rfc-editor.org/rfc/rfc9110#section-8.6) this lets identical
 /// duplicates (e.g. `Content-Length: 42, 42`) be collapsed to a single value
 /// while genuinely conflicting framing is rejected.
-pub(crate) fn content_length_parse_all(headers: &HMap) -> Option<u64> {
+///
+/// Takes the values already looked up, so that a caller that also needs to know whether there
+/// are any looks the name up once.
+pub(crate) fn content_length_parse_all(
+    values: &http::header::GetAll<'_, HeaderValue>,
+) -> Option<u64> {
     // If multiple Content-Length headers were sent, everything can still be
     // alright if they all contain the same value, and all parse correctly. If
     // not, then it's an error.
     let mut content_length: Option<u64> = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
+    for value in values {
         // A non-visible-ASCII value can't be a valid Content-Length, so the
         // framing is ambiguous.
         let line = value.to_str().ok()?;
@@ -357,7 +362,13 @@ pub(crate) fn content_length_parse_all(headers: &HMap) -> Option<u64> {
 /// present but cannot be resolved to a single value (conflicting duplicates or
 /// an unparseable value), or `None` when the header is absent.
 pub(crate) fn content_length_for_framing(headers: &HMap) -> Result<Option<usize>> {
-    match content_length_parse_all(headers) {
+    // One lookup: whether the header is there and what it says (a message without a body,
+    // most requests, has none).
+    let values = headers.get_all(header::CONTENT_LENGTH);
+    if values.iter().next().is_none() {
+        return Ok(None);
+    }
+    match content_length_parse_all(&values) {
         Some(cl) => {
             // Content-Length frames the body, so a value that does not fit in
             // `usize` cannot be represented and must not be silently truncated
@@ -373,13 +384,12 @@ pub(crate) fn content_length_for_framing(headers: &HMap) -> Result<Option<usize>
                 )
             })
         }
-        None if headers.contains_key(header::CONTENT_LENGTH) => {
+        None => {
             // debug, not warn: per-message, client-influenced; avoids log floods
             // under adversarial load. The error is returned to the caller.
             debug!("invalid Content-Length header");
             Error::e_explain(InvalidHTTPHeader, "invalid Content-Length header")
         }
-        None => Ok(None),
     }
 }
 
@@ -501,7 +511,10 @@ mod test {
     ) {
         let mut headers = HMap::new();
         headers.insert(CONTENT_LENGTH, value.try_into().unwrap());
-        assert_eq!(content_length_parse_all(&headers), expected);
+        assert_eq!(
+            content_length_parse_all(&headers.get_all(CONTENT_LENGTH)),
+            expected
+        );
     }
 
     #[rstest]
@@ -519,7 +532,10 @@ mod test {
         for value in values {
             headers.append(CONTENT_LENGTH, (*value).try_into().unwrap());
         }
-        assert_eq!(content_length_parse_all(&headers), expected);
+        assert_eq!(
+            content_length_parse_all(&headers.get_all(CONTENT_LENGTH)),
+            expected
+        );
     }
 
     #[test]
