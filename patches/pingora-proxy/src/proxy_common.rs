@@ -175,8 +175,22 @@ impl ConnectionNominations {
     }
 }
 
-/// Whether `name` is one of the hop-by-hop fields that
-/// [`strip_standard_hop_by_hop_headers()`] removes.
+/// The standard hop-by-hop fields, removed from each request that goes upstream.
+const STANDARD_HOP_BY_HOP: [&str; 10] = [
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    HTTP2_SETTINGS,
+];
+
+/// Whether `name` is in [`STANDARD_HOP_BY_HOP`]: a `match`, which compares a length and then a
+/// few bytes, rather than ten string comparisons per name. A test keeps the two in step.
 fn is_standard_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
@@ -212,21 +226,13 @@ fn strip_upgrade_headers(req: &mut RequestHeader) {
 
 fn strip_standard_hop_by_hop_headers(req: &mut RequestHeader) {
     // Most requests carry none of these fields. A look at each name present costs less than
-    // ten removals, each of which hashes a name and probes the map, three of them parsing the
-    // name first.
+    // ten removals, each of which parses or hashes a name and probes the map.
     if !req.headers.keys().any(is_standard_hop_by_hop) {
         return;
     }
-    req.remove_header(KEEP_ALIVE);
-    req.remove_header(PROXY_CONNECTION);
-    req.remove_header(&header::PROXY_AUTHENTICATE);
-    req.remove_header(&header::PROXY_AUTHORIZATION);
-    req.remove_header(&header::TE);
-    req.remove_header(&header::TRAILER);
-    req.remove_header(&header::TRANSFER_ENCODING);
-    req.remove_header(&header::CONNECTION);
-    req.remove_header(&header::UPGRADE);
-    req.remove_header(HTTP2_SETTINGS);
+    for name in STANDARD_HOP_BY_HOP {
+        req.remove_header(name);
+    }
 }
 
 /// Set H1 `Host` from the URI or absolute-form authority.
@@ -719,6 +725,29 @@ mod tests {
         assert!(request.headers.get("proxy-authorization").is_none());
         assert!(request.headers.get("te").is_none());
         assert!(request.headers.get("trailer").is_none());
+    }
+
+    #[test]
+    fn hop_by_hop_check_agrees_with_the_list() {
+        for name in STANDARD_HOP_BY_HOP {
+            assert!(
+                is_standard_hop_by_hop(&HeaderName::from_static(name)),
+                "{name}"
+            );
+        }
+        for name in [
+            "host",
+            "keep-alives",
+            "x-upgrade",
+            "tes",
+            "trailers",
+            "proxy",
+        ] {
+            assert!(
+                !is_standard_hop_by_hop(&HeaderName::from_static(name)),
+                "{name}"
+            );
+        }
     }
 
     /// Each standard hop-by-hop field is removed when it is the only one a request carries (in
