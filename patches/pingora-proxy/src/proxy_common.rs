@@ -207,21 +207,23 @@ fn is_standard_hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
-/// Whether `name` is one of the fields of an HTTP/1 upgrade handshake.
-fn is_upgrade_field(name: &HeaderName) -> bool {
-    name == header::CONNECTION || name == header::UPGRADE || name.as_str() == HTTP2_SETTINGS
-}
+/// The fields of an HTTP/1 upgrade handshake.
+const UPGRADE_FIELDS: [&str; 3] = ["connection", "upgrade", HTTP2_SETTINGS];
 
-/// Removes the upgrade handshake's fields (`Connection`, `Upgrade`, `HTTP2-Settings`).
+/// Removes the upgrade handshake's fields.
 fn strip_upgrade_headers(req: &mut RequestHeader) {
     // Usually none is left (the hop-by-hop fields went first): a look at the names present
     // costs less than three removals.
-    if !req.headers.keys().any(is_upgrade_field) {
+    if !req
+        .headers
+        .keys()
+        .any(|name| UPGRADE_FIELDS.contains(&name.as_str()))
+    {
         return;
     }
-    req.remove_header(&header::CONNECTION);
-    req.remove_header(&header::UPGRADE);
-    req.remove_header(HTTP2_SETTINGS);
+    for name in UPGRADE_FIELDS {
+        req.remove_header(name);
+    }
 }
 
 fn strip_standard_hop_by_hop_headers(req: &mut RequestHeader) {
