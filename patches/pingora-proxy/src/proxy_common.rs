@@ -210,31 +210,28 @@ fn is_standard_hop_by_hop(name: &HeaderName) -> bool {
 /// The fields of an HTTP/1 upgrade handshake.
 const UPGRADE_FIELDS: [&str; 3] = ["connection", "upgrade", HTTP2_SETTINGS];
 
-/// Removes the upgrade handshake's fields.
-fn strip_upgrade_headers(req: &mut RequestHeader) {
-    // Usually none is left (the hop-by-hop fields went first): a look at the names present
-    // costs less than three removals.
-    if !req
-        .headers
-        .keys()
-        .any(|name| UPGRADE_FIELDS.contains(&name.as_str()))
-    {
+/// Removes `fields` from `req` when it has any of them (`listed` tells which names are).
+fn strip_fields(req: &mut RequestHeader, fields: &[&str], listed: impl Fn(&HeaderName) -> bool) {
+    // Most requests carry none of these fields. A look at each name present costs less than a
+    // removal per field, each of which parses or hashes a name and probes the map.
+    if !req.headers.keys().any(listed) {
         return;
     }
-    for name in UPGRADE_FIELDS {
-        req.remove_header(name);
+    for name in fields {
+        req.remove_header(*name);
     }
 }
 
+/// Removes the upgrade handshake's fields (usually none is left: the hop-by-hop fields went
+/// first).
+fn strip_upgrade_headers(req: &mut RequestHeader) {
+    strip_fields(req, &UPGRADE_FIELDS, |name| {
+        UPGRADE_FIELDS.contains(&name.as_str())
+    });
+}
+
 fn strip_standard_hop_by_hop_headers(req: &mut RequestHeader) {
-    // Most requests carry none of these fields. A look at each name present costs less than
-    // ten removals, each of which parses or hashes a name and probes the map.
-    if !req.headers.keys().any(is_standard_hop_by_hop) {
-        return;
-    }
-    for name in STANDARD_HOP_BY_HOP {
-        req.remove_header(name);
-    }
+    strip_fields(req, &STANDARD_HOP_BY_HOP, is_standard_hop_by_hop);
 }
 
 /// Set H1 `Host` from the URI or absolute-form authority.
