@@ -68,6 +68,8 @@ fn main() {
                 max_header_size: 32 * 1024,
                 max_connections: 100_000,
                 h2c,
+                // As bare Pingora: each name as the client spelled it.
+                keep_header_case: true,
             },
         );
         let mut proxy = ListeningService::new("bare pingora behind the front".to_string(), front);

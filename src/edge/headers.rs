@@ -44,7 +44,7 @@ pub enum HeaderNameCase {
     /// `Content-Length`, `Date`, `Server`, `Set-Cookie`, ...), every other name in lower case
     /// (`user-agent`, `x-request-id`). The default; Envoy and HAProxy also lower-case names.
     /// Keeping a second copy of every name, as `preserve` does, costs each proxied request
-    /// about 6.6% more instructions (`loadtest/instructions.sh`, 2026-12-02).
+    /// about 12% more instructions (`loadtest/instructions.sh`, 2026-12-03).
     #[default]
     Normalize,
     /// Each name as its sender spelled it, for a peer that compares names with their case.
@@ -80,7 +80,10 @@ impl HeaderRules {
         HeaderRules { name_case, ..self }
     }
 
-    /// Applies the rules to an upstream's response header: its names' case.
+    /// Applies the rules to an upstream's response header: its names' case. An HTTP/1
+    /// upstream's response arrives without the spelling already (the peer's
+    /// `keep_response_header_case`, set in `upstream::peer::prepare`); this covers any other
+    /// source.
     pub fn clean_response(&self, resp: &mut ResponseHeader) {
         if self.name_case == HeaderNameCase::Normalize {
             resp.forget_case();
@@ -92,7 +95,8 @@ impl HeaderRules {
     /// must (the caller answers 400 once the request has been counted by its rate limit).
     pub fn clean(&self, req: &mut RequestHeader, peer_trusted: bool) -> Option<&'static str> {
         if self.name_case == HeaderNameCase::Normalize {
-            // First, so the removals below touch one map rather than two.
+            // First, so the removals below touch one map rather than two. A request read by
+            // `server::front` arrives without the spelling already; this covers any other.
             req.forget_case();
         }
         let mut refusal = None;

@@ -274,6 +274,7 @@ fn compile_service(
         tls: &tls,
         protocol: svc.protocol,
         timeouts: &svc.timeouts,
+        name_case: shared.config.server.header_name_case,
         health_check: svc.health_check.as_ref(),
         circuit_breaker: &svc.circuit_breaker,
     }

@@ -80,6 +80,10 @@ pub struct FrontSettings {
     pub max_connections: usize,
     /// Accept HTTP/2 with prior knowledge (h2c) on plain listeners.
     pub h2c: bool,
+    /// Keep each request header name's spelling as the client sent it
+    /// (`server.header_name_case: preserve`); otherwise the request header is built without
+    /// that record, rather than built with one that the request filter then drops.
+    pub keep_header_case: bool,
 }
 
 /// Connection counts, registered in the gateway's registry.
@@ -309,6 +313,7 @@ where
                 }
             };
             let mut session = ServerSession::new_http1(stream);
+            session.set_keep_header_case(self.settings.keep_header_case);
             session.set_keepalive(Some(self.settings.keepalive_timeout.as_secs()));
             if let Some(settings) = persistent.take() {
                 settings.apply_to_session(&mut session);

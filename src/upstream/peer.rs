@@ -3,6 +3,7 @@
 //! connects with, its timeouts capped by what is left of the request's total budget, and the
 //! `protocol` the gateway speaks to the upstreams (HTTP/1.1, h2 over TLS, h2c, gRPC).
 
+use crate::edge::headers::HeaderNameCase;
 use pingora::prelude::HttpPeer;
 use pingora::protocols::ALPN;
 use pingora::{Error, ErrorType, Result};
@@ -185,8 +186,12 @@ pub fn prepare(
     tls: &UpstreamTls,
     protocol: Protocol,
     t: &Timeouts,
+    name_case: HeaderNameCase,
 ) -> HttpPeer {
     let mut peer = HttpPeer::new(addr, tls.enabled, tls.sni_for(name));
+    // Normalized names need no record of the upstream's spelling: the response header is
+    // built without one rather than built with one that the response filter then drops.
+    peer.options.keep_response_header_case = name_case == HeaderNameCase::Preserve;
     peer.options.connection_timeout = Some(t.connect);
     peer.options.total_connection_timeout = Some(t.connect);
     peer.options.read_timeout = Some(t.read);
@@ -262,20 +267,39 @@ mod tests {
         }
     }
 
-    #[test]
-    fn http2_peers_offer_h2_and_http1_peers_do_not() {
-        let tls = |enabled| UpstreamTls {
+    fn tls(enabled: bool) -> UpstreamTls {
+        UpstreamTls {
             enabled,
             sni: None,
             verify: true,
-        };
+        }
+    }
+
+    #[test]
+    fn http2_peers_offer_h2_and_http1_peers_do_not() {
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let t = Timeouts::default();
-        let peer = prepare(addr, "a:1", &tls(false), Protocol::H2c, &t);
-        assert_eq!(peer.options.alpn, ALPN::H2);
-        let peer = prepare(addr, "a:1", &tls(true), Protocol::Grpc, &t);
-        assert_eq!(peer.options.alpn, ALPN::H2);
-        let peer = prepare(addr, "a:1", &tls(false), Protocol::Http1, &t);
-        assert_eq!(peer.options.alpn, ALPN::H1);
+        let alpn = |tls_on, protocol| {
+            let normalize = HeaderNameCase::Normalize;
+            prepare(addr, "a:1", &tls(tls_on), protocol, &t, normalize)
+                .options
+                .alpn
+        };
+        assert_eq!(alpn(false, Protocol::H2c), ALPN::H2);
+        assert_eq!(alpn(true, Protocol::Grpc), ALPN::H2);
+        assert_eq!(alpn(false, Protocol::Http1), ALPN::H1);
+    }
+
+    #[test]
+    fn upstream_responses_keep_name_spelling_only_under_preserve() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let t = Timeouts::default();
+        let keeps = |case| {
+            prepare(addr, "a:1", &tls(false), Protocol::Http1, &t, case)
+                .options
+                .keep_response_header_case
+        };
+        assert!(keeps(HeaderNameCase::Preserve));
+        assert!(!keeps(HeaderNameCase::Normalize));
     }
 }

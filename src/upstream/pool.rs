@@ -9,6 +9,7 @@ use super::health::{HealthCheckConfig, HealthCheckPlan, ObservedHealthCheck};
 use super::peer::{self, Protocol, Timeouts, UpstreamTls};
 use super::state::{Upstream, UpstreamPlan};
 use crate::clock::Clock;
+use crate::edge::headers::HeaderNameCase;
 use crate::values::FieldError;
 use pingora::http::RequestHeader;
 use pingora::lb::discovery::Static;
@@ -173,6 +174,8 @@ pub struct PoolConfig<'a> {
     pub tls: &'a UpstreamTls,
     pub protocol: Protocol,
     pub timeouts: &'a Timeouts,
+    /// How the names of the headers passed on are spelled (`server.header_name_case`).
+    pub name_case: HeaderNameCase,
     pub health_check: Option<&'a HealthCheckConfig>,
     pub circuit_breaker: &'a BreakerConfig,
 }
@@ -209,7 +212,14 @@ impl PoolConfig<'_> {
                 name: u.name.clone(),
                 addr: u.addr,
                 weight: u.weight,
-                peer: peer::prepare(u.addr, &u.name, self.tls, self.protocol, self.timeouts),
+                peer: peer::prepare(
+                    u.addr,
+                    &u.name,
+                    self.tls,
+                    self.protocol,
+                    self.timeouts,
+                    self.name_case,
+                ),
             });
         }
         let health_check = match (self.health_check, upstreams.first()) {

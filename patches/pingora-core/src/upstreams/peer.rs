@@ -541,6 +541,13 @@ pub struct PeerOptions {
     /// **Note:** This field is unstable and may be removed or changed in future versions.
     /// It exists primarily for compatibility with legacy servers that send malformed headers.
     pub allow_h1_response_invalid_content_length: bool,
+    /// Whether an HTTP/1 response header keeps each name's spelling as the upstream sent it
+    /// (default `true`). A proxy that writes names in their usual capitalisation anyway (as
+    /// [`ResponseHeader::build_no_case`](pingora_http::ResponseHeader::build_no_case) does) can
+    /// set `false`: the response header is then built without the second map that records
+    /// each name's spelling, which saves filling it while parsing and updating and copying it
+    /// afterwards.
+    pub keep_response_header_case: bool,
     /// Controls automatically forwarded request headers sent to HTTP upstreams.
     pub http_upstream_request_policy: HttpUpstreamRequestPolicy,
     pub extra_proxy_headers: BTreeMap<String, Vec<u8>>,
@@ -600,6 +607,7 @@ impl PeerOptions {
             h2_stream_window_size: None,
             h2_connection_window_size: None,
             allow_h1_response_invalid_content_length: false,
+            keep_response_header_case: true,
             http_upstream_request_policy: HttpUpstreamRequestPolicy::default(),
             extra_proxy_headers: BTreeMap::new(),
             curves: None,

@@ -943,6 +943,17 @@ impl Session {
         }
     }
 
+    /// Whether the request header read next keeps each name's spelling as the client sent it
+    /// (the default).
+    ///
+    /// No-op for non-H1 sessions, whose names arrive in lower case. See
+    /// [`HttpSession::set_keep_header_case`](crate::protocols::http::v1::server::HttpSession::set_keep_header_case).
+    pub fn set_keep_header_case(&mut self, keep: bool) {
+        if let Self::H1(s) = self {
+            s.set_keep_header_case(keep);
+        }
+    }
+
     /// Set pipelined bytes to be parsed as the start of this session's request.
     ///
     /// No-op for non-H1 sessions. See

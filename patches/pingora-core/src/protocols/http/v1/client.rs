@@ -67,6 +67,8 @@ pub struct HttpSession {
     // If allowed, does not fail with error on invalid content-length
     // (treats as close-delimited response).
     allow_h1_response_invalid_content_length: bool,
+    // Whether the response header keeps each name's spelling as the server sent it.
+    keep_response_header_case: bool,
 }
 
 /// HTTP 1.x client session
@@ -100,6 +102,7 @@ impl HttpSession {
             received_upgrade_req_body: false,
             close_delimited_resp: false,
             allow_h1_response_invalid_content_length: false,
+            keep_response_header_case: true,
         }
     }
 
@@ -110,6 +113,7 @@ impl HttpSession {
             session.set_allow_h1_response_invalid_content_length(
                 options.allow_h1_response_invalid_content_length,
             );
+            session.set_keep_response_header_case(options.keep_response_header_case);
         }
         session
     }
@@ -284,10 +288,14 @@ impl HttpSession {
                         // while header_refs doesn't as it is still empty
                         let _num_headers = populate_headers(base, &mut header_refs, resp.headers);
 
-                        let mut response_header = match ResponseHeader::build(
-                            resp.code.unwrap(),
-                            Some(resp.headers.len()),
-                        ) {
+                        let code = resp.code.unwrap();
+                        let size_hint = Some(resp.headers.len());
+                        let response_header = if self.keep_response_header_case {
+                            ResponseHeader::build(code, size_hint)
+                        } else {
+                            ResponseHeader::build_no_case(code, size_hint)
+                        };
+                        let mut response_header = match response_header {
                             Ok(header) => Box::new(header),
                             Err(e) => return self.fail_response_header_read(e),
                         };
@@ -521,6 +529,14 @@ impl HttpSession {
 
     pub fn set_allow_h1_response_invalid_content_length(&mut self, allow: bool) {
         self.allow_h1_response_invalid_content_length = allow;
+    }
+
+    /// Whether the response header read next keeps each name's spelling as the server sent it
+    /// (the default). With `false` it is built as [`ResponseHeader::build_no_case`] builds one,
+    /// without the second map that records the spelling: see
+    /// [`PeerOptions::keep_response_header_case`](crate::upstreams::peer::PeerOptions::keep_response_header_case).
+    pub fn set_keep_response_header_case(&mut self, keep: bool) {
+        self.keep_response_header_case = keep;
     }
 
     pub(super) fn get_headers_raw(&self) -> &[u8] {
@@ -989,6 +1005,30 @@ mod tests_stream {
             http_stream.resp_header().unwrap().get_reason_phrase(),
             Some("Just Fine")
         );
+    }
+
+    #[tokio::test]
+    async fn read_response_keeps_name_case_unless_the_peer_says_not_to() {
+        init_log();
+        let input = b"HTTP/1.1 200 OK\r\nContent-LENGTH: 0\r\nX-MiXeD: 1\r\nserver: s\r\n\r\n";
+        for (keep, wire) in [
+            (true, "Content-LENGTH: 0\r\nX-MiXeD: 1\r\nserver: s\r\n"),
+            (false, "Content-Length: 0\r\nx-mixed: 1\r\nServer: s\r\n"),
+        ] {
+            let mut peer = crate::upstreams::peer::HttpPeer::new("127.0.0.1:80", false, String::new());
+            peer.options.keep_response_header_case = keep;
+            let mock_io = Builder::new().read(&input[..]).build();
+            let mut http_stream = HttpSession::new_with_options(Box::new(mock_io), &peer);
+            let res = http_stream.read_response().await;
+            assert_eq!(input.len(), res.unwrap());
+            let resp = http_stream.resp_header().unwrap();
+            assert_eq!(3, resp.headers.len());
+            assert_eq!(b"1", resp.headers.get("x-mixed").unwrap().as_bytes());
+            let mut buf = BytesMut::new();
+            resp.header_to_h1_wire(&mut buf);
+            assert_eq!(wire, std::str::from_utf8(&buf).unwrap(), "keep: {keep}");
+            assert!(http_stream.is_body_done());
+        }
     }
 
     #[tokio::test]

@@ -144,6 +144,10 @@ pub struct HttpSession {
     /// Defaults to false. Can be enabled via [`set_pipelining_enabled`](Self::set_pipelining_enabled).
     /// See [`Self::set_pipelining_enabled`] for RFC 9112 §9.3.2 semantics.
     pipelining_enabled: bool,
+    /// Whether the request header keeps each name's spelling as the client sent it (a second
+    /// map beside the header map). Defaults to true; see
+    /// [`set_keep_header_case`](Self::set_keep_header_case).
+    keep_header_case: bool,
     /// Pipelined bytes from the previous request on the same keep-alive connection,
     /// to be parsed as the start of this session's request. Consumed on the first
     /// call to [`Self::read_request`]. Set via [`Self::set_pipelined_prefix`] after
@@ -204,6 +208,7 @@ impl HttpSession {
             abort_on_close: true,
             proxy_tasks_enabled: false,
             pipelining_enabled: false,
+            keep_header_case: true,
             pipelined_prefix: None,
             pipelined_idle_bytes_stashed: false,
         }
@@ -349,12 +354,16 @@ impl HttpSession {
                         // while header_refs doesn't as it is still empty
                         let _num_headers = populate_headers(base, &mut header_refs, req.headers);
 
-                        let mut request_header = Box::new(RequestHeader::build(
-                            req.method.unwrap_or(""),
-                            // we path httparse to allow unsafe bytes in the str
-                            req.path.unwrap_or("").as_bytes(),
-                            Some(req.headers.len()),
-                        )?);
+                        let method = req.method.unwrap_or("");
+                        // we path httparse to allow unsafe bytes in the str
+                        let path = req.path.unwrap_or("").as_bytes();
+                        let size_hint = Some(req.headers.len());
+                        let request_header = if self.keep_header_case {
+                            RequestHeader::build(method, path, size_hint)
+                        } else {
+                            RequestHeader::build_no_case(method, path, size_hint)
+                        };
+                        let mut request_header = Box::new(request_header?);
 
                         request_header.set_version(match req.version {
                             Some(1) => Version::HTTP_11,
@@ -1013,6 +1022,16 @@ impl HttpSession {
     /// request N+1 begins processing. No parallel pipelining.
     pub fn set_pipelining_enabled(&mut self, enabled: bool) {
         self.pipelining_enabled = enabled;
+    }
+
+    /// Whether the request header read next keeps each name's spelling as sent (the default).
+    ///
+    /// With `false`, the request header is built as [`RequestHeader::build_no_case`] builds one:
+    /// without the map of each name's original spelling, so a proxy that writes names in their
+    /// usual capitalisation anyway neither fills that map while parsing nor updates and copies
+    /// it afterwards. Set it before [`Self::read_request`].
+    pub fn set_keep_header_case(&mut self, keep: bool) {
+        self.keep_header_case = keep;
     }
 
     /// Set pipelined bytes to be parsed as the start of this session's request.
@@ -1877,6 +1896,28 @@ mod tests_stream {
         let res = http_stream.read_request().await;
         assert_eq!(input.len(), res.unwrap().unwrap());
         assert_eq!(0, http_stream.req_header().headers.len());
+    }
+
+    #[tokio::test]
+    async fn read_request_keeps_name_case_unless_told_not_to() {
+        init_log();
+        let input = b"GET / HTTP/1.1\r\nHost: a\r\nX-MiXeD: 1\r\nuser-agent: t\r\n\r\n";
+        for (keep, wire) in [
+            (true, "Host: a\r\nX-MiXeD: 1\r\nuser-agent: t\r\n"),
+            (false, "Host: a\r\nx-mixed: 1\r\nuser-agent: t\r\n"),
+        ] {
+            let mock_io = Builder::new().read(&input[..]).build();
+            let mut http_stream = HttpSession::new(Box::new(mock_io));
+            http_stream.set_keep_header_case(keep);
+            let res = http_stream.read_request().await;
+            assert_eq!(input.len(), res.unwrap().unwrap());
+            let req = http_stream.req_header();
+            assert_eq!(3, req.headers.len());
+            assert_eq!(b"1", req.headers.get("x-mixed").unwrap().as_bytes());
+            let mut buf = BytesMut::new();
+            req.header_to_h1_wire(&mut buf);
+            assert_eq!(wire, std::str::from_utf8(&buf).unwrap(), "keep: {keep}");
+        }
     }
 
     #[cfg(feature = "patched_http1")]
