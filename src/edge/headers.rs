@@ -52,6 +52,13 @@ pub enum HeaderNameCase {
     Preserve,
 }
 
+impl HeaderNameCase {
+    /// Whether each name's spelling as sent is kept (a second map beside the header map).
+    pub fn keeps_spelling(self) -> bool {
+        self == HeaderNameCase::Preserve
+    }
+}
+
 /// Why the gateway refuses a request for its headers (the 400 answer's `detail`).
 pub const UNDERSCORE_IN_NAME: &str = "a header name contains _ (underscores_in_headers: reject)";
 pub const DUPLICATE_AUTHORIZATION: &str = "more than one Authorization header";
@@ -85,7 +92,7 @@ impl HeaderRules {
     /// `keep_response_header_case`, set in `upstream::peer::prepare`); this covers any other
     /// source.
     pub fn clean_response(&self, resp: &mut ResponseHeader) {
-        if self.name_case == HeaderNameCase::Normalize {
+        if !self.name_case.keeps_spelling() {
             resp.forget_case();
         }
     }
@@ -94,7 +101,7 @@ impl HeaderRules {
     /// forwarding claims unless `peer_trusted`. Returns why the request must be refused, if it
     /// must (the caller answers 400 once the request has been counted by its rate limit).
     pub fn clean(&self, req: &mut RequestHeader, peer_trusted: bool) -> Option<&'static str> {
-        if self.name_case == HeaderNameCase::Normalize {
+        if !self.name_case.keeps_spelling() {
             // First, so the removals below touch one map rather than two. A request read by
             // `server::front` arrives without the spelling already; this covers any other.
             req.forget_case();

@@ -5,7 +5,6 @@
 
 pub mod front;
 
-use crate::edge::headers::HeaderNameCase;
 use crate::ops::admin::{AdminApp, WriteAccess};
 use crate::ops::lifecycle::LifecycleWatcher;
 use crate::ops::status::{StatusHistory, StatusSampler};
@@ -118,7 +117,7 @@ pub fn build(compiled: Compiled, start: &StartOptions) -> Result<Assembled> {
                 .unwrap_or(usize::MAX),
             max_connections,
             h2c: server_config.h2c,
-            keep_header_case: server_config.header_name_case == HeaderNameCase::Preserve,
+            keep_header_case: server_config.header_name_case.keeps_spelling(),
         },
     );
     let accept_stopped = front.accept_stopped();

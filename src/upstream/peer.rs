@@ -191,7 +191,7 @@ pub fn prepare(
     let mut peer = HttpPeer::new(addr, tls.enabled, tls.sni_for(name));
     // Normalized names need no record of the upstream's spelling: the response header is
     // built without one rather than built with one that the response filter then drops.
-    peer.options.keep_response_header_case = name_case == HeaderNameCase::Preserve;
+    peer.options.keep_response_header_case = name_case.keeps_spelling();
     peer.options.connection_timeout = Some(t.connect);
     peer.options.total_connection_timeout = Some(t.connect);
     peer.options.read_timeout = Some(t.read);
