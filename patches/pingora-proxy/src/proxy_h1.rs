@@ -265,7 +265,7 @@ where
         /* duplex mode, wait for either to complete */
         while !request_done || !response_done {
             tokio::select! {
-                res = client_session.read_response_task(), if !response_done => {
+                res = client_session.read_response_task_moving_header(), if !response_done => {
                     match res {
                         Ok(task) => {
                             response_done = task.is_end();

@@ -69,6 +69,68 @@ pub struct HttpSession {
     allow_h1_response_invalid_content_length: bool,
     // Whether the response header keeps each name's spelling as the server sent it.
     keep_response_header_case: bool,
+    // What the session still needs of a response header it moved into a task
+    // (`read_response_task_moving_header`).
+    moved_header: Option<MovedHeaderFacts>,
+}
+
+/// What [`HttpSession::respect_keepalive`] and the status checks need of a response header,
+/// kept when the header itself has been moved out of the session.
+#[derive(Debug, Clone, Copy)]
+struct MovedHeaderFacts {
+    status: StatusCode,
+    version: Version,
+    // Only looked up for an HTTP/1.0 response, the only one it matters for.
+    http10_transfer_encoding: bool,
+    connection_keepalive: Option<bool>,
+    // Only parsed when `connection_keepalive` is `Some(true)`, the only case it is used in.
+    keepalive_timeout: Option<u64>,
+}
+
+impl MovedHeaderFacts {
+    fn of(header: &ResponseHeader) -> Self {
+        let connection_keepalive = is_buf_keepalive(header.headers.get(header::CONNECTION));
+        MovedHeaderFacts {
+            status: header.status,
+            version: header.version,
+            http10_transfer_encoding: header.version == Version::HTTP_10
+                && header.headers.contains_key(header::TRANSFER_ENCODING),
+            connection_keepalive,
+            keepalive_timeout: if connection_keepalive == Some(true) {
+                keepalive_values(header.headers.get("Keep-Alive")).0
+            } else {
+                None
+            },
+        }
+    }
+}
+
+/// `Keep-Alive: timeout=5, max=1000` => 5, 1000
+/// This is defined in the below spec, this not part of any RFC, so
+/// it's behavior is different on different platforms.
+/// https://developer.mozilla.org/en-US/docs/Web/HTTP/Headers/Keep-Alive
+fn keepalive_values(keep_alive_header: Option<&HeaderValue>) -> (Option<u64>, Option<usize>) {
+    let Some(keep_alive_header) = keep_alive_header else {
+        return (None, None);
+    };
+
+    let Ok(header_value) = str::from_utf8(keep_alive_header.as_bytes()) else {
+        return (None, None);
+    };
+
+    let mut timeout = None;
+    let mut max = None;
+
+    for param in header_value.split(',') {
+        let parts = param.split_once('=').map(|(k, v)| (k.trim(), v));
+        match parts {
+            Some(("timeout", timeout_value)) => timeout = timeout_value.trim().parse().ok(),
+            Some(("max", max_value)) => max = max_value.trim().parse().ok(),
+            _ => {}
+        }
+    }
+
+    (timeout, max)
 }
 
 /// HTTP 1.x client session
@@ -103,6 +165,7 @@ impl HttpSession {
             close_delimited_resp: false,
             allow_h1_response_invalid_content_length: false,
             keep_response_header_case: true,
+            moved_header: None,
         }
     }
 
@@ -345,6 +408,7 @@ impl HttpSession {
                         self.preread_body = Some(BufRef(s, total_read));
                         self.buf = buf;
                         self.response_header = Some(response_header);
+                        self.moved_header = None;
                         if let Err(e) = self.validate_response() {
                             return self.fail_response_header_read(e);
                         }
@@ -471,7 +535,10 @@ impl HttpSession {
 
     /// Return the status code of the response if read
     pub fn get_status(&self) -> Option<StatusCode> {
-        self.response_header.as_ref().map(|h| h.status)
+        match &self.response_header {
+            Some(h) => Some(h.status),
+            None => self.moved_header.map(|f| f.status),
+        }
     }
 
     async fn do_read_body(&mut self) -> Result<Option<BufRef>> {
@@ -587,29 +654,33 @@ impl HttpSession {
             return;
         }
 
+        let facts = match &self.response_header {
+            Some(h) => Some(MovedHeaderFacts::of(h)),
+            None => self.moved_header,
+        };
+        let Some(facts) = facts else {
+            // no response header read: nothing says the connection can be reused
+            self.set_keepalive(None);
+            return;
+        };
+
         // Per [RFC 9112 Section 6.1-16](https://datatracker.ietf.org/doc/html/rfc9112#section-6.1-16),
         // if Transfer-Encoding is received in HTTP/1.0 response, connection MUST be closed after processing.
-        if self.resp_header().map(|h| h.version) == Some(Version::HTTP_10)
-            && self
-                .resp_header()
-                .and_then(|h| h.headers.get(header::TRANSFER_ENCODING))
-                .is_some()
-        {
+        if facts.http10_transfer_encoding {
             self.set_keepalive(None);
             return;
         }
-        if let Some(keepalive) = self.is_connection_keepalive() {
+        if let Some(keepalive) = self.is_connection_keepalive(facts.connection_keepalive) {
             if keepalive {
-                let (timeout, _max_use) = self.get_keepalive_values();
                 // TODO: respect max_use
-                match timeout {
+                match facts.keepalive_timeout {
                     Some(d) => self.set_keepalive(Some(d)),
                     None => self.set_keepalive(Some(0)), // infinite
                 }
             } else {
                 self.set_keepalive(None);
             }
-        } else if self.resp_header().map(|h| h.version) == Some(Version::HTTP_11) {
+        } else if facts.version == Version::HTTP_11 {
             self.set_keepalive(Some(0)); // on by default for http 1.1
         } else {
             self.set_keepalive(None); // off by default for http 1.0
@@ -621,7 +692,8 @@ impl HttpSession {
         !matches!(self.keepalive_timeout, KeepaliveStatus::Off)
     }
 
-    fn is_connection_keepalive(&self) -> Option<bool> {
+    // `response_keepalive`: what the response's `Connection` says.
+    fn is_connection_keepalive(&self, response_keepalive: Option<bool>) -> Option<bool> {
         let request_keepalive = self
             .request_written
             .as_ref()
@@ -630,7 +702,7 @@ impl HttpSession {
         match request_keepalive {
             // ignore what the server sends if request disables keepalive explicitly
             Some(false) => Some(false),
-            _ => is_buf_keepalive(self.get_header(header::CONNECTION)),
+            _ => response_keepalive,
         }
     }
 
@@ -638,28 +710,9 @@ impl HttpSession {
     /// This is defined in the below spec, this not part of any RFC, so
     /// it's behavior is different on different platforms.
     /// https://developer.mozilla.org/en-US/docs/Web/HTTP/Headers/Keep-Alive
+    #[cfg(test)]
     fn get_keepalive_values(&self) -> (Option<u64>, Option<usize>) {
-        let Some(keep_alive_header) = self.get_header("Keep-Alive") else {
-            return (None, None);
-        };
-
-        let Ok(header_value) = str::from_utf8(keep_alive_header.as_bytes()) else {
-            return (None, None);
-        };
-
-        let mut timeout = None;
-        let mut max = None;
-
-        for param in header_value.split(',') {
-            let parts = param.split_once('=').map(|(k, v)| (k.trim(), v));
-            match parts {
-                Some(("timeout", timeout_value)) => timeout = timeout_value.trim().parse().ok(),
-                Some(("max", max_value)) => max = max_value.trim().parse().ok(),
-                _ => {}
-            }
-        }
-
-        (timeout, max)
+        keepalive_values(self.get_header("Keep-Alive"))
     }
 
     /// Close the connection abruptly. This allows to signal the server that the connection is closed
@@ -825,8 +878,30 @@ impl HttpSession {
     }
 
     pub async fn read_response_task(&mut self) -> Result<HttpTask> {
+        self.read_response_task_inner(false).await
+    }
+
+    /// As [`Self::read_response_task()`], but a response header is moved into the task instead
+    /// of copied, for a caller that only needs the task's copy (a proxy): afterwards
+    /// [`Self::resp_header()`] and [`Self::get_header()`] return `None`. The status stays
+    /// available through [`Self::get_status()`], and the session keeps what it needs of the
+    /// header to frame the body and to decide whether the connection can be reused.
+    pub async fn read_response_task_moving_header(&mut self) -> Result<HttpTask> {
+        self.read_response_task_inner(true).await
+    }
+
+    async fn read_response_task_inner(&mut self, move_header: bool) -> Result<HttpTask> {
         if self.should_read_resp_header() {
-            let resp_header = self.read_resp_header_parts().await?;
+            let resp_header = if move_header {
+                self.read_response().await?;
+                // Framed while the header is here; nothing reads it again.
+                self.init_body_reader();
+                let header = self.response_header.take().expect("just read");
+                self.moved_header = Some(MovedHeaderFacts::of(&header));
+                header
+            } else {
+                self.read_resp_header_parts().await?
+            };
             let end_of_body = self.is_body_done();
             debug!("Response header: {resp_header:?}");
             trace!(
@@ -2215,6 +2290,80 @@ mod tests_stream {
         assert_eq!(input.len(), res.unwrap());
         assert_eq!(1, http_stream.resp_header().unwrap().headers.len());
         assert_eq!(http_stream.get_header("Foo").unwrap(), "Bar");
+    }
+
+    /// The keep-alive decision and the body framing come out the same whether the response
+    /// header stays in the session or is moved into the task.
+    #[tokio::test]
+    async fn moving_the_response_header_keeps_the_keepalive_decision_and_framing() {
+        init_log();
+        let cases: [(&str, &str, KeepaliveStatus); 8] = [
+            ("HTTP/1.1 200 OK", "Content-Length: 3", KeepaliveStatus::Infinite),
+            (
+                "HTTP/1.1 200 OK",
+                "Connection: keep-alive\r\nKeep-Alive: timeout=5, max=9\r\nContent-Length: 3",
+                KeepaliveStatus::Timeout(Duration::from_secs(5)),
+            ),
+            (
+                "HTTP/1.1 200 OK",
+                "Connection: keep-alive\r\nContent-Length: 3",
+                KeepaliveStatus::Infinite,
+            ),
+            ("HTTP/1.1 200 OK", "Connection: close\r\nContent-Length: 3", KeepaliveStatus::Off),
+            ("HTTP/1.0 200 OK", "Content-Length: 3", KeepaliveStatus::Off),
+            (
+                "HTTP/1.0 200 OK",
+                "Connection: keep-alive\r\nContent-Length: 3",
+                KeepaliveStatus::Infinite,
+            ),
+            (
+                "HTTP/1.0 200 OK",
+                "Connection: keep-alive\r\nTransfer-Encoding: chunked",
+                KeepaliveStatus::Off,
+            ),
+            (
+                "HTTP/1.1 200 OK",
+                "Transfer-Encoding: chunked",
+                KeepaliveStatus::Infinite,
+            ),
+        ];
+        for (status_line, fields, expected) in cases {
+            let chunked = fields.contains("chunked");
+            let body: &[u8] = if chunked { b"3\r\nabc\r\n0\r\n\r\n" } else { b"abc" };
+            let head = format!("{status_line}\r\n{fields}\r\n\r\n");
+            let mut outcomes = Vec::new();
+            for moving in [false, true] {
+                let mock_io = Builder::new().read(head.as_bytes()).read(body).build();
+                let mut http_stream = HttpSession::new(Box::new(mock_io));
+                let task = if moving {
+                    http_stream.read_response_task_moving_header().await
+                } else {
+                    http_stream.read_response_task().await
+                };
+                let Ok(HttpTask::Header(header, false)) = task else {
+                    panic!("{head:?}: no header task");
+                };
+                assert_eq!(header.status, StatusCode::OK);
+                assert_eq!(http_stream.get_status(), Some(StatusCode::OK));
+                assert_eq!(http_stream.resp_header().is_none(), moving, "{head:?}");
+                let mut received = Vec::new();
+                loop {
+                    match http_stream.read_response_task().await.unwrap() {
+                        HttpTask::Body(Some(b), _) => received.extend_from_slice(&b),
+                        HttpTask::Body(None, true) | HttpTask::Done => break,
+                        HttpTask::Body(None, false) => {}
+                        other => panic!("{head:?}: unexpected task {other:?}"),
+                    }
+                    if http_stream.is_body_done() {
+                        break;
+                    }
+                }
+                assert_eq!(received, b"abc", "{head:?} moving: {moving}");
+                http_stream.respect_keepalive();
+                outcomes.push(http_stream.keepalive_timeout.clone());
+            }
+            assert_eq!(outcomes, [expected.clone(), expected], "{head:?}");
+        }
     }
 
     #[tokio::test]
