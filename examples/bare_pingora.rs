@@ -9,6 +9,9 @@
 //! With `BARE_FRONT=1` the proxy runs behind Breakwater's connection front
 //! (`breakwater::server::front`: whole-header deadline, idle wait without a buffer, connection
 //! count), with Breakwater's defaults, so that the bench can tell what the front costs.
+//! With `BARE_UNWATCHED=1` pooled upstream connections are checked when taken instead of watched
+//! by a task each while idle (`ServerConf::upstream_watch_idle_connections`, the pingora-core
+//! patch Breakwater turns on), so that the bench can tell what that saves Pingora itself.
 
 use async_trait::async_trait;
 use breakwater::server::front::{Front, FrontSettings};
@@ -45,6 +48,8 @@ fn main() {
     let threads = rest.first().map_or(1, |t| t.parse().expect("THREADS"));
     let conf = ServerConf {
         threads,
+        upstream_watch_idle_connections: std::env::var_os("BARE_UNWATCHED")
+            .is_none_or(|v| v != "1"),
         ..Default::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);

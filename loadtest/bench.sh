@@ -36,7 +36,7 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-ALL_TARGETS=(direct nginx pingora pingora-baseline pingora-front breakwater breakwater-baseline breakwater-jwt-hs256
+ALL_TARGETS=(direct nginx pingora pingora-baseline pingora-unwatched pingora-front breakwater breakwater-baseline breakwater-jwt-hs256
   breakwater-jwt-rs256 breakwater-jwt-es256 breakwater-cache-hit breakwater-ratelimit nginx-h2
   breakwater-h2)
 DURATION=5s CONNECTIONS=64 THREADS=1 WARMUP=1s NGINX_ACCESS_LOG=on PIN=1 ONLY="" ROUNDS=1
@@ -151,11 +151,12 @@ start_target() {
       start_nginx "$dir" "${ON[@]}"
       T_PID=$NGINX_PID T_SIG=TERM T_URL="https://127.0.0.1:$port/users/1"
       ;;
-    pingora|pingora-front|pingora-baseline)
-      local front=0 bin="$LT_BIN/examples/bare_pingora"
+    pingora|pingora-front|pingora-baseline|pingora-unwatched)
+      local front=0 unwatched=0 bin="$LT_BIN/examples/bare_pingora"
       [[ $name == pingora-front ]] && front=1
+      [[ $name == pingora-unwatched ]] && unwatched=1
       [[ $name == pingora-baseline ]] && bin=$PG_BASELINE
-      BARE_FRONT=$front "${ON[@]}" "$bin" "127.0.0.1:$port" "$UPSTREAM" "$workers" \
+      BARE_FRONT=$front BARE_UNWATCHED=$unwatched "${ON[@]}" "$bin" "127.0.0.1:$port" "$UPSTREAM" "$workers" \
         >"$dir/stdout" 2>"$dir/stderr" &
       T_PID=$!
       track "$T_PID"
@@ -300,6 +301,7 @@ describe() {
     nginx) echo "nginx reverse proxy, keep-alive upstream block, access_log $NGINX_ACCESS_LOG" ;;
     pingora) echo "bare Pingora: examples/bare_pingora.rs (only \`upstream_peer\`, mimalloc)" ;;
     pingora-baseline) echo "the same bare Pingora from the --pingora-baseline build (\`$PG_BASELINE\`)" ;;
+    pingora-unwatched) echo "the same bare Pingora with \`BARE_UNWATCHED=1\`: pooled upstream connections checked when taken, not watched by a task each while idle (the pingora-core patch Breakwater turns on)" ;;
     pingora-front) echo "the same bare Pingora behind Breakwater's connection front (\`BARE_FRONT=1\`: whole-header deadline, idle wait without a buffer after 100 ms, connection count, the request future awaited in place rather than boxed per request)" ;;
     nginx-h2) echo "nginx \`listen ... ssl http2\`, same proxy settings as nginx (self-signed P-256 certificate)" ;;
     breakwater-h2) echo "Breakwater's \`server.tls\` listener (h2 by ALPN), the breakwater row's config" ;;

@@ -35,7 +35,7 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-ALL_TARGETS=(pingora pingora-front breakwater breakwater-no-log breakwater-no-security-headers
+ALL_TARGETS=(pingora pingora-unwatched pingora-front breakwater breakwater-no-log breakwater-no-security-headers
   breakwater-preserve-case)
 REQUESTS=10000 WARMUP=500 CONNECTIONS=16 ONLY="" TOOL=callgrind ANNOTATE=25
 while (($#)); do
@@ -116,10 +116,11 @@ run() {
     vg=(strace -f -c -U name,calls -o "$out")
   fi
   case $name in
-    pingora|pingora-front)
-      local front=0
+    pingora|pingora-front|pingora-unwatched)
+      local front=0 unwatched=0
       [[ $name == pingora-front ]] && front=1
-      BARE_FRONT=$front "${vg[@]}" "$BIN/examples/bare_pingora" "127.0.0.1:$port" "$UPSTREAM" 1 \
+      [[ $name == pingora-unwatched ]] && unwatched=1
+      BARE_FRONT=$front BARE_UNWATCHED=$unwatched "${vg[@]}" "$BIN/examples/bare_pingora" "127.0.0.1:$port" "$UPSTREAM" 1 \
         >"$dir/stdout" 2>"$dir/stderr" &
       pid=$!
       ready=$url
@@ -275,6 +276,7 @@ REPORT="$LT_DIR/results/instructions-latest.md"
   fi
   echo
   echo "- **pingora**: examples/bare_pingora.rs (only \`upstream_peer\`)"
+  echo "- **pingora-unwatched**: the same with \`BARE_UNWATCHED=1\`: pooled upstream connections checked when taken instead of watched by a task each while idle (the pingora-core patch Breakwater turns on)"
   echo "- **pingora-front**: the same behind Breakwater's connection front (server::front: whole-header deadline, idle wait without a buffer after 100 ms, connection count, and the request future awaited in place instead of boxed per request: the pingora-proxy patch)"
   echo "- **breakwater**: the bench's config: routing (2 services), breaker, health checks (every hour here, not 5 s: valgrind's slowdown would make them a varying share of each request), metrics, JSON access log"
   echo "- **breakwater-no-log**, **breakwater-no-security-headers**: the same with \`access_log: false\`, or with \`security_headers: {enabled: false}\` (the four headers added to and the two removed from every answer): the difference to **breakwater** is what that default costs"

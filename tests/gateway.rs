@@ -475,3 +475,148 @@ fn invalid_configs_exit_2_naming_file_line_and_field() {
         .expect("must not start");
     assert!(err.contains("services.a.routes"), "{err}");
 }
+
+/// A keep-alive HTTP/1.1 upstream on raw sockets that answers every request with `200 ok`.
+/// It counts the connections it accepts and those the gateway closes, and can close its own
+/// end of every connection it holds: what a server does to idle keep-alive connections.
+struct KeepAliveUpstream {
+    addr: String,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    closed_by_gateway: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl KeepAliveUpstream {
+    fn start() -> KeepAliveUpstream {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let upstream = KeepAliveUpstream {
+            addr: listener.local_addr().expect("address").to_string(),
+            accepted: Default::default(),
+            closed_by_gateway: Default::default(),
+            open: Default::default(),
+        };
+        let (accepted, closed, open) = (
+            upstream.accepted.clone(),
+            upstream.closed_by_gateway.clone(),
+            upstream.open.clone(),
+        );
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                accepted.fetch_add(1, Ordering::SeqCst);
+                if let Ok(ours) = stream.try_clone() {
+                    open.lock().unwrap().push(ours);
+                }
+                let closed = closed.clone();
+                std::thread::spawn(move || {
+                    if Self::serve(stream) {
+                        closed.fetch_add(1, Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        upstream
+    }
+
+    /// Answers requests until the connection ends; true when it ended with the other side's
+    /// close (after `close_connections` reads end too, so only count it without that).
+    fn serve(mut stream: std::net::TcpStream) -> bool {
+        use std::io::{Read, Write};
+        let mut pending = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                pending.drain(..end + 4);
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if stream.write_all(answer).is_err() {
+                    return false;
+                }
+            }
+            match stream.read(&mut chunk) {
+                Ok(0) => return true,
+                Ok(n) => pending.extend_from_slice(&chunk[..n]),
+                Err(_) => return false,
+            }
+        }
+    }
+
+    fn accepted(&self) -> u64 {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn closed_by_gateway(&self) -> u64 {
+        self.closed_by_gateway
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Closes the upstream's end of every connection it accepted so far.
+    fn close_connections(&self) {
+        for stream in self.open.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+fn keep_alive_gateway(upstream: &KeepAliveUpstream, timeouts: &str) -> Gateway {
+    Gateway::start(&format!(
+        r#"
+server: {{listen: ["${{LISTEN}}"], threads: 1}}
+admin: {{listen: "${{ADMIN}}"}}
+services:
+  pool:
+    routes: [{{path_prefix: /}}]
+    upstreams: ["{}"]
+    timeouts: {timeouts}
+"#,
+        upstream.addr
+    ))
+}
+
+fn get_ok(gw: &Gateway) {
+    let resp = client().get(gw.url("/x")).send().expect("request");
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.text().expect("body"), "ok");
+}
+
+#[test]
+fn upstream_connections_are_reused_and_one_the_upstream_closed_is_replaced() {
+    let upstream = KeepAliveUpstream::start();
+    let gw = keep_alive_gateway(&upstream, "{}");
+    for _ in 0..5 {
+        get_ok(&gw);
+    }
+    assert_eq!(
+        upstream.accepted(),
+        1,
+        "one pooled connection serves them all"
+    );
+
+    // The upstream closes its idle connection, as servers do after their own keep-alive
+    // timeout. The gateway must not answer the next request with the dead connection's error:
+    // it connects again, once, and pools the new connection.
+    upstream.close_connections();
+    for _ in 0..5 {
+        get_ok(&gw);
+    }
+    assert_eq!(upstream.accepted(), 2);
+}
+
+#[test]
+fn an_upstream_connection_idle_past_timeouts_idle_is_closed_not_reused() {
+    let upstream = KeepAliveUpstream::start();
+    let gw = keep_alive_gateway(&upstream, "{idle: 200ms}");
+    get_ok(&gw);
+    get_ok(&gw);
+    assert_eq!(upstream.accepted(), 1);
+
+    // Time passing is the subject here: nothing to poll for before the timeout is over.
+    std::thread::sleep(Duration::from_millis(400));
+    get_ok(&gw);
+    assert_eq!(upstream.accepted(), 2, "the expired connection was reused");
+    poll_until(
+        Duration::from_secs(5),
+        "the expired connection closed",
+        || upstream.closed_by_gateway() == 1,
+    );
+}

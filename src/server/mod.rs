@@ -82,6 +82,12 @@ pub fn build(compiled: Compiled, start: &StartOptions) -> Result<Assembled> {
         // slot until it expires). 1.5% fewer instructions per request (2026-12-02,
         // loadtest/instructions.sh).
         fast_timeout_to_tokio_threshold_seconds: Some(0),
+        // A pooled upstream connection is checked when it is taken for reuse (closed by the
+        // upstream, or idle past `timeouts.idle`: closed then, the next one tried) instead of
+        // being watched by a task of its own while idle: that task was spawned, woken and
+        // ended on every request. The cost: a connection the upstream closed keeps its socket
+        // until it is next taken or evicted (bounded by the pool's size).
+        upstream_watch_idle_connections: false,
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(opt, server_conf);

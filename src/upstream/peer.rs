@@ -39,7 +39,8 @@ pub struct Timeouts {
     /// is spent. Default: none.
     #[serde(default, deserialize_with = "crate::values::de_opt_duration")]
     pub total: Option<Duration>,
-    /// How long an idle upstream connection is kept for reuse. Default: 60s.
+    /// How long an idle upstream connection may wait in the pool and still be reused (checked
+    /// when it is taken, not watched meanwhile). Default: 60s.
     #[serde(
         default = "default_idle_timeout",
         deserialize_with = "crate::values::de_duration"

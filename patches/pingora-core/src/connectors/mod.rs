@@ -110,6 +110,21 @@ pub struct ConnectorOptions {
     /// Optional callback for observing how long upstream connections stayed idle
     /// before leaving the keep-alive pool without reuse.
     pub keepalive_pool_callback: Option<PoolCallback>,
+    /// Whether each connection in the keepalive pool is watched by a task of its own while it
+    /// is idle (`true`, the default).
+    ///
+    /// A watched connection leaves the pool as soon as the server closes it, sends data on it or
+    /// its idle timeout passes. The watch costs a spawned task, a lock and, with an idle timeout,
+    /// a timer for every release of a connection, and a wake-up of that task for every reuse.
+    ///
+    /// With `false`, nothing watches an idle connection; it is checked when it is taken from the
+    /// pool instead: one the server closed or sent data on, or one idle past its timeout, is
+    /// closed then and the next one tried. A connection the server closed therefore holds its
+    /// socket until it is next taken or evicted, at most `keepalive_pool_size` of them.
+    ///
+    /// A `keepalive_pool_callback` needs the watch to observe evictions, so setting one keeps
+    /// the watch on regardless of this setting.
+    pub watch_idle_connections: bool,
 }
 
 impl ConnectorOptions {
@@ -147,6 +162,7 @@ impl ConnectorOptions {
             bind_to_v4,
             bind_to_v6,
             keepalive_pool_callback: None,
+            watch_idle_connections: server_conf.upstream_watch_idle_connections,
         }
     }
 
@@ -163,14 +179,28 @@ impl ConnectorOptions {
             bind_to_v4: vec![],
             bind_to_v6: vec![],
             keepalive_pool_callback: None,
+            watch_idle_connections: true,
         }
     }
+}
+
+/// A connection waiting in the keepalive pool.
+enum PooledStream {
+    /// Watched by its own task until it is taken, evicted, closed or timed out; the task holds
+    /// the lock while it watches.
+    Watched(Arc<Mutex<Stream>>),
+    /// Nothing watches it: it is checked when taken.
+    Unwatched {
+        stream: Stream,
+        /// When its idle timeout passes; `None` for no timeout.
+        expires: Option<Instant>,
+    },
 }
 
 /// [TransportConnector] provides APIs to connect to servers via TCP or TLS with connection reuse
 pub struct TransportConnector {
     tls_ctx: tls::Connector,
-    connection_pool: Arc<ConnectionPool<Arc<Mutex<Stream>>>>,
+    connection_pool: Arc<ConnectionPool<PooledStream>>,
     offload: Option<OffloadRuntime>,
     bind_to_v4: Vec<SocketAddr>,
     bind_to_v6: Vec<SocketAddr>,
@@ -179,6 +209,7 @@ pub struct TransportConnector {
     /// for periodic metric reporting without needing access to the connector itself.
     unexpected_data_conn_count: Arc<AtomicU64>,
     keepalive_pool_callback: Option<PoolCallback>,
+    watch_idle_connections: bool,
 }
 
 const DEFAULT_POOL_SIZE: usize = 128;
@@ -201,6 +232,8 @@ impl TransportConnector {
         let keepalive_pool_callback = options
             .as_ref()
             .and_then(|o| o.keepalive_pool_callback.clone());
+        let watch_idle_connections = keepalive_pool_callback.is_some()
+            || options.as_ref().is_none_or(|o| o.watch_idle_connections);
         TransportConnector {
             tls_ctx: tls::Connector::new(options),
             connection_pool: Arc::new(ConnectionPool::new(pool_size)),
@@ -210,6 +243,7 @@ impl TransportConnector {
             preferred_http_version: PreferredHttpVersion::new(),
             unexpected_data_conn_count: Arc::new(AtomicU64::new(0)),
             keepalive_pool_callback,
+            watch_idle_connections,
         }
     }
 
@@ -249,56 +283,61 @@ impl TransportConnector {
 
     /// Try to find a reusable connection to the given server [Peer]
     pub async fn reused_stream<P: Peer + Send + Sync>(&self, peer: &P) -> Option<Stream> {
-        match self.connection_pool.get(&peer.reuse_hash()) {
-            Some(s) => {
-                debug!("find reusable stream, trying to acquire it");
-                {
-                    let _ = s.lock().await;
-                } // wait for the idle poll to release it
-                match Arc::try_unwrap(s) {
-                    Ok(l) => {
-                        let mut stream = l.into_inner();
-                        // test_reusable_stream: we assume server would never actively send data
-                        // first on an idle stream.
-                        #[cfg(unix)]
-                        if stream_matches_peer(&stream, peer)
-                            && test_reusable_stream(&mut stream, &self.unexpected_data_conn_count)
-                        {
-                            Some(stream)
-                        } else {
-                            None
-                        }
-                        #[cfg(windows)]
-                        {
-                            use std::os::windows::io::{AsRawSocket, RawSocket};
-                            struct WrappedRawSocket(RawSocket);
-                            impl AsRawSocket for WrappedRawSocket {
-                                fn as_raw_socket(&self) -> RawSocket {
-                                    self.0
-                                }
-                            }
-                            if peer.matches_sock(WrappedRawSocket(stream.id() as RawSocket))
-                                && test_reusable_stream(
-                                    &mut stream,
-                                    &self.unexpected_data_conn_count,
-                                )
-                            {
-                                Some(stream)
-                            } else {
-                                None
-                            }
-                        }
-                    }
-                    Err(_) => {
+        loop {
+            let Some(pooled) = self.connection_pool.get(&peer.reuse_hash()) else {
+                debug!("No reusable connection found for {peer}");
+                return None;
+            };
+            match pooled {
+                PooledStream::Watched(s) => {
+                    debug!("find reusable stream, trying to acquire it");
+                    {
+                        let _ = s.lock().await;
+                    } // wait for the idle poll to release it
+                    let Ok(l) = Arc::try_unwrap(s) else {
                         error!("failed to acquire reusable stream");
-                        None
+                        return None;
+                    };
+                    let mut stream = l.into_inner();
+                    return self.reusable_for(&mut stream, peer).then_some(stream);
+                }
+                PooledStream::Unwatched {
+                    mut stream,
+                    expires,
+                } => {
+                    if expires.is_some_and(|at| Instant::now() >= at) {
+                        debug!("Idle connection timed out");
+                        continue;
                     }
+                    if self.reusable_for(&mut stream, peer) {
+                        return Some(stream);
+                    }
+                    // Nothing removed it from the pool when it broke, so the next one
+                    // may be as stale: keep looking rather than connect.
                 }
             }
-            None => {
-                debug!("No reusable connection found for {peer}");
-                None
+        }
+    }
+
+    /// Whether a pooled stream still goes to `peer` and is open with nothing unread: we assume
+    /// a server would never actively send data first on an idle stream.
+    fn reusable_for<P: Peer + Send + Sync>(&self, stream: &mut Stream, peer: &P) -> bool {
+        #[cfg(unix)]
+        {
+            stream_matches_peer(stream, peer)
+                && test_reusable_stream(stream, &self.unexpected_data_conn_count)
+        }
+        #[cfg(windows)]
+        {
+            use std::os::windows::io::{AsRawSocket, RawSocket};
+            struct WrappedRawSocket(RawSocket);
+            impl AsRawSocket for WrappedRawSocket {
+                fn as_raw_socket(&self) -> RawSocket {
+                    self.0
+                }
             }
+            peer.matches_sock(WrappedRawSocket(stream.id() as RawSocket))
+                && test_reusable_stream(stream, &self.unexpected_data_conn_count)
         }
     }
 
@@ -321,9 +360,20 @@ impl TransportConnector {
         let id = stream.id();
         let meta = ConnectionMeta::new(key, id);
         debug!("Try to keepalive client session");
+        if !self.watch_idle_connections {
+            // An idle timeout too large for an Instant is no timeout.
+            let expires = idle_timeout.and_then(|t| Instant::now().checked_add(t));
+            // Nothing waits for the eviction or reuse signals.
+            let _ = self
+                .connection_pool
+                .put(&meta, PooledStream::Unwatched { stream, expires });
+            return;
+        }
         let stream = Arc::new(Mutex::new(stream));
         let locked_stream = stream.clone().try_lock_owned().unwrap(); // safe as we just created it
-        let (notify_close, watch_use) = self.connection_pool.put(&meta, stream);
+        let (notify_close, watch_use) = self
+            .connection_pool
+            .put(&meta, PooledStream::Watched(stream));
         let idle_meta = IdleConnection::new(meta);
         let pool = self.connection_pool.clone(); //clone the arc
         let keepalive_pool_callback = self.keepalive_pool_callback.clone();
@@ -887,5 +937,84 @@ mod tests {
             1,
             "unexpected_data_connection_count should have incremented"
         );
+    }
+
+    fn unwatched() -> TransportConnector {
+        let mut options = ConnectorOptions::new(8);
+        options.watch_idle_connections = false;
+        TransportConnector::new(Some(options))
+    }
+
+    fn alive_tasks() -> usize {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    }
+
+    /// Connects to `listener` and returns the stream with the server's end of it.
+    async fn connected(
+        connector: &TransportConnector,
+        peer: &BasicPeer,
+        listener: &tokio::net::TcpListener,
+    ) -> (Stream, tokio::net::TcpStream) {
+        let stream = connector.new_stream(peer).await.unwrap();
+        let (server_end, _) = listener.accept().await.unwrap();
+        (stream, server_end)
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_watched_by_a_task_each_unless_told_not_to() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = BasicPeer::new(&listener.local_addr().unwrap().to_string());
+        for (connector, watchers) in [(TransportConnector::new(None), 1), (unwatched(), 0)] {
+            let (stream, _server_end) = connected(&connector, &peer, &listener).await;
+            let id = stream.id();
+            let before = alive_tasks();
+            connector.release_stream(stream, peer.reuse_hash(), Some(Duration::from_secs(60)));
+            assert_eq!(alive_tasks() - before, watchers);
+
+            let (stream, reused) = connector.get_stream(&peer).await.unwrap();
+            assert!(reused);
+            assert_eq!(stream.id(), id);
+        }
+    }
+
+    #[tokio::test]
+    async fn unwatched_connections_the_server_closed_are_skipped_when_taken() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = BasicPeer::new(&listener.local_addr().unwrap().to_string());
+        let connector = unwatched();
+        let (closed, closed_server_end) = connected(&connector, &peer, &listener).await;
+        let (open, _open_server_end) = connected(&connector, &peer, &listener).await;
+        let open_id = open.id();
+        // Taken oldest first: the closed one would come out first.
+        connector.release_stream(closed, peer.reuse_hash(), None);
+        connector.release_stream(open, peer.reuse_hash(), None);
+        drop(closed_server_end);
+        // Loopback delivers the FIN within close(); the reactor marks the stream readable
+        // on its next turn, which a timer wait gives it.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+
+        let (stream, reused) = connector.get_stream(&peer).await.unwrap();
+        assert!(reused);
+        assert_eq!(stream.id(), open_id);
+        // Nothing is left in the pool.
+        assert!(connector.reused_stream(&peer).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn unwatched_connections_idle_past_their_timeout_are_not_reused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = BasicPeer::new(&listener.local_addr().unwrap().to_string());
+        let connector = unwatched();
+        let (expired, _expired_server_end) = connected(&connector, &peer, &listener).await;
+        let (open, _open_server_end) = connected(&connector, &peer, &listener).await;
+        let open_id = open.id();
+        connector.release_stream(expired, peer.reuse_hash(), Some(Duration::ZERO));
+        connector.release_stream(open, peer.reuse_hash(), Some(Duration::MAX));
+
+        let stream = connector.reused_stream(&peer).await.unwrap();
+        assert_eq!(stream.id(), open_id);
+        assert!(connector.reused_stream(&peer).await.is_none());
     }
 }

@@ -71,13 +71,14 @@ pub struct HttpSession {
     keep_response_header_case: bool,
     // What the session still needs of a response header it moved into a task
     // (`read_response_task_moving_header`).
-    moved_header: Option<MovedHeaderFacts>,
+    moved_header: Option<ResponseFacts>,
 }
 
-/// What [`HttpSession::respect_keepalive`] and the status checks need of a response header,
-/// kept when the header itself has been moved out of the session.
+/// What [`HttpSession::respect_keepalive`] and the status checks need of a response header:
+/// read from the header while the session holds it, and kept when the header has been moved
+/// out of the session.
 #[derive(Debug, Clone, Copy)]
-struct MovedHeaderFacts {
+struct ResponseFacts {
     status: StatusCode,
     version: Version,
     // Only looked up for an HTTP/1.0 response, the only one it matters for.
@@ -87,10 +88,10 @@ struct MovedHeaderFacts {
     keepalive_timeout: Option<u64>,
 }
 
-impl MovedHeaderFacts {
+impl ResponseFacts {
     fn of(header: &ResponseHeader) -> Self {
         let connection_keepalive = is_buf_keepalive(header.headers.get(header::CONNECTION));
-        MovedHeaderFacts {
+        ResponseFacts {
             status: header.status,
             version: header.version,
             http10_transfer_encoding: header.version == Version::HTTP_10
@@ -655,7 +656,7 @@ impl HttpSession {
         }
 
         let facts = match &self.response_header {
-            Some(h) => Some(MovedHeaderFacts::of(h)),
+            Some(h) => Some(ResponseFacts::of(h)),
             None => self.moved_header,
         };
         let Some(facts) = facts else {
@@ -897,7 +898,7 @@ impl HttpSession {
                 // Framed while the header is here; nothing reads it again.
                 self.init_body_reader();
                 let header = self.response_header.take().expect("just read");
-                self.moved_header = Some(MovedHeaderFacts::of(&header));
+                self.moved_header = Some(ResponseFacts::of(&header));
                 header
             } else {
                 self.read_resp_header_parts().await?
@@ -1090,7 +1091,8 @@ mod tests_stream {
             (true, "Content-LENGTH: 0\r\nX-MiXeD: 1\r\nserver: s\r\n"),
             (false, "Content-Length: 0\r\nx-mixed: 1\r\nServer: s\r\n"),
         ] {
-            let mut peer = crate::upstreams::peer::HttpPeer::new("127.0.0.1:80", false, String::new());
+            let mut peer =
+                crate::upstreams::peer::HttpPeer::new("127.0.0.1:80", false, String::new());
             peer.options.keep_response_header_case = keep;
             let mock_io = Builder::new().read(&input[..]).build();
             let mut http_stream = HttpSession::new_with_options(Box::new(mock_io), &peer);
@@ -2298,7 +2300,11 @@ mod tests_stream {
     async fn moving_the_response_header_keeps_the_keepalive_decision_and_framing() {
         init_log();
         let cases: [(&str, &str, KeepaliveStatus); 8] = [
-            ("HTTP/1.1 200 OK", "Content-Length: 3", KeepaliveStatus::Infinite),
+            (
+                "HTTP/1.1 200 OK",
+                "Content-Length: 3",
+                KeepaliveStatus::Infinite,
+            ),
             (
                 "HTTP/1.1 200 OK",
                 "Connection: keep-alive\r\nKeep-Alive: timeout=5, max=9\r\nContent-Length: 3",
@@ -2309,7 +2315,11 @@ mod tests_stream {
                 "Connection: keep-alive\r\nContent-Length: 3",
                 KeepaliveStatus::Infinite,
             ),
-            ("HTTP/1.1 200 OK", "Connection: close\r\nContent-Length: 3", KeepaliveStatus::Off),
+            (
+                "HTTP/1.1 200 OK",
+                "Connection: close\r\nContent-Length: 3",
+                KeepaliveStatus::Off,
+            ),
             ("HTTP/1.0 200 OK", "Content-Length: 3", KeepaliveStatus::Off),
             (
                 "HTTP/1.0 200 OK",
@@ -2329,7 +2339,11 @@ mod tests_stream {
         ];
         for (status_line, fields, expected) in cases {
             let chunked = fields.contains("chunked");
-            let body: &[u8] = if chunked { b"3\r\nabc\r\n0\r\n\r\n" } else { b"abc" };
+            let body: &[u8] = if chunked {
+                b"3\r\nabc\r\n0\r\n\r\n"
+            } else {
+                b"abc"
+            };
             let head = format!("{status_line}\r\n{fields}\r\n\r\n");
             let mut outcomes = Vec::new();
             for moving in [false, true] {
