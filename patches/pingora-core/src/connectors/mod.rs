@@ -119,8 +119,8 @@ pub struct ConnectorOptions {
     ///
     /// With `false`, nothing watches an idle connection; it is checked when it is taken from the
     /// pool instead: one the server closed or sent data on, or one idle past its timeout, is
-    /// closed then and the next one tried. A connection the server closed therefore holds its
-    /// socket until it is next taken or evicted, at most `keepalive_pool_size` of them.
+    /// closed then and the next one tried. Such a connection therefore holds its socket until
+    /// it is next taken or evicted, at most `keepalive_pool_size` of them.
     ///
     /// A `keepalive_pool_callback` needs the watch to observe evictions, so setting one keeps
     /// the watch on regardless of this setting.
