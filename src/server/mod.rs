@@ -85,8 +85,9 @@ pub fn build(compiled: Compiled, start: &StartOptions) -> Result<Assembled> {
         // A pooled upstream connection is checked when it is taken for reuse (closed by the
         // upstream, or idle past `timeouts.idle`: closed then, the next one tried) instead of
         // being watched by a task of its own while idle: that task was spawned, woken and
-        // ended on every request. The cost: a connection the upstream closed keeps its socket
-        // until it is next taken or evicted (bounded by the pool's size).
+        // ended on every request. The cost: a connection the upstream closed, or one past
+        // `timeouts.idle`, keeps its socket until it is next taken or evicted (bounded by the
+        // pool's size).
         upstream_watch_idle_connections: false,
         ..ServerConf::default()
     };
