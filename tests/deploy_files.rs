@@ -855,11 +855,15 @@ fn dockerfile_instructions(text: &str) -> Vec<(String, String)> {
     instructions
 }
 
+/// The repository's `Cargo.toml`.
+fn manifest() -> String {
+    std::fs::read_to_string(deploy_dir().join("../Cargo.toml")).expect("cannot read Cargo.toml")
+}
+
 /// The crates `Cargo.toml` takes from the repository instead of crates.io
 /// (`[patch.crates-io]`), by path.
 fn patched_crate_paths() -> Vec<String> {
-    let manifest = std::fs::read_to_string(deploy_dir().join("../Cargo.toml"))
-        .expect("cannot read Cargo.toml");
+    let manifest = manifest();
     let section = manifest
         .split("\n[patch.crates-io]\n")
         .nth(1)
@@ -872,40 +876,198 @@ fn patched_crate_paths() -> Vec<String> {
         .collect()
 }
 
+/// The workspace's member crates other than the root one, by path (`members = [...]`).
+fn workspace_member_paths() -> Vec<String> {
+    let manifest = manifest();
+    let line = manifest
+        .lines()
+        .find(|l| l.trim_start().starts_with("members"))
+        .expect("Cargo.toml lists its workspace members");
+    line.split('"')
+        .skip(1)
+        .step_by(2)
+        .filter(|m| *m != ".")
+        .map(str::to_string)
+        .collect()
+}
+
+/// What every cargo build of the workspace reads besides the sources: the manifests, the lock
+/// file, the patched crates, the repository's cargo settings, and the benches' directory when
+/// `Cargo.toml` declares any (cargo refuses a manifest whose declared targets have no file).
+fn what_cargo_reads_first() -> Vec<String> {
+    let mut paths = vec!["Cargo.toml".to_string(), "Cargo.lock".to_string()];
+    paths.extend(patched_crate_paths());
+    if deploy_dir().join("../.cargo/config.toml").exists() {
+        paths.push(".cargo/config.toml".to_string());
+    }
+    if manifest().contains("\n[[bench]]\n") {
+        paths.push("benches".to_string());
+    }
+    for member in workspace_member_paths() {
+        paths.push(format!("{member}/Cargo.toml"));
+    }
+    paths
+}
+
+/// The instructions of the Dockerfile's stage `name` (`FROM ... AS name` up to the next FROM).
+fn dockerfile_stage(text: &str, name: &str) -> Vec<(String, String)> {
+    let instructions = dockerfile_instructions(text);
+    let start = instructions
+        .iter()
+        .position(|(i, rest)| i == "FROM" && rest.split_whitespace().last() == Some(name))
+        .unwrap_or_else(|| panic!("the Dockerfile has no stage named {name}"));
+    let end = instructions[start + 1..]
+        .iter()
+        .position(|(i, _)| i == "FROM")
+        .map_or(instructions.len(), |n| start + 1 + n);
+    instructions[start..end].to_vec()
+}
+
+/// Whether one of the COPY instructions brings the repository's `path` in from the build
+/// context: the path itself or a directory holding it.
+fn copies(instructions: &[(String, String)], path: &str) -> bool {
+    instructions
+        .iter()
+        .filter(|(i, rest)| i == "COPY" && !rest.contains("--from"))
+        .any(|(_, rest)| {
+            let words: Vec<&str> = rest.split_whitespace().collect();
+            words[..words.len().saturating_sub(1)].iter().any(|src| {
+                let src = src.trim_end_matches('/');
+                path == src || path.starts_with(&format!("{src}/"))
+            })
+        })
+}
+
+/// Whether the allow-list beside the Dockerfile lets the repository's `path` into the build
+/// context: a `!` line naming it or a directory holding it.
+fn context_lets_in(ignore: &str, path: &str) -> bool {
+    ignore
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix('!'))
+        .any(|allowed| {
+            let allowed = allowed.trim_end_matches('/');
+            path == allowed || path.starts_with(&format!("{allowed}/"))
+        })
+}
+
 #[test]
-fn docker_build_copies_what_cargo_reads_before_building_dependencies() {
-    let mut patched = patched_crate_paths();
+fn docker_dist_build_copies_what_cargo_reads_before_building_dependencies() {
     assert!(
-        !patched.is_empty(),
+        !patched_crate_paths().is_empty(),
         "Cargo.toml's [patch.crates-io] names no path: did its shape change?"
     );
-    // The repository's cargo settings (which OpenSSL to link) hold for the image's build too.
-    if deploy_dir().join("../.cargo/config.toml").exists() {
-        patched.push(".cargo/config.toml".to_string());
-    }
-    let instructions = dockerfile_instructions(&read("docker/Dockerfile"));
-    let first_build = instructions
+    let stage = dockerfile_stage(&read("docker/Dockerfile"), "builder-dist");
+    let first_build = stage
         .iter()
         .position(|(i, rest)| i == "RUN" && rest.contains("cargo build"))
-        .expect("the Dockerfile runs cargo build");
+        .expect("the dist stage runs cargo build");
     let ignore = read("docker/Dockerfile.dockerignore");
-    for path in &patched {
-        let top = path.split('/').next().unwrap_or(path);
-        let copied = instructions[..first_build].iter().any(|(i, rest)| {
-            i == "COPY"
-                && rest
-                    .split_whitespace()
-                    .any(|src| src.trim_end_matches('/') == top || src == path)
-        });
+    for path in what_cargo_reads_first() {
         assert!(
-            copied,
-            "the Dockerfile does not COPY {path} before its first cargo build (cargo reads it)"
+            copies(&stage[..first_build], &path),
+            "the dist stage does not COPY {path} before its first cargo build (cargo reads it)"
         );
         assert!(
-            ignore.lines().any(|l| l.trim() == format!("!{top}/")),
-            "Dockerfile.dockerignore does not let {top}/ into the build context"
+            context_lets_in(&ignore, &path),
+            "Dockerfile.dockerignore does not let {path} into the build context"
         );
     }
+}
+
+#[test]
+fn docker_image_is_profile_guided_by_default_and_its_stage_copies_what_the_training_reads() {
+    let text = read("docker/Dockerfile");
+    let instructions = dockerfile_instructions(&text);
+    assert!(
+        instructions
+            .iter()
+            .any(|(i, rest)| i == "ARG" && rest == "BUILD=pgo"),
+        "the Dockerfile's default BUILD is not pgo"
+    );
+    let chosen = dockerfile_stage(&text, "builder");
+    assert_eq!(
+        chosen[0].1, "builder-${BUILD} AS builder",
+        "the builder stage the runtime copies from is not the one BUILD names"
+    );
+    assert!(
+        copies_from_builder(&dockerfile_final_stage(&text)),
+        "the runtime stage does not COPY the binaries from the builder stage"
+    );
+
+    let stage = dockerfile_stage(&text, "builder-pgo");
+    let build = stage
+        .iter()
+        .position(|(i, rest)| i == "RUN" && rest.starts_with("scripts/build-pgo"))
+        .expect("the pgo stage runs scripts/build-pgo");
+    // The builds (both: the instrumented one and the optimised one) read what any build does
+    // plus every target's sources, including bare Pingora's example that the training runs;
+    // the training runs loadtest/bench.sh, and build-pgo calls scripts/install-deps.
+    let mut needed = what_cargo_reads_first();
+    needed.extend(["src", "examples", "scripts", "loadtest"].map(String::from));
+    needed.extend(workspace_member_paths());
+    needed.extend(bench_reads_from_the_repository());
+    let ignore = read("docker/Dockerfile.dockerignore");
+    for path in needed {
+        assert!(
+            copies(&stage[..build], &path),
+            "the pgo stage does not COPY {path} before scripts/build-pgo"
+        );
+        assert!(
+            context_lets_in(&ignore, &path),
+            "Dockerfile.dockerignore does not let {path} into the build context"
+        );
+    }
+    for script in [
+        "scripts/build-pgo",
+        "scripts/install-deps",
+        "loadtest/bench.sh",
+    ] {
+        assert!(
+            deploy_dir().join("..").join(script).is_file(),
+            "the pgo stage runs {script}, which is gone"
+        );
+    }
+    // Where build-pgo writes the optimised binaries, and what the stage installs from.
+    let install = &stage[build].1;
+    assert!(
+        install.contains("target/pgo/$host/release/breakwater")
+            && install.contains("target/pgo/$host/release/sample-service"),
+        "the pgo stage installs binaries from elsewhere than build-pgo writes them: {install}"
+    );
+    let script = std::fs::read_to_string(deploy_dir().join("../scripts/build-pgo"))
+        .expect("cannot read scripts/build-pgo");
+    assert!(
+        script.contains("OUT=\"target/pgo/$HOST/release\""),
+        "scripts/build-pgo no longer writes target/pgo/<host>/release"
+    );
+}
+
+/// The repository paths loadtest/bench.sh reads outside loadtest/ (`$LT_ROOT/<path>`).
+fn bench_reads_from_the_repository() -> Vec<String> {
+    let bench = std::fs::read_to_string(deploy_dir().join("../loadtest/bench.sh"))
+        .expect("cannot read loadtest/bench.sh");
+    let paths: Vec<String> = bench
+        .split("$LT_ROOT/")
+        .skip(1)
+        .map(|rest| {
+            rest.chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || "_./-".contains(*c))
+                .collect::<String>()
+        })
+        .filter(|p| !p.is_empty())
+        .collect();
+    assert!(
+        paths.iter().any(|p| p == "tests/fixtures"),
+        "loadtest/bench.sh no longer reads the JWT keys from $LT_ROOT/tests/fixtures: {paths:?}"
+    );
+    paths
+}
+
+/// Whether a COPY of the final stage takes the binaries from the `builder` stage.
+fn copies_from_builder(stage: &[(String, String)]) -> bool {
+    stage.iter().any(|(i, rest)| {
+        i == "COPY" && rest.contains("--from=builder ") && rest.contains("/out/breakwater")
+    })
 }
 
 #[test]
