@@ -950,6 +950,22 @@ fn context_lets_in(ignore: &str, path: &str) -> bool {
         })
 }
 
+/// Asserts that each of the repository's `paths` is in the build context and copied by one of
+/// `instructions` (a stage's, up to the step named `before`).
+fn assert_brought_in(instructions: &[(String, String)], paths: &[String], before: &str) {
+    let ignore = read("docker/Dockerfile.dockerignore");
+    for path in paths {
+        assert!(
+            copies(instructions, path),
+            "the Dockerfile does not COPY {path} before {before}"
+        );
+        assert!(
+            context_lets_in(&ignore, path),
+            "Dockerfile.dockerignore does not let {path} into the build context"
+        );
+    }
+}
+
 #[test]
 fn docker_dist_build_copies_what_cargo_reads_before_building_dependencies() {
     assert!(
@@ -961,17 +977,11 @@ fn docker_dist_build_copies_what_cargo_reads_before_building_dependencies() {
         .iter()
         .position(|(i, rest)| i == "RUN" && rest.contains("cargo build"))
         .expect("the dist stage runs cargo build");
-    let ignore = read("docker/Dockerfile.dockerignore");
-    for path in what_cargo_reads_first() {
-        assert!(
-            copies(&stage[..first_build], &path),
-            "the dist stage does not COPY {path} before its first cargo build (cargo reads it)"
-        );
-        assert!(
-            context_lets_in(&ignore, &path),
-            "Dockerfile.dockerignore does not let {path} into the build context"
-        );
-    }
+    assert_brought_in(
+        &stage[..first_build],
+        &what_cargo_reads_first(),
+        "the dist stage's first cargo build (cargo reads it)",
+    );
 }
 
 #[test]
@@ -1006,17 +1016,11 @@ fn docker_image_is_profile_guided_by_default_and_its_stage_copies_what_the_train
     needed.extend(["src", "examples", "scripts", "loadtest"].map(String::from));
     needed.extend(workspace_member_paths());
     needed.extend(bench_reads_from_the_repository());
-    let ignore = read("docker/Dockerfile.dockerignore");
-    for path in needed {
-        assert!(
-            copies(&stage[..build], &path),
-            "the pgo stage does not COPY {path} before scripts/build-pgo"
-        );
-        assert!(
-            context_lets_in(&ignore, &path),
-            "Dockerfile.dockerignore does not let {path} into the build context"
-        );
-    }
+    assert_brought_in(
+        &stage[..build],
+        &needed,
+        "the pgo stage's scripts/build-pgo",
+    );
     for script in [
         "scripts/build-pgo",
         "scripts/install-deps",
