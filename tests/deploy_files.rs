@@ -855,9 +855,15 @@ fn dockerfile_instructions(text: &str) -> Vec<(String, String)> {
     instructions
 }
 
+/// A file of the repository, by its path relative to the repository's root.
+fn read_repo(rel: &str) -> String {
+    let path = deploy_dir().join("..").join(rel);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
 /// The repository's `Cargo.toml`.
 fn manifest() -> String {
-    std::fs::read_to_string(deploy_dir().join("../Cargo.toml")).expect("cannot read Cargo.toml")
+    read_repo("Cargo.toml")
 }
 
 /// The crates `Cargo.toml` takes from the repository instead of crates.io
@@ -1038,8 +1044,7 @@ fn docker_image_is_profile_guided_by_default_and_its_stage_copies_what_the_train
             && install.contains("target/pgo/$host/release/sample-service"),
         "the pgo stage installs binaries from elsewhere than build-pgo writes them: {install}"
     );
-    let script = std::fs::read_to_string(deploy_dir().join("../scripts/build-pgo"))
-        .expect("cannot read scripts/build-pgo");
+    let script = read_repo("scripts/build-pgo");
     assert!(
         script.contains("OUT=\"target/pgo/$HOST/release\""),
         "scripts/build-pgo no longer writes target/pgo/<host>/release"
@@ -1048,8 +1053,7 @@ fn docker_image_is_profile_guided_by_default_and_its_stage_copies_what_the_train
 
 /// The repository paths loadtest/bench.sh reads outside loadtest/ (`$LT_ROOT/<path>`).
 fn bench_reads_from_the_repository() -> Vec<String> {
-    let bench = std::fs::read_to_string(deploy_dir().join("../loadtest/bench.sh"))
-        .expect("cannot read loadtest/bench.sh");
+    let bench = read_repo("loadtest/bench.sh");
     let paths: Vec<String> = bench
         .split("$LT_ROOT/")
         .skip(1)
