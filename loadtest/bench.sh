@@ -26,7 +26,8 @@
 # The binaries are target/release's, built first; BUILD=0 LT_BIN=DIR takes them from DIR as
 # they are (scripts/build-pgo's output, say).
 # --rounds N runs every target N times, round-robin, each round starting one row later than the
-# one before, and reports the medians (CPU min-max too).
+# one before, and reports the medians (CPU min-max too) and Breakwater's CPU per request ÷ bare
+# Pingora's paired by round (the median of the rounds' ratios).
 # --h2-connections C --h2-streams S: the h2 rows' load, h2load -c C -m S (C x S = 64 requests in
 # flight by default, as wrk's 64 connections).
 # --scale adds nginx, bare Pingora and Breakwater with 1 and then 2 workers on --scale-cpus.
@@ -209,7 +210,7 @@ start_target() {
 # to the lists below under KEY (one value per round).
 declare -A L_RPS L_P50 L_P99 L_MAXL L_ERRS L_CPU L_STEAL
 measure() {
-  local key=$1 pid=$2 url=$3 out="$LT_TMP/wrk-$1.txt" t0 t1 h0 h1
+  local key=$1 pid=$2 url=$3 out="$LT_TMP/wrk-$1.txt" t0 t1 h0 h1 steal cpu=n/a
   shift 3
   on "$CLIENT_CPU"
   log "$key: warm-up $WARMUP, then wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency $url"
@@ -217,12 +218,15 @@ measure() {
   t0=$(cpu_ticks "$pid") h0=$(host_clock)
   "${ON[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$@" "$url" >"$out"
   t1=$(cpu_ticks "$pid") h1=$(host_clock)
-  L_STEAL[$key]+="$(steal_pct "$h0" "$h1") "
+  steal=$(steal_pct "$h0" "$h1")
+  L_STEAL[$key]+="$steal "
   parse_wrk "$out"
   L_RPS[$key]+="$WRK_RPS " L_P50[$key]+="$WRK_P50 " L_P99[$key]+="$WRK_P99 "
   L_MAXL[$key]+="$WRK_MAX " L_ERRS[$key]+="$((WRK_SOCKET_ERRORS + WRK_NON2XX)) "
-  ((WRK_REQS > 0)) && L_CPU[$key]+="$(awk -v t=$((t1 - t0)) -v hz="$TICK_HZ" -v n="$WRK_REQS" \
-    'BEGIN{printf "%.1f", t / hz * 1e6 / n}') "
+  ((WRK_REQS > 0)) && cpu=$(awk -v t=$((t1 - t0)) -v hz="$TICK_HZ" -v n="$WRK_REQS" \
+    'BEGIN{printf "%.1f", t / hz * 1e6 / n}')
+  L_CPU[$key]+="$cpu "
+  log "$key: $WRK_RPS req/s, $cpu µs CPU per request, steal $steal%"
   return 0
 }
 
@@ -402,6 +406,19 @@ done
 # ratio A B: A/B as "0.62x" (n/a when either is missing).
 ratio() { awk -v a="${1:-}" -v b="${2:-}" 'BEGIN{ if (a+0 > 0 && b+0 > 0) printf "%.2fx", a / b; else print "n/a" }'; }
 pct() { awk -v a="${1:-}" -v b="${2:-}" 'BEGIN{ if (a+0 > 0 && b+0 > 0) printf "%+.0f%%", 100 * (a / b - 1); else print "n/a" }'; }
+# paired A B: the median over rounds of A's CPU per request ÷ B's in the same round, with the
+# smallest and largest, as "1.12x (1.03–1.25x over 5 rounds)" (n/a without two rounds of both).
+# The two rows of a round run within a minute of each other, so a host that is slower for a
+# while slows both: steadier than the ratio of the two medians when the host's speed drifts.
+paired() {
+  paste -d' ' <(tr ' ' '\n' <<<"${L_CPU[$1]:-}" | sed '/^$/d') <(tr ' ' '\n' <<<"${L_CPU[$2]:-}" | sed '/^$/d') |
+    awk '$1 ~ /^[0-9.]+$/ && $2 ~ /^[0-9.]+$/ && $2 > 0 {print $1 / $2}' | sort -g |
+    awk '{a[NR] = $1} END {
+      if (NR < 2) { print "n/a"; exit }
+      m = (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2
+      printf "%.2fx (%.2f–%.2fx over %d rounds)\n", m, a[1], a[NR], NR
+    }'
+}
 diff_us() { awk -v a="${1:-}" -v b="${2:-}" 'BEGIN{ if (a+0 > 0 && b+0 > 0) printf "%+.1f µs", a - b; else print "n/a" }'; }
 NX_RPS=${RPS[nginx]:-} PG_RPS=${RPS[pingora]:-} PG_CPU=${CPU[pingora]:-} NX_CPU=${CPU[nginx]:-}
 BW_RPS=${RPS[breakwater]:-} BW_CPU=${CPU[breakwater]:-}
@@ -456,6 +473,8 @@ REPORT=${REPORT:-$LT_DIR/results/bench-latest.md}
       "CPU per request $(pct "$BW_CPU" "$PG_CPU") over bare Pingora (issue 13 aims at <= +15%)" \
       "and $(ratio "$BW_CPU" "$NX_CPU") nginx's. Bare Pingora: $(ratio "$PG_RPS" "$NX_RPS") nginx's req/s," \
       "$(ratio "$PG_CPU" "$NX_CPU") its CPU per request."
+    ((ROUNDS > 1)) && [[ -n $PG_CPU ]] &&
+      echo "Breakwater's CPU per request ÷ bare Pingora's, paired by round: $(paired breakwater pingora)."
     feats=()
     for t in jwt-hs256 jwt-rs256 jwt-es256 ratelimit; do
       [[ -n ${CPU[breakwater-$t]:-} ]] && feats+=("$t $(diff_us "${CPU[breakwater-$t]}" "$BW_CPU") ($(pct "${CPU[breakwater-$t]}" "$BW_CPU"))")
@@ -465,9 +484,9 @@ REPORT=${REPORT:-$LT_DIR/results/bench-latest.md}
     ((${#feats[@]})) && echo "CPU per request over plain Breakwater: $(IFS=';'; echo "${feats[*]}" | sed 's/;/; /g')."
     [[ -n ${ACCESS_LINES:-} ]] && echo "Breakwater's access log: $ACCESS_LINES lines written in its run."
     [[ -n ${CPU[breakwater-baseline]:-} ]] &&
-      echo "This build against the --baseline build: CPU per request $(diff_us "$BW_CPU" "${CPU[breakwater-baseline]}") ($(pct "$BW_CPU" "${CPU[breakwater-baseline]}")), req/s $(ratio "$BW_RPS" "${RPS[breakwater-baseline]}")."
+      echo "This build against the --baseline build: CPU per request $(diff_us "$BW_CPU" "${CPU[breakwater-baseline]}") ($(pct "$BW_CPU" "${CPU[breakwater-baseline]}")), req/s $(ratio "$BW_RPS" "${RPS[breakwater-baseline]}")$( ((ROUNDS > 1)) && echo "; CPU per request paired by round: $(paired breakwater breakwater-baseline)")."
     [[ -n ${CPU[pingora-baseline]:-} ]] &&
-      echo "Breakwater against bare Pingora from the --pingora-baseline build: CPU per request $(ratio "$BW_CPU" "${CPU[pingora-baseline]}") ($(pct "$BW_CPU" "${CPU[pingora-baseline]}")), req/s $(ratio "$BW_RPS" "${RPS[pingora-baseline]}")."
+      echo "Breakwater against bare Pingora from the --pingora-baseline build: CPU per request $(ratio "$BW_CPU" "${CPU[pingora-baseline]}") ($(pct "$BW_CPU" "${CPU[pingora-baseline]}")), req/s $(ratio "$BW_RPS" "${RPS[pingora-baseline]}")$( ((ROUNDS > 1)) && echo "; paired by round: $(paired breakwater pingora-baseline)")."
   fi
   if [[ -n ${CPU[pingora-front]:-} && -n $PG_CPU ]]; then
     echo
