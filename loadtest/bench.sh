@@ -411,13 +411,13 @@ pct() { awk -v a="${1:-}" -v b="${2:-}" 'BEGIN{ if (a+0 > 0 && b+0 > 0) printf "
 # The two rows of a round run within a minute of each other, so a host that is slower for a
 # while slows both: steadier than the ratio of the two medians when the host's speed drifts.
 paired() {
-  paste -d' ' <(tr ' ' '\n' <<<"${L_CPU[$1]:-}" | sed '/^$/d') <(tr ' ' '\n' <<<"${L_CPU[$2]:-}" | sed '/^$/d') |
-    awk '$1 ~ /^[0-9.]+$/ && $2 ~ /^[0-9.]+$/ && $2 > 0 {print $1 / $2}' | sort -g |
-    awk '{a[NR] = $1} END {
-      if (NR < 2) { print "n/a"; exit }
-      m = (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2
-      printf "%.2fx (%.2f–%.2fx over %d rounds)\n", m, a[1], a[NR], NR
-    }'
+  local ratios n
+  ratios=$(paste -d' ' <(tr ' ' '\n' <<<"${L_CPU[$1]:-}" | sed '/^$/d') \
+    <(tr ' ' '\n' <<<"${L_CPU[$2]:-}" | sed '/^$/d') |
+    awk '$1 ~ /^[0-9.]+$/ && $2 ~ /^[0-9.]+$/ && $2 > 0 {printf "%.4f ", $1 / $2}')
+  n=$(wc -w <<<"$ratios")
+  ((n >= 2)) || { echo n/a; return 0; }
+  echo "$(stat med "%.2f" "$ratios")x ($(stat min "%.2f" "$ratios")–$(stat max "%.2f" "$ratios")x over $n rounds)"
 }
 diff_us() { awk -v a="${1:-}" -v b="${2:-}" 'BEGIN{ if (a+0 > 0 && b+0 > 0) printf "%+.1f µs", a - b; else print "n/a" }'; }
 NX_RPS=${RPS[nginx]:-} PG_RPS=${RPS[pingora]:-} PG_CPU=${CPU[pingora]:-} NX_CPU=${CPU[nginx]:-}
