@@ -71,20 +71,29 @@ pub fn poll_until<F: FnMut() -> bool>(timeout: Duration, what: &str, mut f: F) {
 /// A loopback port that was free a moment ago. Another process can take it before the caller
 /// binds it, so whoever uses it should retry on "address in use" (the handles below do).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind an ephemeral loopback port")
-        .port()
+    free_ports(1)[0]
 }
 
-/// `n` distinct free ports: all are held at once while picking so none is handed out twice.
+/// `n` distinct free ports: all are held at once while picking so none is handed out twice,
+/// and none handed out earlier in this test process is handed out again. Tests run in
+/// parallel, and the kernel may give a port just released to the next `bind(0)`: two gateways
+/// configured with one admin port would have the second one's probe answered by the first.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let held: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port"))
-        .collect();
-    held.iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    let mut held = Vec::new();
+    let mut ports = Vec::new();
+    while ports.len() < n {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port");
+        let port = listener.local_addr().unwrap().port();
+        // Held until the end, so the kernel cannot offer the same port twice in this loop.
+        held.push(listener);
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            ports.push(port);
+        }
+    }
+    ports
 }
 
 /// True if something accepts TCP connections on `addr` right now.
@@ -439,11 +448,7 @@ impl Gateway {
             // won the race for a port picked above. Start again on fresh ports rather than
             // wait for it, or test against whatever answers there.
             let answer = probe.get(&ready).send();
-            let stderr = gw.stderr();
-            if [&gw.http, &gw.admin]
-                .iter()
-                .any(|addr| stderr.contains(&format!("{addr} is in use")))
-            {
+            if gw.lost_a_port() {
                 gw.kill();
                 return Err(format!("a port of {} or {} is in use", gw.http, gw.admin));
             }
@@ -454,6 +459,19 @@ impl Gateway {
                         && config_template.contains("${LISTEN}")
                         && !is_listening(&gw.http)
                     {
+                        // Unless what answered was another process on a port this gateway
+                        // has not bound yet: Pingora says so as soon as its bind fails.
+                        let lost = Instant::now() + Duration::from_secs(3);
+                        while Instant::now() < lost && !is_listening(&gw.http) {
+                            if gw.lost_a_port() {
+                                gw.kill();
+                                return Err(format!(
+                                    "a port of {} or {} is in use",
+                                    gw.http, gw.admin
+                                ));
+                            }
+                            thread::sleep(Duration::from_millis(50));
+                        }
                         gw.kill();
                         return Err(format!(
                             "{ready} answered 200 before the proxy port {} accepted \
@@ -477,6 +495,14 @@ impl Gateway {
             }
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Whether Pingora found the proxy or admin port taken by another process.
+    fn lost_a_port(&self) -> bool {
+        let stderr = self.stderr();
+        [&self.http, &self.admin]
+            .iter()
+            .any(|addr| stderr.contains(&format!("{addr} is in use")))
     }
 
     /// Substitutes this gateway's `${LISTEN}`/`${ADMIN}` (`${ADMIN_PORT}` is the admin
