@@ -216,7 +216,14 @@ const DEFAULT_POOL_SIZE: usize = 128;
 
 impl TransportConnector {
     /// Create a new [TransportConnector] with the given [ConnectorOptions]
-    pub fn new(mut options: Option<ConnectorOptions>) -> Self {
+    pub fn new(options: Option<ConnectorOptions>) -> Self {
+        let tls_ctx = tls::Connector::new(options.clone());
+        Self::with_tls(options, tls_ctx)
+    }
+
+    /// Like [TransportConnector::new], with a TLS context built before: connectors made from
+    /// the same options can share one instead of each loading the CA certificates again.
+    pub(crate) fn with_tls(mut options: Option<ConnectorOptions>, tls_ctx: tls::Connector) -> Self {
         let pool_size = options
             .as_ref()
             .map_or(DEFAULT_POOL_SIZE, |c| c.keepalive_pool_size);
@@ -235,7 +242,7 @@ impl TransportConnector {
         let watch_idle_connections = keepalive_pool_callback.is_some()
             || options.as_ref().is_none_or(|o| o.watch_idle_connections);
         TransportConnector {
-            tls_ctx: tls::Connector::new(options),
+            tls_ctx,
             connection_pool: Arc::new(ConnectionPool::new(pool_size)),
             offload: offload.map(|v| OffloadRuntime::new("upstream connect offload", v.0, v.1)),
             bind_to_v4,

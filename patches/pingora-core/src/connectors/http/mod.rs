@@ -15,6 +15,7 @@
 //! Connecting to HTTP servers
 
 use crate::connectors::http::custom::Connection;
+use crate::connectors::tls::Connector as TlsConnector;
 use crate::connectors::ConnectorOptions;
 use crate::listeners::ALPN;
 use crate::protocols::http::client::HttpSession;
@@ -40,9 +41,11 @@ where
 
 impl Connector<()> {
     pub fn new(options: Option<ConnectorOptions>) -> Self {
+        // One TLS context for both: each would otherwise load the CA certificates.
+        let tls_ctx = TlsConnector::new(options.clone());
         Connector {
-            h1: v1::Connector::new(options.clone()),
-            h2: v2::Connector::new(options.clone()),
+            h1: v1::Connector::with_tls(options.clone(), tls_ctx.clone()),
+            h2: v2::Connector::with_tls(options, tls_ctx),
             custom: Default::default(),
         }
     }
@@ -53,9 +56,11 @@ where
     C: custom::Connector,
 {
     pub fn new_custom(options: Option<ConnectorOptions>, custom: C) -> Self {
+        // One TLS context for both: each would otherwise load the CA certificates.
+        let tls_ctx = TlsConnector::new(options.clone());
         Connector {
-            h1: v1::Connector::new(options.clone()),
-            h2: v2::Connector::new(options.clone()),
+            h1: v1::Connector::with_tls(options.clone(), tls_ctx.clone()),
+            h2: v2::Connector::with_tls(options, tls_ctx),
             custom,
         }
     }
@@ -197,6 +202,31 @@ mod tests {
         while http.read_body_bytes().await.unwrap().is_some() {}
     }
 
+    #[cfg(feature = "openssl_derived")]
+    #[test]
+    fn h1_and_h2_share_one_tls_context() {
+        // Each context holds the parsed system CA bundle: a second one would load it again.
+        let connector = Connector::new(None);
+        assert!(Arc::ptr_eq(
+            &connector.h1.transport().tls_ctx.ctx,
+            &connector.h2.transport().tls_ctx.ctx
+        ));
+    }
+
+    #[cfg(feature = "openssl")]
+    #[test]
+    fn the_shared_tls_context_trusts_the_system_store_once_loaded() {
+        use crate::tls::x509::store::X509StoreBuilder;
+        let connector = Connector::new(None);
+        let trusted = connector.h1.transport().tls_ctx.ctx.context().cert_store();
+        let mut system = X509StoreBuilder::new().unwrap();
+        system.set_default_paths().unwrap();
+        let system = system.build();
+        assert_eq!(
+            trusted.all_certificates().len(),
+            system.all_certificates().len()
+        );
+    }
     #[tokio::test]
     async fn test_connect_h2() {
         let connector = Connector::new(None);

@@ -12,6 +12,7 @@
 // See the License for the specific language governing permissions and
 // limitations under the License.
 
+use crate::connectors::tls::Connector as TlsConnector;
 use crate::connectors::{ConnectorOptions, TransportConnector};
 use crate::protocols::http::v1::client::HttpSession;
 use crate::upstreams::peer::Peer;
@@ -29,6 +30,19 @@ impl Connector {
     pub fn new(options: Option<ConnectorOptions>) -> Self {
         Connector {
             transport: TransportConnector::new(options),
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn transport(&self) -> &TransportConnector {
+        &self.transport
+    }
+
+    /// Like [Connector::new], sharing a TLS context built before (see
+    /// [TransportConnector::with_tls]).
+    pub(crate) fn with_tls(options: Option<ConnectorOptions>, tls_ctx: TlsConnector) -> Self {
+        Connector {
+            transport: TransportConnector::with_tls(options, tls_ctx),
         }
     }
 

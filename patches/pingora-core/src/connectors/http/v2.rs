@@ -13,6 +13,7 @@
 // limitations under the License.
 
 use super::HttpSession;
+use crate::connectors::tls::Connector as TlsConnector;
 use crate::connectors::{ConnectorOptions, IdleConnection, PoolCallback, TransportConnector};
 use crate::protocols::http::custom::client::Session;
 use crate::protocols::http::v1::client::HttpSession as Http1Session;
@@ -312,6 +313,13 @@ pub struct Connector {
 impl Connector {
     /// Create a new [Connector] from the given [ConnectorOptions]
     pub fn new(options: Option<ConnectorOptions>) -> Self {
+        let tls_ctx = TlsConnector::new(options.clone());
+        Self::with_tls(options, tls_ctx)
+    }
+
+    /// Like [Connector::new], sharing a TLS context built before (see
+    /// [TransportConnector::with_tls]).
+    pub(crate) fn with_tls(options: Option<ConnectorOptions>, tls_ctx: TlsConnector) -> Self {
         let pool_size = options
             .as_ref()
             .map_or(DEFAULT_POOL_SIZE, |o| o.keepalive_pool_size);
@@ -320,7 +328,7 @@ impl Connector {
             .and_then(|o| o.keepalive_pool_callback.clone());
         // connection offload is handled by the [TransportConnector]
         Connector {
-            transport: TransportConnector::new(options),
+            transport: TransportConnector::with_tls(options, tls_ctx),
             idle_pool: Arc::new(ConnectionPool::new(pool_size)),
             in_use_pool: InUsePool::new(),
             pool_callback,

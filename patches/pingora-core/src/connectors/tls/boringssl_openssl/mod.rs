@@ -92,6 +92,12 @@ pub struct Connector {
 
 impl Connector {
     pub fn new(options: Option<ConnectorOptions>) -> Self {
+        let ca_file = options.as_ref().and_then(|o| o.ca_file.as_ref());
+        if ca_file.is_none() {
+            // The builder loads the system trust store, so it has to see where it is first;
+            // loading it again afterwards parsed the whole CA bundle twice per connector.
+            init_ssl_cert_env_vars();
+        }
         let mut builder = SslConnector::builder(SslMethod::tls()).unwrap();
         // TODO: make these conf
         // Set supported ciphers.
@@ -107,12 +113,9 @@ impl Connector {
             .set_min_proto_version(Some(SslVersion::TLS1))
             .unwrap();
         if let Some(conf) = options.as_ref() {
-            if let Some(ca_file_path) = conf.ca_file.as_ref() {
+            // Without a CA file, the system wide trust store the builder loaded is the one.
+            if let Some(ca_file_path) = ca_file {
                 builder.set_ca_file(ca_file_path).unwrap();
-            } else {
-                init_ssl_cert_env_vars();
-                // load from default system wide trust location. (the name is misleading)
-                builder.set_default_verify_paths().unwrap();
             }
             if let Some((cert, key)) = conf.cert_key_file.as_ref() {
                 builder.set_certificate_chain_file(cert).unwrap();
@@ -134,9 +137,6 @@ impl Connector {
                     });
                 }
             }
-        } else {
-            init_ssl_cert_env_vars();
-            builder.set_default_verify_paths().unwrap();
         }
 
         Connector {
