@@ -448,9 +448,12 @@ impl Gateway {
             // won the race for a port picked above. Start again on fresh ports rather than
             // wait for it, or test against whatever answers there.
             let answer = probe.get(&ready).send();
-            if gw.lost_a_port() {
+            let start_again = |gw: &mut Gateway| {
                 gw.kill();
-                return Err(format!("a port of {} or {} is in use", gw.http, gw.admin));
+                Err(format!("a port of {} or {} is in use", gw.http, gw.admin))
+            };
+            if gw.lost_a_port() {
+                return start_again(&mut gw);
             }
             let last = match answer {
                 Ok(r) if r.status() == reqwest::StatusCode::OK => {
@@ -461,14 +464,10 @@ impl Gateway {
                     {
                         // Unless what answered was another process on a port this gateway
                         // has not bound yet: Pingora says so as soon as its bind fails.
-                        let lost = Instant::now() + Duration::from_secs(3);
-                        while Instant::now() < lost && !is_listening(&gw.http) {
+                        let give_up = Instant::now() + Duration::from_secs(3);
+                        while Instant::now() < give_up && !is_listening(&gw.http) {
                             if gw.lost_a_port() {
-                                gw.kill();
-                                return Err(format!(
-                                    "a port of {} or {} is in use",
-                                    gw.http, gw.admin
-                                ));
+                                return start_again(&mut gw);
                             }
                             thread::sleep(Duration::from_millis(50));
                         }

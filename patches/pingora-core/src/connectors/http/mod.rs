@@ -41,13 +41,7 @@ where
 
 impl Connector<()> {
     pub fn new(options: Option<ConnectorOptions>) -> Self {
-        // One TLS context for both: each would otherwise load the CA certificates.
-        let tls_ctx = TlsConnector::new(options.clone());
-        Connector {
-            h1: v1::Connector::with_tls(options.clone(), tls_ctx.clone()),
-            h2: v2::Connector::with_tls(options, tls_ctx),
-            custom: Default::default(),
-        }
+        Self::new_custom(options, Default::default())
     }
 }
 
@@ -227,6 +221,7 @@ mod tests {
             system.all_certificates().len()
         );
     }
+
     #[tokio::test]
     async fn test_connect_h2() {
         let connector = Connector::new(None);
