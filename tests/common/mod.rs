@@ -599,7 +599,9 @@ impl Gateway {
     }
 
     /// SIGKILL and reap. Idempotent. Also kills the process named in `${DIR}/breakwater.pid`,
-    /// which after a hot reload is a successor process rather than our child.
+    /// which after a hot reload is a successor process rather than our child, and any other
+    /// process started with this gateway's config: a successor still in its handover has not
+    /// written the pid file yet, and once its predecessor is gone it serves on by design.
     pub fn kill(&mut self) {
         kill_child(&mut self.child);
         if let Ok(pid) = std::fs::read_to_string(self.dir.path().join("breakwater.pid")) {
@@ -608,6 +610,12 @@ impl Gateway {
                 .stderr(Stdio::null())
                 .status();
         }
+        // The temp dir's name is unique to this gateway, so the pattern matches only its own.
+        let _ = Command::new("pkill")
+            .args(["-9", "-f", "--"])
+            .arg(self.config_path())
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
