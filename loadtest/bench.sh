@@ -208,16 +208,16 @@ start_target() {
 
 # measure KEY PID URL [HEADER ARGS...]: warm-up, then the measured wrk run; appends the figures
 # to the lists below under KEY (one value per round).
-declare -A L_RPS L_P50 L_P99 L_MAXL L_ERRS L_CPU L_STEAL
+declare -A L_RPS L_P50 L_P99 L_MAXL L_ERRS L_CPU L_USR L_STEAL
 measure() {
-  local key=$1 pid=$2 url=$3 out="$LT_TMP/wrk-$1.txt" t0 t1 h0 h1 steal cpu=n/a
+  local key=$1 pid=$2 url=$3 out="$LT_TMP/wrk-$1.txt" t0 t1 u0 u1 h0 h1 steal cpu=n/a usr=n/a
   shift 3
   on "$CLIENT_CPU"
   log "$key: warm-up $WARMUP, then wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency $url"
   "${ON[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$WARMUP" "$@" "$url" >/dev/null
-  t0=$(cpu_ticks "$pid") h0=$(host_clock)
+  t0=$(cpu_ticks "$pid") u0=$(user_ticks "$pid") h0=$(host_clock)
   "${ON[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$@" "$url" >"$out"
-  t1=$(cpu_ticks "$pid") h1=$(host_clock)
+  t1=$(cpu_ticks "$pid") u1=$(user_ticks "$pid") h1=$(host_clock)
   steal=$(steal_pct "$h0" "$h1")
   L_STEAL[$key]+="$steal "
   parse_wrk "$out"
@@ -225,8 +225,10 @@ measure() {
   L_MAXL[$key]+="$WRK_MAX " L_ERRS[$key]+="$((WRK_SOCKET_ERRORS + WRK_NON2XX)) "
   ((WRK_REQS > 0)) && cpu=$(awk -v t=$((t1 - t0)) -v hz="$TICK_HZ" -v n="$WRK_REQS" \
     'BEGIN{printf "%.1f", t / hz * 1e6 / n}')
-  L_CPU[$key]+="$cpu "
-  log "$key: $WRK_RPS req/s, $cpu µs CPU per request, steal $steal%"
+  ((WRK_REQS > 0)) && usr=$(awk -v t=$((u1 - u0)) -v hz="$TICK_HZ" -v n="$WRK_REQS" \
+    'BEGIN{printf "%.1f", t / hz * 1e6 / n}')
+  L_CPU[$key]+="$cpu " L_USR[$key]+="$usr "
+  log "$key: $WRK_RPS req/s, $cpu µs CPU per request ($usr in user space), steal $steal%"
   return 0
 }
 
@@ -395,8 +397,9 @@ if ((SCALE)); then
 fi
 
 # --- the report: medians over the rounds ---
-declare -A RPS P50 P99 MAXL ERRS CPU CPUR STEAL
+declare -A RPS P50 P99 MAXL ERRS CPU CPUR USR STEAL
 for k in "${!L_RPS[@]}"; do
+  USR[$k]=$(stat med "%.1f" "${L_USR[$k]:-}")
   RPS[$k]=$(stat med "%.0f" "${L_RPS[$k]}") P50[$k]=$(stat med "%.2f" "${L_P50[$k]}")
   P99[$k]=$(stat med "%.2f" "${L_P99[$k]}") MAXL[$k]=$(stat max "%.2f" "${L_MAXL[$k]}")
   ERRS[$k]=$(stat sum "%d" "${L_ERRS[$k]}") CPU[$k]=$(stat med "%.1f" "${L_CPU[$k]:-}") CPUR[$k]=""
@@ -442,21 +445,22 @@ REPORT=${REPORT:-$LT_DIR/results/bench-latest.md}
   echo "- upstream: $UPSTREAM_DESC"
   echo "- every server under test: 1 worker (thread or process); placement: $PINNING"
   echo
-  echo "| target | req/s | p50 ms | p99 ms | max ms | errors | CPU µs/req | req/s ÷ nginx | req/s ÷ pingora | CPU ÷ pingora | steal % |"
-  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+  echo "| target | req/s | p50 ms | p99 ms | max ms | errors | CPU µs/req | user µs/req | req/s ÷ nginx | req/s ÷ pingora | CPU ÷ pingora | steal % |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
   for t in "${RUN_TARGETS[@]}"; do
     [[ $t == *-h2 ]] && continue
     if [[ $t == direct ]]; then r1="—" r2="—" r3="—"; else
       r1=$(ratio "${RPS[$t]}" "$NX_RPS") r2=$(ratio "${RPS[$t]}" "$PG_RPS") r3=$(ratio "${CPU[$t]}" "$PG_CPU")
     fi
-    echo "| $t | ${RPS[$t]} | ${P50[$t]} | ${P99[$t]} | ${MAXL[$t]} | ${ERRS[$t]} | ${CPU[$t]}${CPUR[$t]} | $r1 | $r2 | $r3 | ${STEAL[$t]} |"
+    echo "| $t | ${RPS[$t]} | ${P50[$t]} | ${P99[$t]} | ${MAXL[$t]} | ${ERRS[$t]} | ${CPU[$t]}${CPUR[$t]} | ${USR[$t]} | $r1 | $r2 | $r3 | ${STEAL[$t]} |"
   done
   echo
   for t in "${RUN_TARGETS[@]}"; do [[ $t == *-h2 ]] || echo "- **$t**: $(describe "$t")"; done
   echo
   echo "errors = wrk socket errors + non-2xx responses. CPU µs/req = CPU time (user + system) of the"
   echo "process answering wrk (the upstream for \`direct\`, else the proxy, not counting the upstream)"
-  echo "divided by the requests wrk completed. \`÷ pingora\` and \`÷ nginx\` divide by those rows of this"
+  echo "divided by the requests wrk completed; user µs/req = its user-space part (median), the rest is"
+  echo "the kernel's work for it. \`÷ pingora\` and \`÷ nginx\` divide by those rows of this"
   echo "run: req/s above 1 is faster, CPU above 1 costs more per request. steal % = the share of the"
   echo "machine's CPU time its hypervisor gave to other guests while the row ran (/proc/stat; the"
   echo "largest of the rounds; 0 on bare metal). A busy host also slows what does run, so a run with"
@@ -475,6 +479,11 @@ REPORT=${REPORT:-$LT_DIR/results/bench-latest.md}
       "$(ratio "$PG_CPU" "$NX_CPU") its CPU per request."
     ((ROUNDS > 1)) && [[ -n $PG_CPU ]] &&
       echo "Breakwater's CPU per request ÷ bare Pingora's, paired by round: $(paired breakwater pingora)."
+    [[ -n $PG_CPU ]] &&
+      echo "Of that, user space: Breakwater $(ratio "${USR[breakwater]}" "${USR[pingora]}") bare Pingora's" \
+        "($(diff_us "${USR[breakwater]}" "${USR[pingora]}")), the kernel's share" \
+        "$(diff_us "$(awk -v a="$BW_CPU" -v b="${USR[breakwater]}" 'BEGIN{print a - b}')" \
+          "$(awk -v a="$PG_CPU" -v b="${USR[pingora]}" 'BEGIN{print a - b}')")."
     feats=()
     for t in jwt-hs256 jwt-rs256 jwt-es256 ratelimit; do
       [[ -n ${CPU[breakwater-$t]:-} ]] && feats+=("$t $(diff_us "${CPU[breakwater-$t]}" "$BW_CPU") ($(pct "${CPU[breakwater-$t]}" "$BW_CPU"))")

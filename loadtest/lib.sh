@@ -103,6 +103,17 @@ cpu_ticks() {
   echo "$t"
 }
 
+# user_ticks PID: the user-space part of cpu_ticks (utime only): with cpu_ticks, it tells
+# the proxy's own code from the kernel's work for it (sockets, wake-ups).
+user_ticks() {
+  local p t=0 v
+  for p in $(pid_tree "$1"); do
+    v=$(awk '{print $14}' "/proc/$p/stat" 2>/dev/null || true)
+    t=$((t + ${v:-0}))
+  done
+  echo "$t"
+}
+
 # host_clock: "STEAL_TICKS UPTIME_SECONDS", the steal time of all this machine's CPUs (the time a
 # hypervisor ran something else while a virtual CPU wanted to run; /proc/stat) and the clock.
 # steal_pct BEFORE AFTER: that steal as a share of the CPU time between two readings (0 on bare
