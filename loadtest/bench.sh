@@ -215,9 +215,9 @@ measure() {
   on "$CLIENT_CPU"
   log "$key: warm-up $WARMUP, then wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency $url"
   "${ON[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$WARMUP" "$@" "$url" >/dev/null
-  t0=$(cpu_ticks "$pid") u0=$(user_ticks "$pid") h0=$(host_clock)
+  t0=$(cpu_ticks "$pid") u0=$(cpu_ticks "$pid" user) h0=$(host_clock)
   "${ON[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$@" "$url" >"$out"
-  t1=$(cpu_ticks "$pid") u1=$(user_ticks "$pid") h1=$(host_clock)
+  t1=$(cpu_ticks "$pid") u1=$(cpu_ticks "$pid" user) h1=$(host_clock)
   steal=$(steal_pct "$h0" "$h1")
   L_STEAL[$key]+="$steal "
   parse_wrk "$out"

@@ -93,22 +93,14 @@ pid_tree() {
   ps -o pid= --ppid "$1" 2>/dev/null | tr -d ' ' || true
 }
 
-# cpu_ticks PID: CPU time (utime + stime, in clock ticks) of PID and its children, summed.
+# cpu_ticks PID [user]: CPU time (utime + stime, in clock ticks) of PID and its children,
+# summed; with `user`, the user-space part alone (utime), which tells the proxy's own code
+# from the kernel's work for it (sockets, wake-ups).
 cpu_ticks() {
-  local p t=0 v
+  local p t=0 v fields='$14 + $15'
+  [[ ${2:-} == user ]] && fields='$14'
   for p in $(pid_tree "$1"); do
-    v=$(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || true)
-    t=$((t + ${v:-0}))
-  done
-  echo "$t"
-}
-
-# user_ticks PID: the user-space part of cpu_ticks (utime only): with cpu_ticks, it tells
-# the proxy's own code from the kernel's work for it (sockets, wake-ups).
-user_ticks() {
-  local p t=0 v
-  for p in $(pid_tree "$1"); do
-    v=$(awk '{print $14}' "/proc/$p/stat" 2>/dev/null || true)
+    v=$(awk "{print $fields}" "/proc/$p/stat" 2>/dev/null || true)
     t=$((t + ${v:-0}))
   done
   echo "$t"
