@@ -206,6 +206,9 @@ start_target() {
   fi
 }
 
+# us_per_request TICKS N: TICKS of CPU time over N requests, in µs per request.
+us_per_request() { awk -v t="$1" -v hz="$TICK_HZ" -v n="$2" 'BEGIN{printf "%.1f", t / hz * 1e6 / n}'; }
+
 # measure KEY PID URL [HEADER ARGS...]: warm-up, then the measured wrk run; appends the figures
 # to the lists below under KEY (one value per round).
 declare -A L_RPS L_P50 L_P99 L_MAXL L_ERRS L_CPU L_USR L_STEAL
@@ -223,10 +226,8 @@ measure() {
   parse_wrk "$out"
   L_RPS[$key]+="$WRK_RPS " L_P50[$key]+="$WRK_P50 " L_P99[$key]+="$WRK_P99 "
   L_MAXL[$key]+="$WRK_MAX " L_ERRS[$key]+="$((WRK_SOCKET_ERRORS + WRK_NON2XX)) "
-  ((WRK_REQS > 0)) && cpu=$(awk -v t=$((t1 - t0)) -v hz="$TICK_HZ" -v n="$WRK_REQS" \
-    'BEGIN{printf "%.1f", t / hz * 1e6 / n}')
-  ((WRK_REQS > 0)) && usr=$(awk -v t=$((u1 - u0)) -v hz="$TICK_HZ" -v n="$WRK_REQS" \
-    'BEGIN{printf "%.1f", t / hz * 1e6 / n}')
+  ((WRK_REQS > 0)) && cpu=$(us_per_request $((t1 - t0)) "$WRK_REQS") &&
+    usr=$(us_per_request $((u1 - u0)) "$WRK_REQS")
   L_CPU[$key]+="$cpu " L_USR[$key]+="$usr "
   log "$key: $WRK_RPS req/s, $cpu µs CPU per request ($usr in user space), steal $steal%"
   return 0
@@ -250,8 +251,7 @@ measure_h2() {
   L_RPS[$key]+="$(awk '/^finished in/ {print $4; exit}' "$out") "
   L_P50[$key]+="$(awk '/^time for request:/ {v=$6; u=v; sub(/[a-z]+$/, "", v); gsub(/[0-9.]/, "", u); if (u == "us") v /= 1000; if (u == "s") v *= 1000; print v; exit}' "$out") "
   L_ERRS[$key]+="$((${done:-0} - ${ok:-0})) " L_P99[$key]+="- " L_MAXL[$key]+="- "
-  ((${ok:-0} > 0)) && L_CPU[$key]+="$(awk -v t=$((t1 - t0)) -v hz="$TICK_HZ" -v n="$ok" \
-    'BEGIN{printf "%.1f", t / hz * 1e6 / n}') "
+  ((${ok:-0} > 0)) && L_CPU[$key]+="$(us_per_request $((t1 - t0)) "$ok") "
   return 0
 }
 
