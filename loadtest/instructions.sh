@@ -5,7 +5,7 @@
 #
 #   loadtest/instructions.sh [--requests 10000] [--warmup 500] [--connections 16]
 #                            [--only pingora,pingora-front,breakwater,...]
-#                            [--tool callgrind|cachegrind|dhat|strace] [--annotate 25] [--list]
+#                            [--tool callgrind|cachegrind|atomics|dhat|strace] [--annotate 25] [--list]
 #
 # Each target runs twice under valgrind (callgrind: instructions; dhat: heap blocks) or strace
 # (`-f -c`: system calls of every thread, which callgrind does not see: the kernel's share of a
@@ -21,6 +21,12 @@
 # the instruction cache refetches its code on every request (loadtest/README.md). No hardware
 # counters here, so this simulation is the deterministic view of it. --annotate N writes the
 # top N functions by level-1 instruction misses per request to results/icache-<target>.txt.
+# --tool atomics counts the atomic read-modify-write instructions executed (lock-prefixed, xchg
+# with memory, mfence: reference counts, locks, channels, timers), from callgrind's count per
+# instruction and objdump (loadtest/atomics.py; needs python3 and binutils). Callgrind counts each
+# as one instruction, yet each waits for the core's stores to drain, some 4 ns on a busy core:
+# a cost that instruction counts hide. --annotate N writes the top N functions by them per
+# request to results/atomics-<target>.txt.
 # --tool dhat builds with `--features heap-profiling` (the system allocator, which dhat sees;
 # mimalloc hides the allocations) and restores the normal build afterwards (with BUILD=0 it
 # takes the binaries in LT_BIN, default target/release, to be such a build).
@@ -51,8 +57,8 @@ while (($#)); do
     *) die "unknown argument $1 (see --help)" ;;
   esac
 done
-[[ $TOOL == callgrind || $TOOL == cachegrind || $TOOL == dhat || $TOOL == strace ]] ||
-  die "--tool callgrind|cachegrind|dhat|strace"
+[[ $TOOL == callgrind || $TOOL == cachegrind || $TOOL == atomics || $TOOL == dhat || $TOOL == strace ]] ||
+  die "--tool callgrind|cachegrind|atomics|dhat|strace"
 [[ $REQUESTS =~ ^[1-9][0-9]*$ && $WARMUP =~ ^[0-9]+$ && $CONNECTIONS =~ ^[1-9][0-9]*$ ]] ||
   die "--requests, --warmup and --connections take numbers"
 if [[ -n $ONLY ]]; then
@@ -63,6 +69,10 @@ if [[ $TOOL == strace ]]; then
   command -v strace >/dev/null || die "strace is not installed (apt-get install -y strace)"
 else
   command -v valgrind >/dev/null || die "valgrind is not installed (apt-get install -y valgrind)"
+fi
+if [[ $TOOL == atomics ]]; then
+  command -v python3 >/dev/null || die "python3 is not installed (apt-get install -y python3)"
+  command -v objdump >/dev/null || die "objdump is not installed (apt-get install -y binutils)"
 fi
 command -v h2load >/dev/null || die "h2load is not installed (apt-get install -y nghttp2-client)"
 
@@ -103,11 +113,12 @@ run() {
   mkdir -p "$dir"
   port=$(free_port)
   url="http://127.0.0.1:$port/users/1"
-  if [[ $TOOL == callgrind || $TOOL == cachegrind ]]; then
+  if [[ $TOOL == callgrind || $TOOL == cachegrind || $TOOL == atomics ]]; then
     out="$dir/callgrind.out"
     vg=(valgrind --tool=callgrind --callgrind-out-file="$out" --log-file="$dir/valgrind.log")
     [[ $TOOL == cachegrind ]] &&
       vg+=(--cache-sim=yes --I1=32768,8,64 --D1=49152,12,64 --LL=2097152,16,64)
+    [[ $TOOL == atomics ]] && vg+=(--dump-instr=yes)
   elif [[ $TOOL == dhat ]]; then
     out="$dir/dhat.out"
     vg=(valgrind --tool=dhat --dhat-out-file="$out" --log-file="$dir/valgrind.log")
@@ -168,7 +179,11 @@ run() {
   wait "$pid" 2>/dev/null || true
   untrack "$pid"
   trap - EXIT
-  if [[ $TOOL == callgrind || $TOOL == cachegrind ]]; then
+  if [[ $TOOL == atomics ]]; then
+    [[ -s $out ]] || die "$name: no callgrind output (see $dir/valgrind.log)"
+    python3 "$LT_DIR/atomics.py" "$out" --functions "$LT_TMP/atomics-$name-$extra.txt" \
+      --cache "$LT_TMP/atomic-addresses" | grep -E '^[0-9]+$' || die "$name: atomics.py failed on $out"
+  elif [[ $TOOL == callgrind || $TOOL == cachegrind ]]; then
     [[ -s $out ]] || die "$name: no callgrind output (see $dir/valgrind.log)"
     local sort=()
     if [[ $TOOL == callgrind ]]; then
@@ -218,6 +233,13 @@ for t in "${ALL_TARGETS[@]}"; do
     awk -v n="$REQUESTS" 'FNR == NR {a[$1] = $2; next} {d = ($2 - a[$1]) / n; if (d >= 0.005 || d <= -0.005) printf "%-24s %8.2f\n", $1, d}' \
       "$LT_TMP/syscalls-$t-0.txt" "$LT_TMP/syscalls-$t-$REQUESTS.txt" | sort -k2 -rn >"$LT_DIR/results/syscalls-$t.txt"
   fi
+  if [[ $TOOL == atomics ]] && ((ANNOTATE > 0)); then
+    # Per request by function: (count in the longer run - count in the shorter) / REQUESTS.
+    awk -F'\t' -v n="$REQUESTS" -v top="$ANNOTATE" 'FNR == NR {a[$2] = $1; next}
+      {d = ($1 - a[$2]) / n; if (d >= 0.05) printf "%8.2f  %s\n", d, $2}' \
+      "$LT_TMP/atomics-$t-0.txt" "$LT_TMP/atomics-$t-$REQUESTS.txt" | sort -rn | head -n "$ANNOTATE" \
+      >"$LT_DIR/results/atomics-$t.txt"
+  fi
   if [[ $TOOL == callgrind || $TOOL == cachegrind ]] && ((ANNOTATE > 0)); then
     listing="$LT_DIR/results/instructions-$t.txt"
     [[ $TOOL == cachegrind ]] && listing="$LT_DIR/results/icache-$t.txt"
@@ -232,6 +254,7 @@ UNIT="instructions (Ir)"
 [[ $TOOL == dhat ]] && UNIT="heap allocations (blocks)"
 [[ $TOOL == strace ]] && UNIT="system calls"
 [[ $TOOL == cachegrind ]] && UNIT="cache misses (simulated)"
+[[ $TOOL == atomics ]] && UNIT="atomic read-modify-write instructions"
 REV="$(git -C "$LT_ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 [[ -n "$(git -C "$LT_ROOT" status --porcelain -- src Cargo.toml Cargo.lock examples patches 2>/dev/null)" ]] &&
   REV+=" (with uncommitted changes)"
@@ -239,6 +262,7 @@ REPORT="$LT_DIR/results/instructions-latest.md"
 [[ $TOOL == dhat ]] && REPORT="$LT_DIR/results/allocations-latest.md"
 [[ $TOOL == strace ]] && REPORT="$LT_DIR/results/syscalls-latest.md"
 [[ $TOOL == cachegrind ]] && REPORT="$LT_DIR/results/icache-latest.md"
+[[ $TOOL == atomics ]] && REPORT="$LT_DIR/results/atomics-latest.md"
 {
   echo "## $UNIT per request"
   echo
@@ -246,6 +270,7 @@ REPORT="$LT_DIR/results/instructions-latest.md"
   echo "- tree: $REV, $( [[ $TOOL == dhat ]] && echo 'release build with the system allocator (heap-profiling)' || build_desc)"
   if [[ $TOOL == strace ]]; then echo -n "- strace -f -c (every thread)"
   elif [[ $TOOL == cachegrind ]]; then echo -n "- valgrind --tool=callgrind --cache-sim=yes (L1i 32 KiB 8-way, L1d 48 KiB 12-way, last level 2 MiB 16-way, 64-byte lines)"
+  elif [[ $TOOL == atomics ]]; then echo -n "- valgrind --tool=callgrind --dump-instr=yes; atomic instructions (lock prefix, xchg with memory, mfence) found by objdump (loadtest/atomics.py)"
   else echo -n "- valgrind --tool=$TOOL"; fi
   echo "; h2load --h1 -c$CONNECTIONS, $WARMUP warm-up requests; per request = (run with $REQUESTS more requests - run without) / $REQUESTS"
   echo "- upstream: $UPSTREAM_DESC; GET /users/1, keep-alive; 1 worker thread"
