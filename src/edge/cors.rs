@@ -139,7 +139,7 @@ impl CorsConfig {
             if items.is_empty() {
                 return Ok(None);
             }
-            HeaderValue::from_str(&items.join(", "))
+            super::headers::value_for_process(&items.join(", "))
                 .map(Some)
                 .map_err(|e| format!("cors: {e}"))
         };
@@ -149,7 +149,10 @@ impl CorsConfig {
         let expose_headers = joined(expose.iter().map(HeaderName::as_str).collect())?;
         let max_age = match cfg.max_age.as_secs() {
             0 => None,
-            secs => Some(HeaderValue::from(secs)),
+            secs => Some(
+                super::headers::value_for_process(&secs.to_string())
+                    .map_err(|e| format!("cors: {e}"))?,
+            ),
         };
         Ok(Cors {
             origins,

@@ -340,16 +340,12 @@ pub fn set_headers(
     let tls = is_tls(session);
     let proto = if tls { "https" } else { "http" };
     let proto_value = HeaderValue::from_static(proto);
-    let host = session
-        .req_header()
-        .headers
-        .get(http::header::HOST)
-        .cloned();
+    let host = session.req_header().headers.get(http::header::HOST);
     let keep = |req: &RequestHeader, name: &HeaderName| trusted && req.headers.contains_key(name);
     if !keep(upstream_request, wire::X_FORWARDED_PROTO.name()) {
         upstream_request.insert_prepared_header(&wire::X_FORWARDED_PROTO, proto_value)?;
     }
-    if let (false, Some(host)) = (keep(upstream_request, wire::X_FORWARDED_HOST.name()), &host) {
+    if let (false, Some(host)) = (keep(upstream_request, wire::X_FORWARDED_HOST.name()), host) {
         upstream_request.insert_prepared_header(&wire::X_FORWARDED_HOST, host.clone())?;
     }
     if !keep(upstream_request, wire::X_FORWARDED_PORT.name()) {
@@ -364,11 +360,11 @@ pub fn set_headers(
 
     let forwarded = match prior(upstream_request, wire::FORWARDED.name()) {
         Some(prior) => {
-            let element = forwarded_element(client.peer, host.as_ref(), proto);
+            let element = forwarded_element(client.peer, host, proto);
             HeaderValue::try_from(format!("{prior}, {element}"))
                 .explain_err(ErrorType::InvalidHTTPHeader, |_| "Forwarded")?
         }
-        None => own_forwarded_element(conn, client.peer, host.as_ref(), proto)?,
+        None => own_forwarded_element(conn, client.peer, host, proto)?,
     };
     upstream_request.insert_prepared_header(&wire::FORWARDED, forwarded)?;
     Ok(())

@@ -17,9 +17,22 @@
 //! `Content-Length`s that differ, whitespace before a header's colon, folded header lines.
 
 use super::forwarded::{self, CLIENT_CLAIMS};
-use http::HeaderName;
+use http::header::InvalidHeaderValue;
+use http::{HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 use serde::Deserialize;
+
+/// A header value made once from the config and added to many messages (security headers,
+/// CORS). Its bytes are kept for the life of the process, which compiles its config once (a
+/// reload starts a new process), so each copy put in a message shares them without a
+/// reference count: a shared value costs two atomic read-modify-writes per message (clone and
+/// drop), some 4 ns each on a core that is busy with stores, where a static one costs none.
+pub fn value_for_process(text: &str) -> Result<HeaderValue, InvalidHeaderValue> {
+    // Checked before the copy is made, so that a refused value is not kept.
+    HeaderValue::from_str(text)?;
+    let kept: &'static str = Box::leak(Box::from(text));
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_static(kept.as_bytes()))
+}
 
 /// `server.underscores_in_headers`: what a client header whose name contains `_` gets.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

@@ -84,7 +84,7 @@ impl SecurityHeadersConfig {
             if v.is_empty() {
                 return Ok(None);
             }
-            HeaderValue::from_str(v)
+            super::headers::value_for_process(v)
                 .map(Some)
                 .map_err(|_| format!("security_headers.{field}: {v:?} is not a valid header value"))
         };
