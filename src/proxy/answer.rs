@@ -81,7 +81,7 @@ impl Answer {
         let finish = |h: &mut ResponseHeader| ctx.decorate(h, tls, with_cors);
         // Cheap first (a cache hit is no refusal), then the request's content type.
         if let Some((code, message, headers)) = self.grpc_status() {
-            if super::grpc::wants_grpc_answers(session.req_header(), ctx.service.as_deref()) {
+            if super::grpc::wants_grpc_answers(session.req_header(), ctx.service) {
                 super::grpc::send_status(session, code, message, id, headers, &finish).await?;
                 return Ok(true);
             }

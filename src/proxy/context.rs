@@ -40,10 +40,11 @@ pub struct RequestCtx {
     /// The request target as the client sent it, when normalizing changed it (access log).
     pub(super) original_target: Option<Box<str>>,
     /// The matched route and its service, once routed.
-    pub(super) route: Option<Arc<Route>>,
-    pub(super) service: Option<Arc<Service>>,
+    /// Borrowed for the life of the process, as the whole runtime is (`Gateway`).
+    pub(super) route: Option<&'static Route>,
+    pub(super) service: Option<&'static Service>,
     /// The service's security headers once routed, the top-level ones before.
-    pub(super) security_headers: Arc<SecurityHeaders>,
+    pub(super) security_headers: &'static SecurityHeaders,
     /// The request's `Origin`, kept when the service has a CORS policy, for every answer.
     pub(super) origin: Option<HeaderValue>,
     /// The verified token's identity, when the service uses auth and one was presented.
@@ -93,7 +94,7 @@ impl CarriedFacts {
 }
 
 impl RequestCtx {
-    pub(super) fn new(security_headers: Arc<SecurityHeaders>) -> RequestCtx {
+    pub(super) fn new(security_headers: &'static SecurityHeaders) -> RequestCtx {
         RequestCtx {
             start: Instant::now(),
             request_id: HeaderValue::from_static(""),
@@ -121,7 +122,7 @@ impl RequestCtx {
 
     /// The upstream of the latest attempt, if one started.
     pub(super) fn last_upstream(&self) -> Option<&Upstream> {
-        self.forwarding.as_ref()?.upstream.as_deref()
+        self.forwarding.as_ref()?.upstream
     }
 
     /// The status of the current attempt's upstream response, once it arrived.
@@ -131,12 +132,8 @@ impl RequestCtx {
 
     /// The service, the forwarding state and the client's address, for the phases after
     /// admission.
-    pub(super) fn forwarding(&mut self) -> Option<(Arc<Service>, &mut Forwarding, &str)> {
-        Some((
-            Arc::clone(self.service.as_ref()?),
-            self.forwarding.as_mut()?,
-            self.client.addr(),
-        ))
+    pub(super) fn forwarding(&mut self) -> Option<(&'static Service, &mut Forwarding, &str)> {
+        Some((self.service?, self.forwarding.as_mut()?, self.client.addr()))
     }
 
     /// The upstream switched protocols: its attempt is judged now, on the handshake alone
@@ -149,7 +146,7 @@ impl RequestCtx {
         };
         forwarding.responded(101);
         forwarding.end_attempt(AttemptEvent::Done(None));
-        self.tunnel = Some(GaugeGuard::new(service.metrics.tunnels.clone()));
+        self.tunnel = Some(GaugeGuard::new(&service.metrics.tunnels));
     }
 
     /// How many headers `decorate` may add at most, CORS aside.
@@ -189,7 +186,7 @@ pub(super) struct Forwarding {
     /// When the first attempt started, for `breakwater_upstream_duration_seconds`.
     pub(super) first_attempt_at: Option<Instant>,
     /// The upstream of the latest attempt, for the error body and the access log.
-    pub(super) upstream: Option<Arc<Upstream>>,
+    pub(super) upstream: Option<&'static Upstream>,
     /// The attempt planned for the next `upstream_peer`, or under way.
     pub(super) attempt: Option<Attempt>,
 }
@@ -198,7 +195,7 @@ impl Forwarding {
     /// Forwarding of a request that arrived at `start`, to the upstream `first` admitted;
     /// `client_timeout` is a gRPC call's `grpc-timeout`.
     pub(super) fn new(
-        service: &Service,
+        service: &'static Service,
         start: Instant,
         first: Attempt,
         client_timeout: Option<Duration>,
@@ -211,7 +208,7 @@ impl Forwarding {
         let client_deadline =
             client_timeout.is_some_and(|c| c < t.read && t.total.is_none_or(|total| c < total));
         Forwarding {
-            _in_flight: GaugeGuard::new(service.metrics.in_flight.clone()),
+            _in_flight: GaugeGuard::new(&service.metrics.in_flight),
             deadline: budget.map(|budget| start + budget),
             client_deadline,
             tried: Vec::new(),
@@ -227,7 +224,7 @@ impl Forwarding {
     /// consistent hashing hashes). `None` when no upstream admits it.
     pub(super) fn start_attempt(
         &mut self,
-        service: &Service,
+        service: &'static Service,
         key: impl FnOnce() -> Vec<u8>,
     ) -> Option<&Attempt> {
         let mut attempt = match self.attempt.take() {
@@ -243,10 +240,10 @@ impl Forwarding {
         let now = Instant::now();
         self.tried.push(attempt.index);
         self.first_attempt_at.get_or_insert(now);
-        self.upstream = Some(Arc::clone(&attempt.upstream));
+        self.upstream = Some(attempt.upstream);
         attempt.started = Some(Started {
             at: now,
-            _in_flight: InFlight::new(Arc::clone(&attempt.upstream)),
+            _in_flight: InFlight::new(attempt.upstream),
         });
         Some(self.attempt.insert(attempt))
     }
@@ -289,7 +286,11 @@ impl Forwarding {
     /// Decides whether a failed attempt is tried again on another upstream, and if so plans
     /// it, with its breaker permit, for the next `upstream_peer`. `key` gives what consistent
     /// hashing hashes, only asked for when a retry is possible.
-    pub(super) fn plan_retry(&mut self, service: &Service, key: impl FnOnce() -> Vec<u8>) -> bool {
+    pub(super) fn plan_retry(
+        &mut self,
+        service: &'static Service,
+        key: impl FnOnce() -> Vec<u8>,
+    ) -> bool {
         if self.retries >= service.retries {
             return false;
         }
@@ -312,7 +313,7 @@ impl Forwarding {
 /// started when Pingora asks for its peer, finished exactly once.
 pub(super) struct Attempt {
     index: usize,
-    pub(super) upstream: Arc<Upstream>,
+    pub(super) upstream: &'static Upstream,
     /// Until the attempt ends; dropped unused, it frees a half-open probe slot.
     permit: Option<Permit>,
     started: Option<Started>,
@@ -326,7 +327,7 @@ struct Started {
     at: Instant,
     /// Counts the attempt in its upstream's in-flight requests (least-request balancing and
     /// the admin API read them).
-    _in_flight: InFlight,
+    _in_flight: InFlight<'static>,
 }
 
 /// What happened to an attempt, as far as its upstream's breaker is concerned.
@@ -352,10 +353,10 @@ impl Attempt {
         self.started.as_ref().map(|s| s.at)
     }
 
-    pub(super) fn planned(service: &Service, index: usize, permit: Permit) -> Attempt {
+    pub(super) fn planned(service: &'static Service, index: usize, permit: Permit) -> Attempt {
         Attempt {
             index,
-            upstream: Arc::clone(&service.pool.upstreams[index]),
+            upstream: &service.pool.upstreams[index],
             permit: Some(permit),
             started: None,
             status: None,
@@ -412,10 +413,10 @@ impl Attempt {
 }
 
 /// Holds a gauge one higher while it lives.
-pub(super) struct GaugeGuard(IntGauge);
+pub(super) struct GaugeGuard(&'static IntGauge);
 
 impl GaugeGuard {
-    fn new(gauge: IntGauge) -> GaugeGuard {
+    fn new(gauge: &'static IntGauge) -> GaugeGuard {
         gauge.inc();
         GaugeGuard(gauge)
     }

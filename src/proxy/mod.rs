@@ -41,16 +41,15 @@ use pingora::proxy::subrequest::Ctx as SubrequestCtx;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
 use request_id::REQUEST_ID_HEADER;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The gateway proxy.
 pub struct Gateway {
-    runtime: Arc<Runtime>,
+    runtime: &'static Runtime,
 }
 
 impl Gateway {
-    pub fn new(runtime: Arc<Runtime>) -> Gateway {
+    pub fn new(runtime: &'static Runtime) -> Gateway {
         Gateway { runtime }
     }
 }
@@ -64,7 +63,7 @@ impl ProxyHttp for Gateway {
     type CTX = Box<RequestCtx>;
 
     fn new_ctx(&self) -> Self::CTX {
-        Box::new(RequestCtx::new(Arc::clone(&self.runtime.security_headers)))
+        Box::new(RequestCtx::new(&self.runtime.security_headers))
     }
 
     /// Breakwater's compression module in place of Pingora's (which the default adds,
@@ -130,13 +129,13 @@ impl ProxyHttp for Gateway {
                 .send(session, ctx)
                 .await;
         };
-        arm_compression(session, &service);
+        arm_compression(session, service);
         // Each step either lets the request on or answers it here, in this order: the rate
         // limit when it needs no identity (first, so every request refused below counts, and
         // a flood of bad tokens is cut off before their signatures are checked), ambiguous
         // headers, size limits, CORS preflight (browsers send it without credentials),
         // authentication, the rate limit per user, cache, then an upstream or the fallback.
-        if let Some(answer) = rate_limit(session, &service, ctx, Stage::BeforeAuth).await {
+        if let Some(answer) = rate_limit(session, service, ctx, Stage::BeforeAuth).await {
             return answer.send(session, ctx).await;
         }
         if let Some(detail) = header_refusal {
@@ -144,26 +143,26 @@ impl ProxyHttp for Gateway {
                 .send(session, ctx)
                 .await;
         }
-        if let Some(answer) = check_limits(session, &service) {
+        if let Some(answer) = check_limits(session, service) {
             return answer.send(session, ctx).await;
         }
         session.set_read_timeout(Some(service.limits.header_read_timeout));
-        if let Some(answer) = cors_preflight(session, &service) {
+        if let Some(answer) = cors_preflight(session, service) {
             return answer.send(session, ctx).await;
         }
-        if let Some(answer) = cross_origin_upgrade(session, &service) {
+        if let Some(answer) = cross_origin_upgrade(session, service) {
             return answer.send(session, ctx).await;
         }
-        if let Some(answer) = self.authenticate(session, &service, ctx).await {
+        if let Some(answer) = self.authenticate(session, service, ctx).await {
             return answer.send(session, ctx).await;
         }
-        if let Some(answer) = rate_limit(session, &service, ctx, Stage::AfterAuth).await {
+        if let Some(answer) = rate_limit(session, service, ctx, Stage::AfterAuth).await {
             return answer.send(session, ctx).await;
         }
-        if let Some(answer) = cache_lookup(session, &service, ctx).await {
+        if let Some(answer) = cache_lookup(session, service, ctx).await {
             return answer.send(session, ctx).await;
         }
-        match admit(session, &service, ctx) {
+        match admit(session, service, ctx) {
             Some(answer) => answer.send(session, ctx).await,
             None => Ok(false),
         }
@@ -178,9 +177,9 @@ impl ProxyHttp for Gateway {
             return Error::e_explain(ErrorType::InternalError, "no upstream admitted");
         };
         let deadline = forwarding.deadline;
-        let key = || hash_key(session, &service, client);
+        let key = || hash_key(session, service, client);
         let retry = forwarding.retries;
-        let Some(attempt) = forwarding.start_attempt(&service, key) else {
+        let Some(attempt) = forwarding.start_attempt(service, key) else {
             return Error::e_explain(ErrorType::ConnectNoRoute, "no upstream admits the retry");
         };
         let started = attempt.started_at().unwrap_or_else(Instant::now);
@@ -189,7 +188,7 @@ impl ProxyHttp for Gateway {
         if session.is_upgrade_req() {
             peer::for_tunnel(&mut peer, &service.timeouts);
         }
-        if let Some(upstream) = ctx.forwarding.as_ref().and_then(|f| f.upstream.as_deref()) {
+        if let Some(upstream) = ctx.forwarding.as_ref().and_then(|f| f.upstream) {
             let state = || upstream.breaker.state().as_str();
             ctx.trace
                 .attempt_started(retry, || (upstream.name.clone(), state()));
@@ -350,9 +349,9 @@ impl ProxyHttp for Gateway {
             forwarding.end_attempt(AttemptEvent::Abandoned);
             return no_retry(e);
         }
-        upstream_failed(&service, forwarding, &e);
+        upstream_failed(service, forwarding, &e);
         // Nothing was sent, so any method may go to another upstream.
-        let retry = forwarding.plan_retry(&service, || hash_key(session, &service, client));
+        let retry = forwarding.plan_retry(service, || hash_key(session, service, client));
         e.set_retry(retry);
         e
     }
@@ -384,14 +383,14 @@ impl ProxyHttp for Gateway {
             forwarding.end_attempt(AttemptEvent::Abandoned);
             return no_retry(e);
         }
-        upstream_failed(&service, forwarding, &e);
+        upstream_failed(service, forwarding, &e);
         // The request was sent: only an idempotent one may be replayed, only before any
         // response byte arrived, and only while its body is still fully buffered.
         let replayable = session.req_header().method.is_idempotent()
             && !responded
             && !session.as_ref().retry_buffer_truncated();
         let retry = if replayable {
-            forwarding.plan_retry(&service, || hash_key(session, &service, client))
+            forwarding.plan_retry(service, || hash_key(session, service, client))
         } else {
             if forwarding.retries < service.retries {
                 service.metrics.retries_not_retryable.inc();
@@ -486,13 +485,13 @@ impl ProxyHttp for Gateway {
 
 impl Gateway {
     /// Finds the service for the request by host and path.
-    fn route(&self, session: &Session, ctx: &mut RequestCtx) -> Option<Arc<Service>> {
+    fn route(&self, session: &Session, ctx: &mut RequestCtx) -> Option<&'static Service> {
         let req = session.req_header();
         let route = self.runtime.router.find(req)?;
-        let service = Arc::clone(&self.runtime.services[route.service]);
-        ctx.route = Some(Arc::clone(route));
-        ctx.service = Some(Arc::clone(&service));
-        ctx.security_headers = Arc::clone(&service.security_headers);
+        let service: &'static Service = &self.runtime.services[route.service];
+        ctx.route = Some(route);
+        ctx.service = Some(service);
+        ctx.security_headers = &service.security_headers;
         if service.cors.is_some() {
             // Every answer from here on, errors included, needs it for its CORS headers.
             ctx.origin = req.headers.get(http::header::ORIGIN).cloned();
@@ -598,7 +597,7 @@ fn cross_origin_upgrade(session: &Session, service: &Service) -> Option<Answer> 
 /// on the client's side wait up to `timeouts.tunnel_idle` (instead of the request body's
 /// `header_read_timeout`); the upstream side got the same when it connected.
 fn open_tunnel(session: &mut Session, ctx: &mut RequestCtx) {
-    let Some(service) = ctx.service.clone() else {
+    let Some(service) = ctx.service else {
         return;
     };
     ctx.trace.attempt_ended(Some(101), None);
@@ -709,7 +708,7 @@ fn refresh_ticket(session: &mut Session) -> Option<Refresh> {
 /// Picks the upstream for the first attempt: one whose health check passes and whose
 /// breaker admits the request. When none does, the answer is given now, without touching the
 /// network: a stale cached copy when there is one, else the fallback.
-fn admit(session: &Session, service: &Service, ctx: &mut RequestCtx) -> Option<Answer> {
+fn admit(session: &Session, service: &'static Service, ctx: &mut RequestCtx) -> Option<Answer> {
     let key = hash_key(session, service, ctx.client.addr());
     match service.pool.admit(&key, |_| true) {
         Some((index, permit)) => {

@@ -100,14 +100,16 @@ pub fn build(compiled: Compiled, start: &StartOptions) -> Result<Assembled> {
     let tls = std::mem::take(&mut compiled.tls);
     let (runtime, background) = compiled.install()?;
     let runtime = Arc::new(runtime);
+    // The request path borrows the runtime for the life of the process, which installs one
+    // config (a reload starts a new process): a borrow counts no references, where each request
+    // cloned and dropped half a dozen `Arc`s (service, route, upstream, gauges), every one an
+    // atomic read-modify-write. This handle is never dropped.
+    let for_requests: &'static Runtime = Box::leak(Box::new(Arc::clone(&runtime)));
     let history = StatusHistory::new();
     // Redis is connected in the background: start-up never waits for it.
     let redis = runtime.redis.clone();
 
-    let mut http = HttpProxy::new(
-        Gateway::new(Arc::clone(&runtime)),
-        server.configuration.clone(),
-    );
+    let mut http = HttpProxy::new(Gateway::new(for_requests), server.configuration.clone());
     let mut options = HttpServerOptions::default();
     options.h2c = server_config.h2c;
     http.server_options = Some(options);

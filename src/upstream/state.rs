@@ -136,16 +136,16 @@ impl Upstream {
 
 /// Counts the request as in flight on the upstream until dropped (least-request balancing
 /// and the admin API read it).
-pub struct InFlight(Arc<Upstream>);
+pub struct InFlight<'a>(&'a Upstream);
 
-impl InFlight {
-    pub fn new(upstream: Arc<Upstream>) -> InFlight {
+impl<'a> InFlight<'a> {
+    pub fn new(upstream: &'a Upstream) -> InFlight<'a> {
         upstream.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(upstream)
     }
 }
 
-impl Drop for InFlight {
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
