@@ -276,6 +276,9 @@ where
         served: &mut u64,
         shutdown: &ShutdownWatch,
     ) -> Option<(Stream, Instant)> {
+        // One shutdown watcher for the whole run: a watcher cloned and dropped per request,
+        // and its value read under its lock, were six atomic operations a request.
+        let mut drain = Drain::new(shutdown);
         // One timer for the whole run, moved only when it fires, rather than one armed and
         // cancelled for every request (see `wait_and_read`).
         let timer = tokio::time::sleep_until(Instant::now() + READ_AHEAD);
@@ -288,7 +291,7 @@ where
                     match self
                         .read_ahead(
                             &mut stream,
-                            shutdown,
+                            &mut drain,
                             *served > 0,
                             idle_since,
                             timer.as_mut(),
@@ -335,7 +338,7 @@ where
     async fn read_ahead(
         &self,
         stream: &mut Stream,
-        shutdown: &ShutdownWatch,
+        drain: &mut Drain,
         reused: bool,
         idle_since: Instant,
         timer: Pin<&mut Sleep>,
@@ -343,9 +346,7 @@ where
         let mut head = BytesMut::with_capacity(HEADER_BUFFER);
         let window = Some(idle_since + READ_AHEAD);
         let read = self
-            .wait_and_read(
-                stream, shutdown, reused, idle_since, window, timer, &mut head,
-            )
+            .wait_and_read(stream, drain, reused, idle_since, window, timer, &mut head)
             .await?;
         Ok(read.map(|_| head))
     }
@@ -367,7 +368,7 @@ where
         let n = self
             .wait_and_read(
                 stream,
-                shutdown,
+                &mut Drain::new(shutdown),
                 reused,
                 idle_since,
                 None,
@@ -420,15 +421,14 @@ where
     async fn wait_and_read<B: BufMut + ?Sized>(
         &self,
         stream: &mut Stream,
-        shutdown: &ShutdownWatch,
+        drain: &mut Drain,
         reused: bool,
         idle_since: Instant,
         window: Option<Instant>,
         mut timer: Pin<&mut Sleep>,
         buf: &mut B,
     ) -> Result<Option<usize>, NoRequest> {
-        let mut shutdown = shutdown.clone();
-        let mut draining = *shutdown.borrow();
+        let mut draining = drain.draining();
         loop {
             // A fresh connection waits for its first request even while draining: the
             // client chose us, and closing now would fail a request it is sending.
@@ -450,11 +450,7 @@ where
                         Ok(n) => Ok(Some(n)),
                     };
                 }
-                changed = shutdown.changed(), if !draining => {
-                    // A closed channel means the server is going away: drain as well.
-                    let _ = changed;
-                    draining = true;
-                }
+                () = drain.changed(), if !draining => draining = true,
                 _ = timer.as_mut() => {
                     if Instant::now() < until {
                         timer.as_mut().reset(until);
@@ -469,6 +465,37 @@ where
                 }
             }
         }
+    }
+}
+
+/// Whether the process is draining, as Pingora's shutdown watch says: once draining, idle
+/// connections are let go sooner (`DRAIN_IDLE`).
+struct Drain {
+    watch: ShutdownWatch,
+    draining: bool,
+}
+
+impl Drain {
+    fn new(shutdown: &ShutdownWatch) -> Drain {
+        let mut watch = shutdown.clone();
+        let draining = *watch.borrow_and_update();
+        Drain { watch, draining }
+    }
+
+    /// Reads the watched value only when it was sent since last read: checking for a new
+    /// value is a plain load, reading one takes the watch's lock.
+    fn draining(&mut self) -> bool {
+        if !self.draining && self.watch.has_changed().unwrap_or(true) {
+            // A closed channel means the server is going away: drain as well.
+            self.draining = self.watch.is_closed() || *self.watch.borrow_and_update();
+        }
+        self.draining
+    }
+
+    /// Until draining starts (or the server goes away, which closes the channel).
+    async fn changed(&mut self) {
+        let _closed = self.watch.changed().await;
+        self.draining = true;
     }
 }
 
