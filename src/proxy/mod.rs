@@ -46,11 +46,17 @@ use std::time::{Duration, Instant};
 /// The gateway proxy.
 pub struct Gateway {
     runtime: &'static Runtime,
+    /// Some service caches, so a request may refresh a stale entry in a subrequest.
+    refreshes_cache: bool,
 }
 
 impl Gateway {
     pub fn new(runtime: &'static Runtime) -> Gateway {
-        Gateway { runtime }
+        let refreshes_cache = runtime.services.iter().any(|s| s.cache.is_some());
+        Gateway {
+            runtime,
+            refreshes_cache,
+        }
     }
 }
 
@@ -94,9 +100,11 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    /// The cache refreshes stale entries through subrequests of this same pipeline.
+    /// The cache refreshes stale entries through subrequests of this same pipeline. Asked
+    /// for every request, before it is routed; without a cache no request needs the spawner,
+    /// which holds a reference to the proxy (two atomic operations a request).
     fn allow_spawning_subrequest(&self, _session: &Session, _ctx: &Self::CTX) -> bool {
-        true
+        self.refreshes_cache
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
