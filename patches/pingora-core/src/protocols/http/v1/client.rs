@@ -20,8 +20,11 @@ use log::{debug, trace};
 use pingora_error::{Error, ErrorType::*, OrErr, Result, RetryType};
 use pingora_http::{HMap, IntoCaseHeaderName, RequestHeader, ResponseHeader};
 use pingora_timeout::timeout;
+use std::future::Future;
 use std::io::ErrorKind;
+use std::pin::Pin;
 use std::str;
+use std::task::Poll;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -72,6 +75,47 @@ pub struct HttpSession {
     // What the session still needs of a response header it moved into a task
     // (`read_response_task_moving_header`).
     moved_header: Option<ResponseFacts>,
+    // The read timeout's timer, kept from read to read (see `ReadTimer`).
+    read_timer: ReadTimer,
+}
+
+/// The read timeout's timer, kept by the session and moved to each read's deadline, instead of
+/// a timer made, registered in the runtime's timer wheel and removed again for every read that
+/// has to wait (nearly every response). Tokio moves a registered timer to a later deadline with
+/// one compare-and-swap; making one takes a reference to the runtime, and registering and
+/// removing it each take the wheel's lock. Between reads (a pooled connection) the timer stays
+/// registered until its last deadline passes, which wakes the task that last waited on it.
+#[derive(Default)]
+struct ReadTimer(Option<Pin<Box<tokio::time::Sleep>>>);
+
+/// The read timeout passed.
+struct ReadTimedOut;
+
+impl ReadTimer {
+    /// Runs `read`, failing once `t` has passed since it first had to wait (as
+    /// `pingora_timeout::timeout`: a read that is ready at once never touches the timer).
+    async fn run<F: Future>(&mut self, t: Duration, read: F) -> Result<F::Output, ReadTimedOut> {
+        let mut read = std::pin::pin!(read);
+        let mut armed = false;
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(out) = read.as_mut().poll(cx) {
+                return Poll::Ready(Ok(out));
+            }
+            if !armed {
+                armed = true;
+                let deadline = tokio::time::Instant::now() + t;
+                match &mut self.0 {
+                    Some(timer) => timer.as_mut().reset(deadline),
+                    None => self.0 = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                }
+            }
+            match &mut self.0 {
+                Some(timer) => timer.as_mut().poll(cx).map(|()| Err(ReadTimedOut)),
+                None => Poll::Pending,
+            }
+        })
+        .await
+    }
 }
 
 /// What [`HttpSession::respect_keepalive`] and the status checks need of a response header:
@@ -167,6 +211,7 @@ impl HttpSession {
             allow_h1_response_invalid_content_length: false,
             keep_response_header_case: true,
             moved_header: None,
+            read_timer: ReadTimer::default(),
         }
     }
 
@@ -462,7 +507,7 @@ impl HttpSession {
                 .underlying_stream
                 .read_buf(&mut self.response_header_read_buf);
             let read_result = match self.read_timeout {
-                Some(t) => match timeout(t, read_fut).await {
+                Some(t) => match self.read_timer.run(t, read_fut).await {
                     Ok(res) => res,
                     Err(_) => {
                         return self.fail_response_header_read(Error::explain(
@@ -554,10 +599,16 @@ impl HttpSession {
     /// Return `Ok(None)` if there is no more body to read.
     pub async fn read_body_ref(&mut self) -> Result<Option<&[u8]>> {
         let result = match self.read_timeout {
-            Some(t) => match timeout(t, self.do_read_body()).await {
-                Ok(res) => res,
-                Err(_) => Error::e_explain(ReadTimedout, format!("reading body, timeout: {t:?}")),
-            },
+            Some(t) => {
+                self.init_body_reader();
+                let read = self.body_reader.read_body(&mut self.underlying_stream);
+                match self.read_timer.run(t, read).await {
+                    Ok(res) => res,
+                    Err(ReadTimedOut) => {
+                        Error::e_explain(ReadTimedout, format!("reading body, timeout: {t:?}"))
+                    }
+                }
+            }
             None => self.do_read_body().await,
         };
 
@@ -1340,6 +1391,44 @@ mod tests_stream {
         let mut http_stream = HttpSession::new(Box::new(mock_io));
         http_stream.read_timeout = Some(Duration::from_secs(1));
         let res = http_stream.read_response().await;
+        assert_eq!(res.unwrap_err().etype(), &ErrorType::ReadTimedout);
+    }
+
+    /// The read timeout's timer is kept from read to read (`ReadTimer`): each read that waits
+    /// gets the whole timeout again, so two waits that together pass it both succeed.
+    #[tokio::test]
+    async fn read_timeout_starts_again_for_each_read() {
+        init_log();
+        let mock_io = Builder::new()
+            .wait(Duration::from_millis(1200))
+            .read(&b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n"[..])
+            .wait(Duration::from_millis(1200))
+            .read(&b"abc"[..])
+            .build();
+        let mut http_stream = HttpSession::new(Box::new(mock_io));
+        http_stream.read_timeout = Some(Duration::from_secs(2));
+        http_stream.read_response().await.unwrap();
+        assert_eq!(
+            http_stream.read_body_ref().await.unwrap(),
+            Some(&b"abc"[..])
+        );
+    }
+
+    /// The kept timer still fires for a later read that waits too long.
+    #[tokio::test]
+    #[should_panic(expected = "There is still data left to read.")]
+    async fn read_timeout_fires_for_a_later_read() {
+        init_log();
+        let mock_io = Builder::new()
+            .wait(Duration::from_millis(300))
+            .read(&b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n"[..])
+            .wait(Duration::from_secs(3))
+            .read(&b"abc"[..])
+            .build();
+        let mut http_stream = HttpSession::new(Box::new(mock_io));
+        http_stream.read_timeout = Some(Duration::from_secs(1));
+        http_stream.read_response().await.unwrap();
+        let res = http_stream.read_body_ref().await;
         assert_eq!(res.unwrap_err().etype(), &ErrorType::ReadTimedout);
     }
 
