@@ -75,16 +75,16 @@ pub struct HttpSession {
     // What the session still needs of a response header it moved into a task
     // (`read_response_task_moving_header`).
     moved_header: Option<ResponseFacts>,
-    // The read timeout's timer, kept from read to read (see `ReadTimer`).
+    // The read timeout's timer, kept from read to read of one response (see `ReadTimer`).
     read_timer: ReadTimer,
 }
 
 /// The read timeout's timer, kept by the session and moved to each read's deadline, instead of
 /// a timer made, registered in the runtime's timer wheel and removed again for every read that
-/// has to wait (nearly every response). Tokio moves a registered timer to a later deadline with
-/// one compare-and-swap; making one takes a reference to the runtime, and registering and
-/// removing it each take the wheel's lock. Between reads (a pooled connection) the timer stays
-/// registered until its last deadline passes, which wakes the task that last waited on it.
+/// has to wait (a response's header, and often its body). Tokio moves a registered timer to a
+/// later deadline with one compare-and-swap; making one takes a reference to the runtime, and
+/// registering and removing it each take the wheel's lock. It goes with the session: a pooled
+/// connection's next request gets a new session.
 #[derive(Default)]
 struct ReadTimer(Option<Pin<Box<tokio::time::Sleep>>>);
 
@@ -1394,19 +1394,31 @@ mod tests_stream {
         assert_eq!(res.unwrap_err().etype(), &ErrorType::ReadTimedout);
     }
 
+    /// A session whose upstream sends a response header after `header_after` and its 3-byte
+    /// body `body_after` later, read under `read_timeout`.
+    fn late_response(
+        header_after: Duration,
+        body_after: Duration,
+        read_timeout: Duration,
+    ) -> HttpSession {
+        let mock_io = Builder::new()
+            .wait(header_after)
+            .read(&b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n"[..])
+            .wait(body_after)
+            .read(&b"abc"[..])
+            .build();
+        let mut http_stream = HttpSession::new(Box::new(mock_io));
+        http_stream.read_timeout = Some(read_timeout);
+        http_stream
+    }
+
     /// The read timeout's timer is kept from read to read (`ReadTimer`): each read that waits
     /// gets the whole timeout again, so two waits that together pass it both succeed.
     #[tokio::test]
     async fn read_timeout_starts_again_for_each_read() {
         init_log();
-        let mock_io = Builder::new()
-            .wait(Duration::from_millis(1200))
-            .read(&b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n"[..])
-            .wait(Duration::from_millis(1200))
-            .read(&b"abc"[..])
-            .build();
-        let mut http_stream = HttpSession::new(Box::new(mock_io));
-        http_stream.read_timeout = Some(Duration::from_secs(2));
+        let ms = Duration::from_millis;
+        let mut http_stream = late_response(ms(1200), ms(1200), ms(2000));
         http_stream.read_response().await.unwrap();
         assert_eq!(
             http_stream.read_body_ref().await.unwrap(),
@@ -1419,14 +1431,8 @@ mod tests_stream {
     #[should_panic(expected = "There is still data left to read.")]
     async fn read_timeout_fires_for_a_later_read() {
         init_log();
-        let mock_io = Builder::new()
-            .wait(Duration::from_millis(300))
-            .read(&b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n"[..])
-            .wait(Duration::from_secs(3))
-            .read(&b"abc"[..])
-            .build();
-        let mut http_stream = HttpSession::new(Box::new(mock_io));
-        http_stream.read_timeout = Some(Duration::from_secs(1));
+        let ms = Duration::from_millis;
+        let mut http_stream = late_response(ms(300), ms(3000), ms(1000));
         http_stream.read_response().await.unwrap();
         let res = http_stream.read_body_ref().await;
         assert_eq!(res.unwrap_err().etype(), &ErrorType::ReadTimedout);
