@@ -235,7 +235,7 @@ for t in "${ALL_TARGETS[@]}"; do
   fi
   if [[ $TOOL == atomics ]] && ((ANNOTATE > 0)); then
     # Per request by function: (count in the longer run - count in the shorter) / REQUESTS.
-    awk -F'\t' -v n="$REQUESTS" -v top="$ANNOTATE" 'FNR == NR {a[$2] = $1; next}
+    awk -F'\t' -v n="$REQUESTS" 'FNR == NR {a[$2] = $1; next}
       {d = ($1 - a[$2]) / n; if (d >= 0.05) printf "%8.2f  %s\n", d, $2}' \
       "$LT_TMP/atomics-$t-0.txt" "$LT_TMP/atomics-$t-$REQUESTS.txt" | sort -rn | head -n "$ANNOTATE" \
       >"$LT_DIR/results/atomics-$t.txt"
