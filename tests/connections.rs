@@ -193,6 +193,65 @@ fn a_busy_connection_is_closed_keepalive_timeout_after_its_last_request() {
     );
 }
 
+/// Once the process drains (`SIGTERM` here; a reload's predecessor alike), a keep-alive
+/// connection is let go `DRAIN_IDLE` (250 ms) after its last request: not after
+/// `keepalive_timeout`, nor when the grace period ends. A connection answered just before the
+/// drain began (still in its read-ahead, which does not watch for the drain) keeps those
+/// 250 ms, so a request already on its way is answered, with `Connection: close`.
+#[test]
+fn a_draining_gateway_lets_keep_alive_connections_go_soon_after_their_last_request() {
+    let up = Upstream::start("users");
+    let gw = Gateway::start(&config(
+        &up.addr,
+        "  keepalive_timeout: 60s\n  grace_period: 10s",
+    ));
+    let get = "GET /users/1 HTTP/1.1\r\nHost: a\r\n\r\n";
+    let mut quiet = connect(&gw);
+    assert!(exchange(&mut quiet, get).starts_with("HTTP/1.1 200"));
+    // Past the 100 ms read-ahead: waiting without a buffer, watching for the drain.
+    thread::sleep(Duration::from_millis(300));
+    let mut answered = connect(&gw);
+    assert!(exchange(&mut answered, get).starts_with("HTTP/1.1 200"));
+    let answered_at = Instant::now();
+    let mut late = connect(&gw);
+    assert!(exchange(&mut late, get).starts_with("HTTP/1.1 200"));
+
+    let pid = gw.pid().expect("the gateway runs").to_string();
+    let signalled = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    let terminated_at = Instant::now();
+    // The signal is handled on another thread: a request that came before would be answered
+    // as usual. The gateway logs when its connections learnt of the drain.
+    poll_until(Duration::from_secs(5), "the gateway drains", || {
+        gw.stderr().contains("breakwater is draining")
+    });
+
+    let last = exchange(&mut late, get);
+    assert!(last.starts_with("HTTP/1.1 200"), "{last}");
+    assert!(
+        last.to_ascii_lowercase()
+            .contains("\r\nconnection: close\r\n"),
+        "the last answer says the connection closes: {last}"
+    );
+    assert_eq!(read_to_close(&mut late), "", "closed after the answer");
+
+    assert_eq!(read_to_close(&mut quiet), "", "closed without a word");
+    let quiet_after = terminated_at.elapsed();
+    assert!(
+        quiet_after < Duration::from_secs(3),
+        "an idle connection closed {quiet_after:?} after SIGTERM"
+    );
+    assert_eq!(read_to_close(&mut answered), "", "closed without a word");
+    let answered_after = answered_at.elapsed();
+    assert!(
+        answered_after >= Duration::from_millis(200) && answered_after < Duration::from_secs(3),
+        "closed {answered_after:?} after its last answer"
+    );
+}
+
 #[test]
 fn a_header_larger_than_max_header_size_gets_431_before_it_is_all_read() {
     let up = Upstream::start("users");
