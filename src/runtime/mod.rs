@@ -12,7 +12,7 @@ mod compile;
 pub use compile::{compile, prepare, Compiled, ConnectionLimits};
 
 use crate::cache::{ResponseCache, ServiceCache};
-use crate::clock::{Clock, MonotonicClock};
+use crate::clock::{Clock, CoarseClock, MonotonicClock};
 use crate::edge::auth::{self, Authenticator, ServiceAuth};
 use crate::edge::compression::{self, CompressionPolicy};
 use crate::edge::cors::Cors;
@@ -105,11 +105,14 @@ impl Compiled {
         if self.services.iter().any(|s| s.compression.is_some()) {
             compression::register_metrics();
         }
-        let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
+        let clocks = Clocks {
+            precise: Arc::new(MonotonicClock::new()),
+            coarse: Arc::new(CoarseClock::new()),
+        };
         let mut services = Vec::with_capacity(self.services.len());
         let mut health_checks = Vec::new();
         for compiled in self.services {
-            let (service, health_check) = install_service(compiled, self.cache.as_ref(), &clock)?;
+            let (service, health_check) = install_service(compiled, self.cache.as_ref(), &clocks)?;
             services.push(Arc::new(service));
             health_checks.extend(health_check);
         }
@@ -149,18 +152,25 @@ impl Compiled {
     }
 }
 
+/// The clocks of a service's state machines: breakers and retry budgets count in windows and
+/// read the time on every request, so they take the cheaper coarse one.
+struct Clocks {
+    precise: Arc<dyn Clock>,
+    coarse: Arc<dyn Clock>,
+}
+
 fn install_service(
     s: CompiledService,
     cache: Option<&Arc<ResponseCache>>,
-    clock: &Arc<dyn Clock>,
+    clocks: &Clocks,
 ) -> Result<(Service, Option<HealthCheckLoop>)> {
-    let (pool, health_check) = s.pool.start(Arc::clone(clock))?;
+    let (pool, health_check) = s.pool.start(Arc::clone(&clocks.coarse))?;
     let service = Service {
         pool,
         protocol: s.protocol,
         timeouts: s.timeouts,
         retries: s.retries,
-        retry_budget: RetryBudget::new(s.retry_budget, Arc::clone(clock)),
+        retry_budget: RetryBudget::new(s.retry_budget, Arc::clone(&clocks.coarse)),
         fallback: s.fallback,
         limits: s.limits,
         auth: s.auth,
@@ -168,7 +178,7 @@ fn install_service(
         cors: s.cors,
         rate_limit: s
             .rate_limit
-            .map(|policy| RateLimiter::new(policy, Arc::clone(clock))),
+            .map(|policy| RateLimiter::new(policy, Arc::clone(&clocks.precise))),
         cache: s
             .cache
             .zip(cache)
