@@ -6,7 +6,7 @@ mod common;
 
 use common::{client, poll_until, run_check, Gateway, Upstream};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 fn config(up: &Upstream, top: &str) -> String {
     format!(
@@ -54,9 +54,23 @@ fn keys_in_order(line: &str) -> Vec<String> {
 fn the_default_line_is_unchanged() {
     let up = Upstream::start("users");
     let gw = Gateway::start(&config(&up, ""));
+    let before = SystemTime::now();
     let resp = client().get(gw.url("/users/1")).send().unwrap();
+    let after = SystemTime::now();
     assert_eq!(resp.status(), 200);
     let lines = wait_for_lines(|| gw.stdout(), 1);
+    // The time the request ended, to the millisecond (derived from the monotonic clock
+    // within a second of a system-time read).
+    let v: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    let ts = humantime::parse_rfc3339(v["ts"].as_str().unwrap()).unwrap();
+    let slack = Duration::from_millis(5);
+    assert!(
+        ts + slack >= before && ts <= after + slack,
+        "ts {} not between {} and {}",
+        v["ts"],
+        humantime::format_rfc3339_micros(before),
+        humantime::format_rfc3339_micros(after)
+    );
     assert_eq!(
         keys_in_order(&lines[0]),
         [

@@ -14,17 +14,20 @@ use once_cell::sync::Lazy;
 use pingora::proxy::Session;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 /// How long the writer lets lines gather before writing them.
 const BATCH_INTERVAL: Duration = Duration::from_millis(20);
+/// How long a thread derives the wall-clock time from the monotonic clock before it reads
+/// the system time again.
+const WALL_CLOCK_RESYNC: Duration = Duration::from_secs(1);
 /// Lines waiting beyond this are dropped rather than buffered without bound.
 const MAX_QUEUED_BYTES: usize = 8 << 20;
 /// What the queue keeps allocated between bursts.
@@ -341,6 +344,8 @@ pub struct Entry<'a> {
     pub upstream: Option<&'a str>,
     pub attempts: usize,
     pub duration: Duration,
+    /// When the request ended (its line's timestamp).
+    pub finished: Instant,
     pub error: Option<&'a str>,
     /// `X-Cache` result on cacheable routes.
     pub cache: Option<&'a str>,
@@ -351,6 +356,8 @@ pub struct Entry<'a> {
 thread_local! {
     /// The line being formatted, kept for the thread's next one.
     static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// A monotonic time and the system time read with it, for `wall_time`.
+    static WALL_CLOCK: Cell<Option<(Instant, SystemTime)>> = const { Cell::new(None) };
     /// The second and its RFC 3339 text up to the seconds (`2000-10-10T13:55:36`).
     static RFC3339_SECOND: std::cell::RefCell<(u64, String)> =
         const { std::cell::RefCell::new((0, String::new())) };
@@ -359,11 +366,30 @@ thread_local! {
         const { std::cell::RefCell::new((0, String::new())) };
 }
 
-/// The current time as a JSON string, RFC 3339 with milliseconds, UTC
+/// The wall-clock time of `at`: the system time read at most a second earlier on this thread,
+/// plus the monotonic time since. The request's end was read from the monotonic clock
+/// already, and a second clock read was a tenth of a line's cost. A step of the system clock
+/// (NTP, by hand) shows within a second.
+fn wall_time(at: Instant) -> SystemTime {
+    WALL_CLOCK.with(|synced| {
+        if let Some((then, wall)) = synced.get() {
+            if let Some(since) = at.checked_duration_since(then) {
+                if since < WALL_CLOCK_RESYNC {
+                    return wall + since;
+                }
+            }
+        }
+        let wall = SystemTime::now();
+        synced.set(Some((at, wall)));
+        wall
+    })
+}
+
+/// The time `at` as a JSON string, RFC 3339 with milliseconds, UTC
 /// (`"2000-10-10T13:55:36.123Z"`). The part up to the seconds is formatted once a second per
 /// thread; the milliseconds are three digits written here.
-fn push_timestamp(buf: &mut Vec<u8>) {
-    push_rfc3339_millis(buf, SystemTime::now());
+fn push_timestamp(buf: &mut Vec<u8>, at: Instant) {
+    push_rfc3339_millis(buf, wall_time(at));
 }
 
 fn push_rfc3339_millis(buf: &mut Vec<u8>, now: SystemTime) {
@@ -393,8 +419,8 @@ fn push_rfc3339_millis(buf: &mut Vec<u8>, now: SystemTime) {
 
 /// The common log format's `10/Oct/2000:13:55:36 +0000`, UTC.
 /// Formatted once a second per thread, since many requests share one.
-fn push_clf_timestamp(buf: &mut Vec<u8>) {
-    let now = SystemTime::now();
+fn push_clf_timestamp(buf: &mut Vec<u8>, at: Instant) {
+    let now = wall_time(at);
     let secs = now
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -472,7 +498,7 @@ impl AccessLog {
             match field {
                 Field::Ts => {
                     buf.extend_from_slice(b",\"ts\":");
-                    push_timestamp(buf);
+                    push_timestamp(buf, e.finished);
                 }
                 Field::RequestId => {
                     buf.extend_from_slice(b",\"request_id\":");
@@ -651,7 +677,7 @@ fn combined_line(e: &Entry<'_>, buf: &mut Vec<u8>) {
         addr => buf.extend_from_slice(addr.as_bytes()),
     }
     buf.extend_from_slice(b" - - [");
-    push_clf_timestamp(buf);
+    push_clf_timestamp(buf, e.finished);
     buf.extend_from_slice(b"] \"");
     quoted_part(buf, req.method.as_str().as_bytes());
     buf.push(b' ');
@@ -790,6 +816,33 @@ mod tests {
             .unwrap_err()
             .contains("twice"));
         assert!(compile("access_log: {output: ''}", false).is_err());
+    }
+
+    #[test]
+    fn wall_time_follows_the_monotonic_clock_and_reads_the_system_time_each_second() {
+        let at = Instant::now();
+        let wall = wall_time(at);
+        let off = SystemTime::now()
+            .duration_since(wall)
+            .unwrap_or_else(|e| e.duration());
+        assert!(
+            off < Duration::from_millis(100),
+            "{off:?} from the system time"
+        );
+        // Within the second: derived, to the nanosecond.
+        let later = at + Duration::from_millis(300);
+        assert_eq!(wall_time(later), wall + Duration::from_millis(300));
+        // A second on (an instant made up here, so the system time has not moved with it):
+        // read again, so the result is the system time now, not `wall` plus 1.5 s.
+        let next_second = at + Duration::from_millis(1_500);
+        let resynced = wall_time(next_second);
+        assert!(resynced < wall + Duration::from_secs(1), "read again");
+        assert_eq!(
+            wall_time(next_second + Duration::from_millis(7)),
+            resynced + Duration::from_millis(7)
+        );
+        // An instant before the one read with: read again too.
+        assert!(wall_time(at) < resynced + Duration::from_secs(1));
     }
 
     #[test]

@@ -479,6 +479,7 @@ impl ProxyHttp for Gateway {
                 upstream: ctx.last_upstream().map(|u| u.name.as_str()),
                 attempts: ctx.forwarding.as_ref().map_or(0, |f| f.tried.len()),
                 duration: elapsed,
+                finished: now,
                 error: ctx.error.or(e.map(|e| e.etype().as_str())),
                 cache: ctx.cache.as_ref().and_then(|c| c.x_cache()),
                 trace_id: trace_id.as_ref().and_then(|t| std::str::from_utf8(t).ok()),
