@@ -91,6 +91,9 @@ pub fn build(compiled: Compiled, start: &StartOptions) -> Result<Assembled> {
         upstream_watch_idle_connections: false,
         ..ServerConf::default()
     };
+    // Nothing here asks a stream how long its reads and writes waited (Pingora keeps it for
+    // logging hooks), and timing each wait took four clock reads a proxied request.
+    pingora::protocols::l4::stream::set_pending_time_tracking(false);
     let mut server = Server::new_with_opt_and_conf(opt, server_conf);
     server.bootstrap();
 

@@ -192,9 +192,31 @@ enum PooledStream {
     /// Nothing watches it: it is checked when taken.
     Unwatched {
         stream: Stream,
-        /// When its idle timeout passes; `None` for no timeout.
-        expires: Option<Instant>,
+        /// When its idle timeout passes, in [`coarse_now_ms`] time; `None` for no timeout.
+        expires: Option<u64>,
     },
+}
+
+/// Milliseconds on the kernel's coarse monotonic clock (1 to 4 ms ticks), for idle timeouts of
+/// pooled connections: read on every release and every reuse, it costs a load from the vDSO
+/// page where `Instant::now` reads the timestamp counter (some 4 ns against 20 on an x86 VM).
+#[cfg(target_os = "linux")]
+fn coarse_now_ms() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec for the call to fill in. The clock exists since Linux
+    // 2.6.32; were the call to fail, `now` stays zero and pooled connections do not expire
+    // until it works again.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
+    (now.tv_sec as u64) * 1000 + (now.tv_nsec as u64) / 1_000_000
+}
+
+#[cfg(not(target_os = "linux"))]
+fn coarse_now_ms() -> u64 {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    ORIGIN.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 /// [TransportConnector] provides APIs to connect to servers via TCP or TLS with connection reuse
@@ -312,7 +334,7 @@ impl TransportConnector {
                     mut stream,
                     expires,
                 } => {
-                    if expires.is_some_and(|at| Instant::now() >= at) {
+                    if expires.is_some_and(|at| coarse_now_ms() >= at) {
                         debug!("Idle connection timed out");
                         continue;
                     }
@@ -368,8 +390,11 @@ impl TransportConnector {
         let meta = ConnectionMeta::new(key, id);
         debug!("Try to keepalive client session");
         if !self.watch_idle_connections {
-            // An idle timeout too large for an Instant is no timeout.
-            let expires = idle_timeout.and_then(|t| Instant::now().checked_add(t));
+            // An idle timeout too large to count in milliseconds is no timeout.
+            let expires = idle_timeout.and_then(|t| {
+                let ms = u64::try_from(t.as_millis()).ok()?;
+                coarse_now_ms().checked_add(ms)
+            });
             // Nothing waits for the eviction or reuse signals.
             let _ = self
                 .connection_pool

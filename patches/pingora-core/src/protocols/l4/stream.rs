@@ -26,6 +26,7 @@ use std::os::unix::io::AsRawFd;
 #[cfg(windows)]
 use std::os::windows::io::AsRawSocket;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
@@ -916,6 +917,18 @@ impl AsyncWrite for Stream {
     }
 }
 
+/// Whether streams time how long their reads and writes wait ([`Stream::get_read_pending_time`],
+/// `get_write_pending_time`). On by default.
+static TRACK_PENDING_TIME: AtomicBool = AtomicBool::new(true);
+
+/// Turns the timing of waiting reads and writes on or off for every stream of the process.
+/// Each wait that is timed costs two clock reads, and a proxied request waits about four
+/// times; a server that never asks for these times can spare them. Off, the times stay at
+/// what they were (zero for a stream made after the call).
+pub fn set_pending_time_tracking(on: bool) {
+    TRACK_PENDING_TIME.store(on, Ordering::Relaxed);
+}
+
 #[derive(Debug)]
 struct AccumulatedDuration {
     total: Duration,
@@ -931,7 +944,7 @@ impl AccumulatedDuration {
     }
 
     fn start(&mut self) {
-        if self.last_start.is_none() {
+        if self.last_start.is_none() && TRACK_PENDING_TIME.load(Ordering::Relaxed) {
             self.last_start = Some(Instant::now());
         }
     }
@@ -978,6 +991,34 @@ mod tests {
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
     use tokio::sync::Notify;
+
+    /// Reads one message that arrives `delay` after the read starts waiting; returns the read
+    /// pending time the stream recorded.
+    async fn read_pending_time_of_a_late_message(delay: Duration) -> Duration {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(delay).await;
+            stream.write_all(b"late").await.unwrap();
+        });
+        let mut stream: Stream = TcpStream::connect(addr).await.unwrap().into();
+        let mut buffer = [0u8; 4];
+        stream.read_exact(&mut buffer).await.unwrap();
+        stream.get_read_pending_time()
+    }
+
+    // The only test that switches the process-wide setting, so no other sees it off.
+    #[tokio::test]
+    async fn pending_time_tracking_can_be_turned_off() {
+        let delay = Duration::from_millis(20);
+        assert!(read_pending_time_of_a_late_message(delay).await >= delay / 2);
+        set_pending_time_tracking(false);
+        let off = read_pending_time_of_a_late_message(delay).await;
+        set_pending_time_tracking(true);
+        assert_eq!(off, Duration::ZERO);
+        assert!(read_pending_time_of_a_late_message(delay).await >= delay / 2);
+    }
 
     #[cfg(target_os = "linux")]
     #[tokio::test]
