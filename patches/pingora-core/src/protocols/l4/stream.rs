@@ -922,8 +922,8 @@ impl AsyncWrite for Stream {
 static TRACK_PENDING_TIME: AtomicBool = AtomicBool::new(true);
 
 /// Turns the timing of waiting reads and writes on or off for every stream of the process.
-/// Each wait that is timed costs two clock reads, and a proxied request waits about four
-/// times; a server that never asks for these times can spare them. Off, the times stay at
+/// Each wait that is timed costs two clock reads, and a proxied keep-alive request waits
+/// about twice; a server that never asks for these times can spare them. Off, the times stay at
 /// what they were (zero for a stream made after the call).
 pub fn set_pending_time_tracking(on: bool) {
     TRACK_PENDING_TIME.store(on, Ordering::Relaxed);
