@@ -26,7 +26,9 @@
 # instruction and objdump (loadtest/atomics.py; needs python3 and binutils). Callgrind counts each
 # as one instruction, yet each waits for the core's stores to drain, some 4 ns on a busy core:
 # a cost that instruction counts hide. --annotate N writes the top N functions by them per
-# request to results/atomics-<target>.txt.
+# request to results/atomics-<target>.txt. The same run counts the clock reads (calls to
+# clock_gettime, another cost callgrind does not see: natively some 20 ns each), by caller in
+# results/clocks-<target>.txt.
 # --tool dhat builds with `--features heap-profiling` (the system allocator, which dhat sees;
 # mimalloc hides the allocations) and restores the normal build afterwards (with BUILD=0 it
 # takes the binaries in LT_BIN, default target/release, to be such a build).
@@ -182,7 +184,8 @@ run() {
   if [[ $TOOL == atomics ]]; then
     [[ -s $out ]] || die "$name: no callgrind output (see $dir/valgrind.log)"
     python3 "$LT_DIR/atomics.py" "$out" --functions "$LT_TMP/atomics-$name-$extra.txt" \
-      --cache "$LT_TMP/atomic-addresses" | grep -E '^[0-9]+$' || die "$name: atomics.py failed on $out"
+      --cache "$LT_TMP/atomic-addresses" --clocks "$LT_TMP/clocks-$name-$extra.txt" |
+      grep -E '^[0-9]+ [0-9]+$' || die "$name: atomics.py failed on $out"
   elif [[ $TOOL == callgrind || $TOOL == cachegrind ]]; then
     [[ -s $out ]] || die "$name: no callgrind output (see $dir/valgrind.log)"
     local sort=()
@@ -226,7 +229,7 @@ for t in "${ALL_TARGETS[@]}"; do
   more=$(run "$t" "$REQUESTS")
   # Per request, each count of the run (cachegrind's are four: instructions, L1i misses, L1d
   # misses, last-level misses).
-  PER[$t]=$(awk -v a="$base" -v b="$more" -v n="$REQUESTS" -v f="$([[ $TOOL == strace ]] && echo %.2f || echo %.1f)" \
+  PER[$t]=$(awk -v a="$base" -v b="$more" -v n="$REQUESTS" -v f="$([[ $TOOL == strace || $TOOL == atomics ]] && echo %.2f || echo %.1f)" \
     'BEGIN{k = split(a, x, " "); split(b, y, " "); for (i = 1; i <= k; i++) printf (i > 1 ? " " : "") f, (y[i] - x[i]) / n}')
   if [[ $TOOL == strace ]]; then
     # Per request by name: (calls in the longer run - calls in the shorter) / REQUESTS.
@@ -239,6 +242,9 @@ for t in "${ALL_TARGETS[@]}"; do
       {d = ($1 - a[$2]) / n; if (d >= 0.05) printf "%8.2f  %s\n", d, $2}' \
       "$LT_TMP/atomics-$t-0.txt" "$LT_TMP/atomics-$t-$REQUESTS.txt" | sort -rn | head -n "$ANNOTATE" \
       >"$LT_DIR/results/atomics-$t.txt"
+    awk -F'\t' -v n="$REQUESTS" 'FNR == NR {a[$2] = $1; next}
+      {d = ($1 - a[$2]) / n; if (d >= 0.05) printf "%8.2f  %s\n", d, $2}' \
+      "$LT_TMP/clocks-$t-0.txt" "$LT_TMP/clocks-$t-$REQUESTS.txt" | sort -rn >"$LT_DIR/results/clocks-$t.txt"
   fi
   if [[ $TOOL == callgrind || $TOOL == cachegrind ]] && ((ANNOTATE > 0)); then
     listing="$LT_DIR/results/instructions-$t.txt"
@@ -254,7 +260,7 @@ UNIT="instructions (Ir)"
 [[ $TOOL == dhat ]] && UNIT="heap allocations (blocks)"
 [[ $TOOL == strace ]] && UNIT="system calls"
 [[ $TOOL == cachegrind ]] && UNIT="cache misses (simulated)"
-[[ $TOOL == atomics ]] && UNIT="atomic read-modify-write instructions"
+[[ $TOOL == atomics ]] && UNIT="atomic read-modify-write instructions and clock reads"
 REV="$(git -C "$LT_ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 [[ -n "$(git -C "$LT_ROOT" status --porcelain -- src Cargo.toml Cargo.lock examples patches 2>/dev/null)" ]] &&
   REV+=" (with uncommitted changes)"
@@ -291,6 +297,21 @@ REPORT="$LT_DIR/results/instructions-latest.md"
     echo "Estimated cycles: instructions + 10 x level-1 misses + 100 x last-level misses, KCachegrind's"
     echo "estimate (branch mispredictions not simulated). The simulation sees only this process: the"
     echo "upstream and the load generator sharing the CPU's caches are not in it."
+  elif [[ $TOOL == atomics ]]; then
+    echo "| target | atomic RMW per request | ÷ pingora | clock reads per request | ÷ pingora |"
+    echo "|---|---:|---:|---:|---:|"
+    for t in "${TARGETS[@]}"; do
+      awk -v t="$t" -v a="${PER[$t]}" -v b="${PER[pingora]:-}" 'BEGIN{
+        split(a, x, " "); split(b, y, " ");
+        r1 = y[1] > 0 ? sprintf("%.3fx", x[1] / y[1]) : "n/a";
+        r2 = y[2] > 0 ? sprintf("%.3fx", x[2] / y[2]) : "n/a";
+        printf "| %s | %.1f | %s | %.2f | %s |\n", t, x[1], r1, x[2], r2}'
+    done
+    echo
+    echo "Clock reads: calls to \`clock_gettime\` (std's \`Instant::now\` and \`SystemTime::now\`, and the"
+    echo "coarse clocks); by caller in results/clocks-<target>.txt. Under valgrind each is a system"
+    echo "call that callgrind does not count; natively a precise one reads the timestamp counter (about"
+    echo "20 ns on the Intel Xeon host), a coarse one (\`CLOCK_MONOTONIC_COARSE\`) a shared page (4 ns)."
   else
     echo "| target | $UNIT per request | ÷ pingora |"
     echo "|---|---:|---:|"
