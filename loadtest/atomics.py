@@ -81,16 +81,24 @@ def position(token, last):
 
 
 CLOCK = re.compile(r"^(__)?clock_gettime\b")
+# Functions that only pass a clock read on (one read per call): a read is put down to the
+# first caller outside them, so that the listing names who wanted the time.
+CLOCK_PLUMBING = re.compile(
+    r"^(<std::sys::pal::unix::time::Timespec>::now"
+    r"|<std::time::(Instant|SystemTime)>::(now|elapsed)"
+    r"|tokio::time::clock::(Clock::)?now"
+    r"|tokio::time::instant::Instant::now)$"
+)
 
 
 def executions(profile):
     """Execution count of each (object, address), the function each address is in, and the
-    calls to `clock_gettime` by calling function."""
+    calls made from each function to each other (caller, callee)."""
     names = {}
     obj = fn = callee = None
     counts = collections.Counter()
     function_of = {}
-    clock_calls = collections.Counter()
+    calls = collections.Counter()
     address = 0
     inclusive = False  # the cost line after `calls=` is the call's inclusive cost
     with open(profile) as f:
@@ -116,8 +124,8 @@ def executions(profile):
                 continue
             if line.startswith("calls="):
                 inclusive = True
-                if callee and CLOCK.match(callee):
-                    clock_calls[fn or "???"] += int(line.split("=", 1)[1].split()[0])
+                if callee:
+                    calls[(fn or "???", callee)] += int(line.split("=", 1)[1].split()[0])
                 continue
             m = NAME.match(line.rstrip("\n"))
             if m:
@@ -131,7 +139,31 @@ def executions(profile):
                     fn = names.get((kind, ident))
                 elif m.group(1) == "cfn":
                     callee = names.get((kind, ident))
-    return counts, function_of, clock_calls
+    return counts, function_of, calls
+
+
+def clock_reads(calls):
+    """Calls to `clock_gettime` by the function that wanted the time: through the plumbing
+    (`Instant::now`, `elapsed`, Tokio's clock), each read is shared among the plumbing's callers
+    in proportion to their calls."""
+    callers_of = collections.defaultdict(list)
+    for (caller, callee), n in calls.items():
+        callers_of[callee].append((caller, n))
+    by_caller = collections.Counter()
+
+    def put_down(fn, n, depth):
+        callers = callers_of.get(fn, [])
+        total = sum(c for _, c in callers)
+        if depth == 0 or not CLOCK_PLUMBING.match(fn) or total == 0:
+            by_caller[fn] += n
+            return
+        for caller, c in callers:
+            put_down(caller, n * c / total, depth - 1)
+
+    for (caller, callee), n in calls.items():
+        if CLOCK.match(callee):
+            put_down(caller, n, 8)
+    return by_caller
 
 
 def main():
@@ -141,7 +173,7 @@ def main():
     ap.add_argument("--cache")
     ap.add_argument("--clocks")
     args = ap.parse_args()
-    counts, function_of, clock_calls = executions(args.profile)
+    counts, function_of, calls = executions(args.profile)
     atomic = {}
     total = 0
     per_function = collections.Counter()
@@ -156,10 +188,11 @@ def main():
             for name, n in per_function.most_common():
                 f.write(f"{n}\t{name}\n")
     if args.clocks:
+        reads = clock_reads(calls)
         with open(args.clocks, "w") as f:
-            for name, n in clock_calls.most_common():
-                f.write(f"{n}\t{name}\n")
-        print(total, sum(clock_calls.values()))
+            for name, n in reads.most_common():
+                f.write(f"{n:.1f}\t{name}\n")
+        print(total, round(sum(reads.values())))
     else:
         print(total)
 
