@@ -376,7 +376,7 @@ impl Attempt {
         let judged = match event {
             AttemptEvent::Responded(status) => {
                 self.status = Some(status);
-                let outcome = self.upstream.breaker.judge(status, started.at.elapsed());
+                let outcome = self.upstream.breaker.judge(status, || started.at.elapsed());
                 // A gRPC call that failed tells in its trailers, after a `200`.
                 (outcome == Outcome::Failure || !self.grpc).then_some(outcome)
             }
