@@ -84,9 +84,12 @@ impl IntoCaseHeaderName for Bytes {
 /// header on every message prepares its name once and inserts it with `insert_prepared_header`
 /// or `append_prepared_header`, which only clone the two names (reference counts, or nothing
 /// for static ones).
+///
+/// The name also carries the hash a header map files it under ([`header::PrehashedName`]), so
+/// inserting it does not hash it again.
 #[derive(Debug, Clone)]
 pub struct PreparedHeaderName {
-    name: HeaderName,
+    name: header::PrehashedName,
     case: CaseHeaderName,
 }
 
@@ -96,14 +99,20 @@ impl PreparedHeaderName {
         let case = wire.into_case_header_name();
         let name = HeaderName::from_bytes(case.as_slice())
             .or_err(InvalidHTTPHeader, "invalid header name")?;
-        Ok(PreparedHeaderName { name, case })
+        Ok(PreparedHeaderName {
+            name: header::PrehashedName::new(name),
+            case,
+        })
     }
 
     /// A name already parsed, written on the wire in lower case, as [`HeaderName::as_str`]
     /// spells it.
     pub fn from_header_name(name: HeaderName) -> Self {
         let case = CaseHeaderName(Bytes::copy_from_slice(name.as_str().as_bytes()));
-        PreparedHeaderName { name, case }
+        PreparedHeaderName {
+            name: header::PrehashedName::new(name),
+            case,
+        }
     }
 
     /// A lower-case name known at compile time, written as it is; cloning it never allocates.
@@ -113,13 +122,18 @@ impl PreparedHeaderName {
     /// As [`HeaderName::from_static`]: if `lower` is not a valid lower-case header name.
     pub const fn from_static(lower: &'static str) -> Self {
         PreparedHeaderName {
-            name: HeaderName::from_static(lower),
+            name: header::PrehashedName::from_static(lower),
             case: CaseHeaderName(Bytes::from_static(lower.as_bytes())),
         }
     }
 
     /// The parsed (lower-case) name.
     pub fn name(&self) -> &HeaderName {
+        self.name.name()
+    }
+
+    /// The parsed name with its hash, to insert into a header map without hashing it.
+    pub fn prehashed(&self) -> &header::PrehashedName {
         &self.name
     }
 

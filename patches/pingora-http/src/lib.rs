@@ -1057,13 +1057,15 @@ fn insert_prepared_value<T>(
     // The wire spelling is cloned only for a header that keeps a case map.
     if let Some(name_map) = name_map {
         name_map
-            .try_insert(name.name().clone(), name.case_name())
+            .try_insert_prehashed(name.prehashed(), name.case_name())
             .or_err(InvalidHTTPHeader, "header name map size overflows MAX_SIZE")?;
     }
-    value_map.try_insert(name.name().clone(), value).or_err(
-        InvalidHTTPHeader,
-        "header value map size overflows MAX_SIZE",
-    )?;
+    value_map
+        .try_insert_prehashed(name.prehashed(), value)
+        .or_err(
+            InvalidHTTPHeader,
+            "header value map size overflows MAX_SIZE",
+        )?;
     Ok(())
 }
 
@@ -1074,7 +1076,7 @@ fn insert_prepared_value_if_absent<T>(
     name: &PreparedHeaderName,
     value: T,
 ) -> Result<bool> {
-    let entry = value_map.try_entry(name.name().clone()).or_err(
+    let entry = value_map.try_entry_prehashed(name.prehashed()).or_err(
         InvalidHTTPHeader,
         "header value map size overflows MAX_SIZE",
     )?;
@@ -1088,7 +1090,7 @@ fn insert_prepared_value_if_absent<T>(
     // The two maps hold the same names, so the case map has room for what the value map took.
     if let Some(name_map) = name_map {
         name_map
-            .try_insert(name.name().clone(), name.case_name())
+            .try_insert_prehashed(name.prehashed(), name.case_name())
             .or_err(InvalidHTTPHeader, "header name map size overflows MAX_SIZE")?;
     }
     Ok(true)

@@ -4,6 +4,7 @@ use std::convert::TryFrom;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::iter::{FromIterator, FusedIterator};
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::{fmt, mem, ops, ptr, vec};
 
 use crate::Error;
@@ -305,6 +306,71 @@ struct Pos {
 #[derive(Debug, Copy, Clone, Eq, PartialEq)]
 struct HashValue(u16);
 
+/// A header name with the hash a [`HeaderMap`] files it under, computed once.
+///
+/// A map hashes each name it is given; a program that inserts the same names into every map
+/// (a proxy's forwarding and security headers) can hash them once and insert with
+/// [`HeaderMap::try_insert_prehashed`] or [`HeaderMap::try_entry_prehashed`]. The hash is the
+/// map's fast one; a map that switched to its keyed hash after too many collisions hashes the
+/// name again, as it would have.
+#[derive(Debug)]
+pub struct PrehashedName {
+    name: HeaderName,
+    /// The fast hash, or `UNHASHED` until first asked for (a name made in a `const`).
+    fast_hash: AtomicU32,
+}
+
+const UNHASHED: u32 = u32::MAX;
+
+impl PrehashedName {
+    /// Hashes `name` the way a map does.
+    pub fn new(name: HeaderName) -> PrehashedName {
+        let fast_hash = hash_elem_using(&Danger::Green, &name).0;
+        PrehashedName {
+            name,
+            fast_hash: AtomicU32::new(u32::from(fast_hash)),
+        }
+    }
+
+    /// A lower-case name known at compile time, for a `static`; hashed when first used.
+    ///
+    /// # Panics
+    ///
+    /// As [`HeaderName::from_static`]: if `lower` is not a valid lower-case header name.
+    pub const fn from_static(lower: &'static str) -> PrehashedName {
+        PrehashedName {
+            name: HeaderName::from_static(lower),
+            fast_hash: AtomicU32::new(UNHASHED),
+        }
+    }
+
+    /// The name.
+    pub fn name(&self) -> &HeaderName {
+        &self.name
+    }
+
+    fn fast_hash(&self) -> HashValue {
+        // Racing threads compute and store the same value.
+        match self.fast_hash.load(Ordering::Relaxed) {
+            UNHASHED => {
+                let hash = hash_elem_using(&Danger::Green, &self.name);
+                self.fast_hash.store(u32::from(hash.0), Ordering::Relaxed);
+                hash
+            }
+            known => HashValue(known as u16),
+        }
+    }
+}
+
+impl Clone for PrehashedName {
+    fn clone(&self) -> Self {
+        PrehashedName {
+            name: self.name.clone(),
+            fast_hash: AtomicU32::new(self.fast_hash.load(Ordering::Relaxed)),
+        }
+    }
+}
+
 /// Stores the data associated with a `HeaderMap` entry. Only the first value is
 /// included in this struct. If a header name has more than one associated
 /// value, all extra values are stored in the `extra_values` vector. A doubly
@@ -430,8 +496,22 @@ macro_rules! insert_phase_one {
      $vacant:expr,
      $occupied:expr,
      $robinhood:expr) =>
+    {
+        insert_phase_one!(@hashed hash_elem_using(&$map.danger, &$key), $map, $key, $probe,
+            $pos, $hash, $danger, $vacant, $occupied, $robinhood)
+    };
+    (@hashed $hash_value:expr,
+     $map:ident,
+     $key:expr,
+     $probe:ident,
+     $pos:ident,
+     $hash:ident,
+     $danger:ident,
+     $vacant:expr,
+     $occupied:expr,
+     $robinhood:expr) =>
     {{
-        let $hash = hash_elem_using(&$map.danger, &$key);
+        let $hash = $hash_value;
         let mut $probe = desired_pos($map.mask, $hash);
         let mut dist = 0;
         let ret;
@@ -1329,6 +1409,112 @@ impl<T> HeaderMap<T> {
         K: IntoHeaderName,
     {
         key.try_insert(self, val)
+    }
+
+    /// Inserts a key-value pair as [`try_insert`](Self::try_insert) does, with the name's hash
+    /// computed beforehand ([`PrehashedName`]): a program that inserts the same names into
+    /// every map saves hashing them each time.
+    ///
+    /// ```
+    /// # use http::HeaderMap;
+    /// # use http::header::{HeaderName, HeaderValue, PrehashedName};
+    /// let name = PrehashedName::new(HeaderName::from_static("x-forwarded-for"));
+    /// let mut map = HeaderMap::new();
+    /// let value = HeaderValue::from_static("192.0.2.1");
+    /// assert!(map.try_insert_prehashed(&name, value).unwrap().is_none());
+    /// assert_eq!(map["x-forwarded-for"], "192.0.2.1");
+    /// ```
+    pub fn try_insert_prehashed(
+        &mut self,
+        name: &PrehashedName,
+        value: T,
+    ) -> Result<Option<T>, MaxSizeReached> {
+        self.try_reserve_one()?;
+        let key = name.name.clone();
+        Ok(insert_phase_one!(
+            @hashed self.hash_of(name),
+            self,
+            key,
+            probe,
+            pos,
+            hash,
+            danger,
+            // Vacant
+            {
+                let _ = danger; // Make lint happy
+                let index = self.entries.len();
+                self.try_insert_entry(hash, key, value)?;
+                self.indices[probe] = Pos::new(index, hash);
+                None
+            },
+            // Occupied
+            Some(self.insert_occupied(pos, value)),
+            // Robinhood
+            {
+                self.try_insert_phase_two(key, value, hash, probe, danger)?;
+                None
+            }
+        ))
+    }
+
+    /// The entry for a name as [`try_entry`](Self::try_entry) finds it, with the name's hash
+    /// computed beforehand ([`PrehashedName`]).
+    ///
+    /// ```
+    /// # use http::HeaderMap;
+    /// # use http::header::{Entry, HeaderName, HeaderValue, PrehashedName};
+    /// let name = PrehashedName::new(HeaderName::from_static("x-frame-options"));
+    /// let mut map = HeaderMap::new();
+    /// if let Entry::Vacant(vacant) = map.try_entry_prehashed(&name).unwrap() {
+    ///     vacant.insert(HeaderValue::from_static("DENY"));
+    /// }
+    /// assert_eq!(map["x-frame-options"], "DENY");
+    /// ```
+    pub fn try_entry_prehashed(
+        &mut self,
+        name: &PrehashedName,
+    ) -> Result<Entry<'_, T>, MaxSizeReached> {
+        self.try_reserve_one()?;
+        let key = name.name.clone();
+        Ok(insert_phase_one!(
+            @hashed self.hash_of(name),
+            self,
+            key,
+            probe,
+            pos,
+            hash,
+            danger,
+            Entry::Vacant(VacantEntry {
+                map: self,
+                hash,
+                key,
+                probe,
+                danger,
+            }),
+            Entry::Occupied(OccupiedEntry {
+                map: self,
+                index: pos,
+                probe,
+            }),
+            Entry::Vacant(VacantEntry {
+                map: self,
+                hash,
+                key,
+                probe,
+                danger,
+            })
+        ))
+    }
+
+    /// A prehashed name's hash in this map: its fast hash, unless the map switched to the
+    /// keyed hash after too many collisions.
+    #[inline]
+    fn hash_of(&self, name: &PrehashedName) -> HashValue {
+        if self.danger.is_red() {
+            hash_elem_using(&self.danger, &name.name)
+        } else {
+            name.fast_hash()
+        }
     }
 
     #[inline]
@@ -4065,7 +4251,121 @@ mod reserve_tests {
         for name in ["e", "f", "g", "h", "i", "j", "k", "l"] {
             copy.insert(HeaderName::from_static(name), HeaderValue::from_static("v"));
         }
-        assert_eq!(copy.entries.as_ptr(), entries, "the inserts moved the entries");
+        assert_eq!(
+            copy.entries.as_ptr(),
+            entries,
+            "the inserts moved the entries"
+        );
         assert_eq!(copy.len(), 12);
+    }
+}
+
+#[cfg(test)]
+mod prehashed_tests {
+    use super::*;
+
+    use crate::header::HOST;
+
+    fn names() -> Vec<PrehashedName> {
+        [
+            "x-forwarded-for",
+            "x-real-ip",
+            "host",
+            "forwarded",
+            "x-frame-options",
+        ]
+        .into_iter()
+        .map(|n| PrehashedName::new(HeaderName::from_static(n)))
+        .collect()
+    }
+
+    /// Turns the map to its keyed hash, as it does after too many collisions.
+    fn make_red(map: &mut HeaderMap) {
+        map.danger = Danger::Yellow;
+        map.danger.set_red();
+        for index in map.indices.iter_mut() {
+            *index = Pos::none();
+        }
+        map.rebuild();
+    }
+
+    fn check_prehashed_and_plain_agree(map: &mut HeaderMap) {
+        let names = names();
+        // Found by a plain lookup, replaced by a plain insert, and the other way round.
+        map.try_insert_prehashed(&names[0], HeaderValue::from_static("a"))
+            .unwrap();
+        assert_eq!(map["x-forwarded-for"], "a");
+        map.insert("x-forwarded-for", HeaderValue::from_static("b"));
+        assert_eq!(map.get_all("x-forwarded-for").iter().count(), 1);
+        let old = map
+            .try_insert_prehashed(&names[0], HeaderValue::from_static("c"))
+            .unwrap();
+        assert_eq!(old.unwrap(), "b");
+        map.insert(HOST, HeaderValue::from_static("example.com"));
+        match map.try_entry_prehashed(&names[2]).unwrap() {
+            Entry::Occupied(o) => assert_eq!(o.get(), "example.com"),
+            Entry::Vacant(_) => panic!("host is there"),
+        }
+        match map.try_entry_prehashed(&names[3]).unwrap() {
+            Entry::Vacant(v) => {
+                v.insert(HeaderValue::from_static("for=192.0.2.1"));
+            }
+            Entry::Occupied(_) => panic!("forwarded is not there"),
+        }
+        assert_eq!(map["forwarded"], "for=192.0.2.1");
+        for name in &names[..] {
+            map.try_insert_prehashed(name, HeaderValue::from_static("z"))
+                .unwrap();
+            assert_eq!(map.get(name.name()).unwrap(), "z");
+            assert_eq!(map.get_all(name.name()).iter().count(), 1);
+        }
+    }
+
+    #[test]
+    fn prehashed_names_are_found_as_plain_ones() {
+        check_prehashed_and_plain_agree(&mut HeaderMap::new());
+        let mut full = HeaderMap::new();
+        for i in 0..100 {
+            full.insert(
+                HeaderName::from_bytes(format!("x-h{i}").as_bytes()).unwrap(),
+                HeaderValue::from_static("v"),
+            );
+        }
+        check_prehashed_and_plain_agree(&mut full);
+    }
+
+    #[test]
+    fn a_static_name_is_hashed_when_first_used() {
+        static NAME: PrehashedName = PrehashedName::from_static("x-forwarded-for");
+        let mut map = HeaderMap::new();
+        map.insert("x-forwarded-for", HeaderValue::from_static("a"));
+        let copy = NAME.clone();
+        assert_eq!(
+            map.try_insert_prehashed(&NAME, HeaderValue::from_static("b"))
+                .unwrap()
+                .unwrap(),
+            "a"
+        );
+        assert_eq!(map.get("x-forwarded-for").unwrap(), "b");
+        assert_eq!(
+            map.try_insert_prehashed(&copy, HeaderValue::from_static("c"))
+                .unwrap()
+                .unwrap(),
+            "b"
+        );
+        assert_eq!(NAME.fast_hash(), copy.fast_hash());
+        assert_eq!(
+            NAME.fast_hash(),
+            hash_elem_using(&Danger::Green, NAME.name())
+        );
+    }
+
+    #[test]
+    fn prehashed_names_are_hashed_again_once_the_map_uses_its_keyed_hash() {
+        let mut map = HeaderMap::new();
+        map.insert(HOST, HeaderValue::from_static("example.com"));
+        make_red(&mut map);
+        assert!(map.danger.is_red());
+        check_prehashed_and_plain_agree(&mut map);
     }
 }

@@ -42,8 +42,8 @@ mod value;
 
 pub use self::map::{
     AsHeaderName, Drain, Entry, GetAll, HeaderMap, IntoHeaderName, IntoIter, Iter, IterMut, Keys,
-    MaxSizeReached, OccupiedEntry, VacantEntry, ValueDrain, ValueIter, ValueIterMut, Values,
-    ValuesMut,
+    MaxSizeReached, OccupiedEntry, PrehashedName, VacantEntry, ValueDrain, ValueIter, ValueIterMut,
+    Values, ValuesMut,
 };
 pub use self::name::{HeaderName, InvalidHeaderName};
 pub use self::value::{HeaderValue, InvalidHeaderValue, ToStrError};
