@@ -1303,10 +1303,25 @@ impl<T> HeaderMap<T> {
         K: Hash + Into<HeaderName>,
         HeaderName: PartialEq<K>,
     {
+        self.try_entry_hashed(key, |map, key| hash_elem_using(&map.danger, key))
+    }
+
+    /// `try_entry2` with the key's hash from `hash_key`, asked once there is room in the map.
+    #[inline]
+    fn try_entry_hashed<K>(
+        &mut self,
+        key: K,
+        hash_key: impl FnOnce(&Self, &K) -> HashValue,
+    ) -> Result<Entry<'_, T>, MaxSizeReached>
+    where
+        K: Hash + Into<HeaderName>,
+        HeaderName: PartialEq<K>,
+    {
         // Ensure that there is space in the map
         self.try_reserve_one()?;
 
         Ok(insert_phase_one!(
+            @hashed hash_key(self, &key),
             self,
             key,
             probe,
@@ -1429,32 +1444,7 @@ impl<T> HeaderMap<T> {
         name: &PrehashedName,
         value: T,
     ) -> Result<Option<T>, MaxSizeReached> {
-        self.try_reserve_one()?;
-        let key = name.name.clone();
-        Ok(insert_phase_one!(
-            @hashed self.hash_of(name),
-            self,
-            key,
-            probe,
-            pos,
-            hash,
-            danger,
-            // Vacant
-            {
-                let _ = danger; // Make lint happy
-                let index = self.entries.len();
-                self.try_insert_entry(hash, key, value)?;
-                self.indices[probe] = Pos::new(index, hash);
-                None
-            },
-            // Occupied
-            Some(self.insert_occupied(pos, value)),
-            // Robinhood
-            {
-                self.try_insert_phase_two(key, value, hash, probe, danger)?;
-                None
-            }
-        ))
+        self.try_insert_hashed(name.name.clone(), |map, _| map.hash_of(name), value)
     }
 
     /// The entry for a name as [`try_entry`](Self::try_entry) finds it, with the name's hash
@@ -1474,36 +1464,7 @@ impl<T> HeaderMap<T> {
         &mut self,
         name: &PrehashedName,
     ) -> Result<Entry<'_, T>, MaxSizeReached> {
-        self.try_reserve_one()?;
-        let key = name.name.clone();
-        Ok(insert_phase_one!(
-            @hashed self.hash_of(name),
-            self,
-            key,
-            probe,
-            pos,
-            hash,
-            danger,
-            Entry::Vacant(VacantEntry {
-                map: self,
-                hash,
-                key,
-                probe,
-                danger,
-            }),
-            Entry::Occupied(OccupiedEntry {
-                map: self,
-                index: pos,
-                probe,
-            }),
-            Entry::Vacant(VacantEntry {
-                map: self,
-                hash,
-                key,
-                probe,
-                danger,
-            })
-        ))
+        self.try_entry_hashed(name.name.clone(), |map, _| map.hash_of(name))
     }
 
     /// A prehashed name's hash in this map: its fast hash, unless the map switched to the
@@ -1523,9 +1484,25 @@ impl<T> HeaderMap<T> {
         K: Hash + Into<HeaderName>,
         HeaderName: PartialEq<K>,
     {
+        self.try_insert_hashed(key, |map, key| hash_elem_using(&map.danger, key), value)
+    }
+
+    /// `try_insert2` with the key's hash from `hash_key`, asked once there is room in the map.
+    #[inline]
+    fn try_insert_hashed<K>(
+        &mut self,
+        key: K,
+        hash_key: impl FnOnce(&Self, &K) -> HashValue,
+        value: T,
+    ) -> Result<Option<T>, MaxSizeReached>
+    where
+        K: Hash + Into<HeaderName>,
+        HeaderName: PartialEq<K>,
+    {
         self.try_reserve_one()?;
 
         Ok(insert_phase_one!(
+            @hashed hash_key(self, &key),
             self,
             key,
             probe,
